@@ -1,0 +1,27 @@
+"""The `turboquant` command line."""
+
+from __future__ import annotations
+
+import click
+
+from . import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="turboquant")
+def cli() -> None:
+    """turboquant: KV-cache compression for TensorRT serving.
+
+    \b
+    Examples:
+      turboquant formats                       # presets: bits/element, bytes, compression
+      turboquant quantize --preset k3v3        # reference quantizer error on random data
+    """
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()
