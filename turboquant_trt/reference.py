@@ -1,0 +1,524 @@
+"""Reference quantizer (numpy): the exact bytes of docs/format.md, and their dequantization.
+
+Everything here is fp32 arithmetic in the order docs/format.md fixes, so that the CUDA write
+kernel can reproduce the bytes. Nothing here is fast; it is the definition the kernels are
+tested against and the storage behind :mod:`turboquant_trt.cache`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .format import (
+    MAX_SINK_TOKENS,
+    FormatError,
+    LayerFormat,
+    code_bytes,
+)
+
+ROTATION_SEED = 0x7142
+_TAIL = 40.0  # stands for infinity in the Gaussian integrals (phi and Q vanish there)
+FP16_MAX = 65504.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Codebooks
+# ---------------------------------------------------------------------------------------------
+
+def _phi(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def _upper_tail(x: np.ndarray) -> np.ndarray:
+    """Q(x) = P(X > x) for X ~ N(0, 1), accurate in the upper tail."""
+    return np.asarray(_erfc(x / math.sqrt(2.0)), dtype=np.float64) * 0.5
+
+
+@lru_cache(maxsize=None)
+def _lloyd_max_f64(bits: int) -> tuple[float, ...]:
+    if bits not in (1, 2, 3, 4, 8):
+        raise FormatError(f"no codebook for {bits} bits; allowed: 2, 3, 4, 8")
+    m = 1 << (bits - 1)  # positive levels; the codebook is symmetric
+    # start from the midpoints of equal-probability cells of the positive half
+    probs = (np.arange(m) + 0.5) / m * 0.5
+    c = np.array([_inv_upper_tail(0.5 - p) for p in probs])
+    for _ in range(20000):
+        t = np.concatenate([[0.0], 0.5 * (c[:-1] + c[1:]), [_TAIL]])
+        new = (_phi(t[:-1]) - _phi(t[1:])) / (_upper_tail(t[:-1]) - _upper_tail(t[1:]))
+        done = np.max(np.abs(new - c)) < 1e-13
+        c = new
+        if done:
+            break
+    return tuple(np.concatenate([-c[::-1], c]).tolist())
+
+
+def _inv_upper_tail(q: float) -> float:
+    """x with Q(x) = q, by bisection (used only to seed the iteration)."""
+    lo, hi = -10.0, 10.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * math.erfc(mid / math.sqrt(2.0)) > q:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def lloyd_max_codebook(bits: int) -> np.ndarray:
+    """Lloyd-Max levels of N(0, 1) with 2**bits entries, ascending, as fp32 (docs/format.md §3.1)."""
+    return np.asarray(_lloyd_max_f64(bits), dtype=np.float32)
+
+
+def codebook_boundaries(bits: int) -> np.ndarray:
+    """Decision boundaries between consecutive levels, fp32 midpoints of the fp32 levels."""
+    c = lloyd_max_codebook(bits)
+    return ((c[:-1] + c[1:]) * np.float32(0.5)).astype(np.float32)
+
+
+def gaussian_mse(bits: int) -> float:
+    """Expected squared error per coordinate of the codebook on N(0, 1) (the Lloyd-Max distortion)."""
+    c = np.asarray(_lloyd_max_f64(bits))
+    a = np.concatenate([[-_TAIL], 0.5 * (c[:-1] + c[1:])])
+    b = np.concatenate([0.5 * (c[:-1] + c[1:]), [_TAIL]])
+    mass = _upper_tail(a) - _upper_tail(b)
+    # E[(X - c)^2 ; a < X < b] = (1 + c^2) P - 2c (phi(a) - phi(b)) + a phi(a) - b phi(b)
+    return float(np.sum((1 + c * c) * mass - 2 * c * (_phi(a) - _phi(b))
+                        + a * _phi(a) - b * _phi(b)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotation
+# ---------------------------------------------------------------------------------------------
+
+def rotation_signs(head_dim: int, layer: int) -> np.ndarray:
+    """The ±1 sign vector of a layer's randomized Hadamard transform (docs/format.md §2)."""
+    rng = np.random.default_rng(ROTATION_SEED + int(layer))
+    return (rng.integers(0, 2, size=head_dim) * 2 - 1).astype(np.float32)
+
+
+def rsqrt_d(head_dim: int) -> np.float32:
+    return np.float32(1.0 / math.sqrt(head_dim))
+
+
+def hadamard(x: np.ndarray) -> np.ndarray:
+    """Normalized fast Walsh-Hadamard transform over the last axis, fp32, fixed butterfly order."""
+    x = np.asarray(x, dtype=np.float32)
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise FormatError(f"Hadamard size {d} is not a power of two")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, d).copy()
+    n = y.shape[0]
+    length = 1
+    while length < d:
+        v = y.reshape(n, d // (2 * length), 2, length)
+        a = v[:, :, 0, :].copy()
+        b = v[:, :, 1, :]
+        v[:, :, 0, :] = a + b
+        v[:, :, 1, :] = a - b
+        length *= 2
+    y *= rsqrt_d(d)
+    return y.reshape(*lead, d)
+
+
+def rotate(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """R(x) = WHT(signs ⊙ x) / sqrt(d)."""
+    return hadamard(np.asarray(x, np.float32) * signs)
+
+
+def unrotate(y: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """R⁻¹(y) = signs ⊙ WHT(y) / sqrt(d)."""
+    return hadamard(y) * signs
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing (docs/format.md §4)
+# ---------------------------------------------------------------------------------------------
+
+def _pack_low(codes: np.ndarray, bits: int) -> np.ndarray:
+    per = 8 // bits
+    c = codes.reshape(*codes.shape[:-1], -1, per).astype(np.uint16)
+    out = np.zeros(c.shape[:-1], dtype=np.uint16)
+    for j in range(per):
+        out |= c[..., j] << (bits * j)
+    return out.astype(np.uint8)
+
+
+def _unpack_low(packed: np.ndarray, bits: int) -> np.ndarray:
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * j)) & mask for j in range(per)]
+    return np.stack(parts, axis=-1).reshape(*packed.shape[:-1], -1).astype(np.uint8)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack codes [..., d] (uint8, < 2**bits) into [..., d*bits/8] bytes."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.size and int(codes.max()) >> bits:
+        raise FormatError(f"a code does not fit in {bits} bits")
+    if bits == 8:
+        return codes.copy()
+    if bits in (2, 4):
+        return _pack_low(codes, bits)
+    if bits == 3:
+        return np.concatenate([_pack_low(codes & 3, 2), _pack_low(codes >> 2, 1)], axis=-1)
+    raise FormatError(f"cannot pack {bits}-bit codes; allowed: 2, 3, 4, 8")
+
+
+def unpack_codes(packed: np.ndarray, bits: int, head_dim: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: [..., d*bits/8] bytes -> [..., d] codes."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if packed.shape[-1] != code_bytes(head_dim, bits):
+        raise FormatError(f"{packed.shape[-1]} bytes do not hold {head_dim} {bits}-bit codes")
+    if bits == 8:
+        return packed.copy()
+    if bits in (2, 4):
+        return _unpack_low(packed, bits)
+    low = _unpack_low(packed[..., : head_dim // 4], 2)
+    high = _unpack_low(packed[..., head_dim // 4:], 1)
+    return (low | (high << 2)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizers (docs/format.md §3)
+# ---------------------------------------------------------------------------------------------
+
+def _to_fp16_bytes(x: np.ndarray) -> np.ndarray:
+    return np.minimum(np.asarray(x, np.float32), np.float32(FP16_MAX)).astype(np.float16)
+
+
+def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
+                   clip: float | np.ndarray = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize transformed vectors x [..., d] -> (codes uint8 [..., d], scale fp16 [...])."""
+    x = np.asarray(x, dtype=np.float32)
+    d = x.shape[-1]
+    beta = codebook_boundaries(bits)
+    cb = lloyd_max_codebook(bits)
+    n = np.sqrt(np.sum(x * x, axis=-1, dtype=np.float32), dtype=np.float32)
+    gamma = np.asarray(clip, dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.where(n > 0, np.float32(math.sqrt(d)) / (gamma * n), np.float32(0)).astype(np.float32)
+    u = x * f[..., None]
+    codes = np.searchsorted(beta, u, side="left").astype(np.uint8)
+    if norm_correction:
+        cn = np.sqrt(np.sum(cb[codes] ** 2, axis=-1, dtype=np.float32), dtype=np.float32)
+        scale = n / cn
+    else:
+        scale = gamma * n / np.float32(math.sqrt(d))
+    return codes, _to_fp16_bytes(scale)
+
+
+def dequantize_turbo(codes: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    cb = lloyd_max_codebook(bits)
+    return scale.astype(np.float32)[..., None] * cb[codes]
+
+
+def quantize_uniform(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric per-group: x [..., d] -> (codes uint8 [..., d], meta fp16 [..., d/G, 2])."""
+    x = np.asarray(x, dtype=np.float32)
+    d = x.shape[-1]
+    g = group_size or d
+    xg = x.reshape(*x.shape[:-1], d // g, g)
+    mn = xg.min(axis=-1)
+    mx = xg.max(axis=-1)
+    levels = np.float32((1 << bits) - 1)
+    scale16 = _to_fp16_bytes((mx - mn) / levels)
+    zero16 = np.asarray(mn, np.float32).astype(np.float16)
+    s = scale16.astype(np.float32)[..., None]
+    z = zero16.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.rint((xg - z) / np.where(s > 0, s, 1)), 0)
+    codes = np.clip(q, 0, levels).astype(np.uint8).reshape(x.shape)
+    return codes, np.stack([scale16, zero16], axis=-1)
+
+
+def dequantize_uniform(codes: np.ndarray, meta: np.ndarray, group_size: int) -> np.ndarray:
+    d = codes.shape[-1]
+    g = group_size or d
+    cg = codes.reshape(*codes.shape[:-1], d // g, g).astype(np.float32)
+    s = meta[..., 0].astype(np.float32)[..., None]
+    z = meta[..., 1].astype(np.float32)[..., None]
+    return (z + s * cg).reshape(codes.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer: transform, encode to bytes, decode
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerTables:
+    """Calibrated per-layer tensors of docs/format.md §2 (fp32 copies of the fp16 scale table)."""
+
+    k_mean: np.ndarray    # [H, d]
+    k_smooth: np.ndarray  # [H, d] > 0
+    v_mean: np.ndarray    # [H, d]
+    v_smooth: np.ndarray  # [H, d] > 0
+    k_clip: np.ndarray    # [H] > 0
+    v_clip: np.ndarray    # [H] > 0
+    signs: np.ndarray     # [d] ±1
+
+    def __post_init__(self) -> None:
+        # The scale table stores fp16: use exactly the values the kernels will see.
+        for name in ("k_mean", "k_smooth", "v_mean", "v_smooth", "k_clip", "v_clip"):
+            setattr(self, name, np.asarray(getattr(self, name), np.float16).astype(np.float32))
+        self.signs = np.asarray(self.signs, np.float32)
+        h, d = self.k_mean.shape
+        for name, shape in (("k_smooth", (h, d)), ("v_mean", (h, d)), ("v_smooth", (h, d)),
+                            ("k_clip", (h,)), ("v_clip", (h,)), ("signs", (d,))):
+            if getattr(self, name).shape != shape:
+                raise FormatError(f"table {name} has shape {getattr(self, name).shape}, "
+                                  f"expected {shape}")
+        for name in ("k_smooth", "v_smooth", "k_clip", "v_clip"):
+            if not np.all(getattr(self, name) > 0):
+                raise FormatError(f"table {name} must be positive (fp16 values > 0)")
+        if not np.all(np.abs(self.signs) == 1):
+            raise FormatError("table signs must hold only +1 and -1")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k_mean.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_mean.shape[1]
+
+    @classmethod
+    def identity(cls, kv_heads: int, head_dim: int, layer: int = 0) -> "LayerTables":
+        z = np.zeros((kv_heads, head_dim), np.float32)
+        o = np.ones((kv_heads, head_dim), np.float32)
+        return cls(z, o, z.copy(), o.copy(), np.ones(kv_heads, np.float32),
+                   np.ones(kv_heads, np.float32), rotation_signs(head_dim, layer))
+
+
+@dataclass
+class EncodedKV:
+    """Packed K or V of some tokens of one layer, per KV head."""
+
+    codes: list[np.ndarray]  # per head: uint8 [tokens, code_bytes(d, bits_h)]
+    meta: list[np.ndarray]   # per head: uint8 [tokens, meta_bytes]
+
+
+class LayerQuantizer:
+    """Transform, quantize and pack one layer's K/V exactly as docs/format.md specifies."""
+
+    def __init__(self, fmt: LayerFormat, tables: LayerTables | None = None, layer: int = 0):
+        self.fmt = fmt
+        self.tables = tables or LayerTables.identity(fmt.kv_heads, fmt.head_dim, layer)
+        if (self.tables.kv_heads, self.tables.head_dim) != (fmt.kv_heads, fmt.head_dim):
+            raise FormatError(
+                f"tables are for {self.tables.kv_heads} KV heads x head_dim {self.tables.head_dim}, "
+                f"the format for {fmt.kv_heads} x {fmt.head_dim}")
+
+    # -- transform (§2) --------------------------------------------------------------------
+    def _rot(self, x: np.ndarray) -> np.ndarray:
+        if self.fmt.rotation:
+            return rotate(x, self.tables.signs)
+        return np.asarray(x, np.float32)
+
+    def _unrot(self, y: np.ndarray) -> np.ndarray:
+        if self.fmt.rotation:
+            return unrotate(y, self.tables.signs)
+        return np.asarray(y, np.float32)
+
+    def transform(self, x: np.ndarray, which: str) -> np.ndarray:
+        """Original-domain K or V [tokens, H, d] -> transformed domain (fp32)."""
+        t = self.tables
+        mean, smooth = (t.k_mean, t.k_smooth) if which == "k" else (t.v_mean, t.v_smooth)
+        x = np.asarray(x, np.float32)
+        return self._rot((x - mean) / smooth)
+
+    def untransform(self, y: np.ndarray, which: str) -> np.ndarray:
+        """Transformed-domain [tokens, H, d] -> original domain (mean and smoothing restored)."""
+        t = self.tables
+        mean, smooth = (t.k_mean, t.k_smooth) if which == "k" else (t.v_mean, t.v_smooth)
+        return smooth * self._unrot(y) + mean
+
+    def transform_q(self, q: np.ndarray) -> np.ndarray:
+        """Queries [tokens, Hq, d] -> q_t = R(q ⊙ sk) of each query head's KV head."""
+        q = np.asarray(q, np.float32)
+        hq = q.shape[-2]
+        g = hq // self.fmt.kv_heads
+        sk = np.repeat(self.tables.k_smooth, g, axis=0)
+        return self._rot(q * sk)
+
+    # -- quantization (§3, §4) ---------------------------------------------------------------
+    def _bits(self, which: str) -> tuple[int, ...]:
+        return self.fmt.k_bits if which == "k" else self.fmt.v_bits
+
+    def encode_transformed(self, y: np.ndarray, which: str) -> EncodedKV:
+        """Quantize and pack transformed vectors y [tokens, H, d]."""
+        fmt = self.fmt
+        clip = self.tables.k_clip if which == "k" else self.tables.v_clip
+        codes_out, meta_out = [], []
+        for h, bits in enumerate(self._bits(which)):
+            yh = y[:, h, :]
+            if fmt.kind == "turbo":
+                codes, scale = quantize_turbo(yh, bits, fmt.norm_correction, clip[h])
+                meta = scale.reshape(-1, 1).view(np.uint8)
+            else:
+                codes, m = quantize_uniform(yh, bits, fmt.group_size)
+                meta = np.ascontiguousarray(m).reshape(m.shape[0], -1).view(np.uint8)
+            codes_out.append(pack_codes(codes, bits))
+            meta_out.append(np.ascontiguousarray(meta).reshape(yh.shape[0], fmt.meta_bytes))
+        return EncodedKV(codes_out, meta_out)
+
+    def decode_transformed(self, enc: EncodedKV, which: str) -> np.ndarray:
+        """Packed bytes -> dequantized transformed-domain vectors [tokens, H, d] (fp32)."""
+        fmt, d = self.fmt, self.fmt.head_dim
+        out = []
+        for h, bits in enumerate(self._bits(which)):
+            codes = unpack_codes(enc.codes[h], bits, d)
+            if fmt.kind == "turbo":
+                scale = np.ascontiguousarray(enc.meta[h]).view(np.float16)[:, 0]
+                out.append(dequantize_turbo(codes, scale, bits))
+            else:
+                m = np.ascontiguousarray(enc.meta[h]).view(np.float16).reshape(len(codes), -1, 2)
+                out.append(dequantize_uniform(codes, m, fmt.group_size))
+        return np.stack(out, axis=1)
+
+    def encode(self, x: np.ndarray, which: str) -> EncodedKV:
+        return self.encode_transformed(self.transform(x, which), which)
+
+    def fake_quant(self, x: np.ndarray, which: str, positions: np.ndarray | None = None) -> np.ndarray:
+        """Original-domain x [tokens, H, d] -> what attention sees after storage, original domain.
+
+        Tokens whose position is below ``sink_tokens`` keep their fp16-rounded transformed value.
+        """
+        y = self.transform(x, which)
+        yq = self.decode_transformed(self.encode_transformed(y, which), which)
+        if self.fmt.sink_tokens and positions is not None:
+            sink = np.asarray(positions) < self.fmt.sink_tokens
+            if sink.any():
+                yq[sink] = y[sink].astype(np.float16).astype(np.float32)
+        return self.untransform(yq, which)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paged pool (§5): exact bytes for kernel tests
+# ---------------------------------------------------------------------------------------------
+
+class PagedPool:
+    """A host copy of one layer's paged pool and sink pool, written by the reference."""
+
+    def __init__(self, quantizer: LayerQuantizer, num_blocks: int, tokens_per_block: int,
+                 num_slots: int, block_stride: int | None = None, layer_offset: int = 0,
+                 fill: int = 0xA5):
+        fmt = quantizer.fmt
+        self.q = quantizer
+        self.layout = fmt.block_layout(tokens_per_block)
+        self.block_stride = block_stride or self.layout.block_bytes
+        if self.block_stride % 16 or layer_offset % 16:
+            raise FormatError("block_stride and layer_offset must be multiples of 16")
+        if layer_offset + self.layout.block_bytes > self.block_stride:
+            raise FormatError("the layer's block does not fit in block_stride at layer_offset")
+        self.layer_offset = layer_offset
+        self.pool = np.full((num_blocks, self.block_stride), fill, dtype=np.uint8)
+        ns = max(fmt.sink_tokens, 1)
+        self.sinks = np.full((num_slots, fmt.kv_heads, 2, ns, fmt.head_dim), np.nan, np.float16)
+
+    def _array(self, block: int, offset: int, row_bytes: int) -> np.ndarray:
+        t = self.layout.tokens_per_block
+        start = self.layer_offset + offset
+        return self.pool[block, start: start + t * row_bytes].reshape(t, row_bytes)
+
+    def write(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray, block_table: np.ndarray,
+              seq_index: np.ndarray, seq_slot: np.ndarray) -> None:
+        """Write tokens: k, v [tokens, H, d] original domain; position and sequence of each token."""
+        fmt, lay = self.q.fmt, self.layout
+        d, t = fmt.head_dim, lay.tokens_per_block
+        yk = self.q.transform(k, "k")
+        yv = self.q.transform(v, "v")
+        ek = self.q.encode_transformed(yk, "k")
+        ev = self.q.encode_transformed(yv, "v")
+        for i, (p, s) in enumerate(zip(np.asarray(positions), np.asarray(seq_index))):
+            if p < fmt.sink_tokens:
+                slot = seq_slot[s]
+                self.sinks[slot, :, 0, p] = yk[i].astype(np.float16)
+                self.sinks[slot, :, 1, p] = yv[i].astype(np.float16)
+                continue
+            blk = block_table[s, p // t]
+            r = p % t
+            for h in range(fmt.kv_heads):
+                kcb, vcb = code_bytes(d, fmt.k_bits[h]), code_bytes(d, fmt.v_bits[h])
+                self._array(blk, lay.k_codes[h], kcb)[r] = ek.codes[h][i]
+                self._array(blk, lay.v_codes[h], vcb)[r] = ev.codes[h][i]
+                self._array(blk, lay.k_meta[h], fmt.meta_bytes)[r] = ek.meta[h][i]
+                self._array(blk, lay.v_meta[h], fmt.meta_bytes)[r] = ev.meta[h][i]
+
+    def read(self, block_table_row: np.ndarray, length: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dequantized transformed-domain K and V [length, H, d] of one sequence."""
+        fmt, lay = self.q.fmt, self.layout
+        d, t = fmt.head_dim, lay.tokens_per_block
+        kc = [[] for _ in range(fmt.kv_heads)]
+        vc, km, vm = ([[] for _ in range(fmt.kv_heads)] for _ in range(3))
+        for p in range(length):
+            blk, r = block_table_row[p // t], p % t
+            for h in range(fmt.kv_heads):
+                kc[h].append(self._array(blk, lay.k_codes[h], code_bytes(d, fmt.k_bits[h]))[r])
+                vc[h].append(self._array(blk, lay.v_codes[h], code_bytes(d, fmt.v_bits[h]))[r])
+                km[h].append(self._array(blk, lay.k_meta[h], fmt.meta_bytes)[r])
+                vm[h].append(self._array(blk, lay.v_meta[h], fmt.meta_bytes)[r])
+        ks = self.q.decode_transformed(EncodedKV([np.array(a) for a in kc], [np.array(a) for a in km]), "k")
+        vs = self.q.decode_transformed(EncodedKV([np.array(a) for a in vc], [np.array(a) for a in vm]), "v")
+        ns = min(fmt.sink_tokens, length)
+        if ns:
+            ks[:ns] = self.sinks[slot, :, 0, :ns].transpose(1, 0, 2).astype(np.float32)
+            vs[:ns] = self.sinks[slot, :, 1, :ns].transpose(1, 0, 2).astype(np.float32)
+        return ks, vs
+
+
+def reference_attention(quantizer: LayerQuantizer, q: np.ndarray, k_t: np.ndarray,
+                        v_t: np.ndarray, q_positions: np.ndarray | None = None,
+                        scale: float | None = None) -> np.ndarray:
+    """float64 attention over a dequantized transformed-domain cache, output in the original domain.
+
+    q [n, Hq, d] original domain (post-RoPE); k_t, v_t [L, H, d] transformed domain.
+    Query i attends to keys 0..q_positions[i] (causal); default: every query sees all L keys.
+    Returns [n, Hq, d] float64: the function the attention kernels compute.
+    """
+    fmt = quantizer.fmt
+    n, hq, d = q.shape
+    g = hq // fmt.kv_heads
+    qt = quantizer.transform_q(q).astype(np.float64)
+    kt = np.repeat(np.asarray(k_t, np.float64), g, axis=1)  # [L, Hq, d]
+    vt = np.repeat(np.asarray(v_t, np.float64), g, axis=1)
+    sm = (1.0 / math.sqrt(d)) if scale is None else scale
+    logits = np.einsum("nhd,lhd->hnl", qt, kt) * sm
+    if q_positions is not None:
+        mask = np.arange(kt.shape[0])[None, :] > np.asarray(q_positions)[:, None]
+        logits = np.where(mask[None], -np.inf, logits)
+    logits -= logits.max(axis=-1, keepdims=True)
+    w = np.exp(logits)
+    w /= w.sum(axis=-1, keepdims=True)
+    ot = np.einsum("hnl,lhd->nhd", w, vt)
+    t = quantizer.tables
+    sv = np.repeat(t.v_smooth, g, axis=0).astype(np.float64)
+    mv = np.repeat(t.v_mean, g, axis=0).astype(np.float64)
+    if fmt.rotation:
+        signs = t.signs.astype(np.float64)
+        h = _hadamard_matrix(d)
+        ot = (ot @ h.T) / math.sqrt(d) * signs
+    return sv * ot + mv
+
+
+@lru_cache(maxsize=None)
+def _hadamard_matrix(d: int) -> np.ndarray:
+    i = np.arange(d)
+    bits = np.bitwise_and(i[:, None], i[None, :])
+    pop = np.vectorize(lambda x: bin(int(x)).count("1"))(bits)
+    return np.where(pop % 2 == 0, 1.0, -1.0)
+
+
+__all__ = [
+    "MAX_SINK_TOKENS", "EncodedKV", "LayerQuantizer", "LayerTables", "PagedPool",
+    "codebook_boundaries", "dequantize_turbo", "dequantize_uniform", "gaussian_mse", "hadamard",
+    "lloyd_max_codebook", "pack_codes", "quantize_turbo", "quantize_uniform",
+    "reference_attention", "rotate", "rotation_signs", "rsqrt_d", "unpack_codes", "unrotate",
+]
