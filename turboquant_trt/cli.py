@@ -19,6 +19,12 @@ def cli() -> None:
     """
 
 
+from .cli_format import formats_cmd, quantize_cmd  # noqa: E402
+
+cli.add_command(formats_cmd)
+cli.add_command(quantize_cmd)
+
+
 def main() -> None:
     cli()
 
