@@ -1,0 +1,134 @@
+// Constants and the block layout of the TurboQuant KV format (docs/format.md), header-only.
+//
+// Plain C++ (no CUDA header needed): the plugin core, the kernels and the C API all use it.
+// The Python twin is turboquant_trt/format.py; tests/test_kernels_gpu.py checks that
+// tqComputeBlockLayout() gives the same offsets as LayerFormat.block_layout().
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define TQ_HOST_DEVICE __host__ __device__
+#else
+#define TQ_HOST_DEVICE
+#endif
+
+namespace turboquant
+{
+
+constexpr int32_t kFormatVersion = 1;
+constexpr int32_t kMaxKvHeads = 128;        // KV heads of one layer the params structs can describe
+constexpr int32_t kMaxSinkTokens = 16;      // n_s
+constexpr int32_t kMaxTokensPerBlock = 128; // T
+constexpr int32_t kMaxHeadDim = 256;        // largest head_dim of the format (kernels: see isSupported)
+constexpr int32_t kArrayAlign = 16;         // every array of a block starts at a multiple of 16 bytes
+constexpr int32_t kTurboMetaBytes = 2;      // one fp16 scale per vector
+
+enum class QuantKind : int32_t
+{
+    kTurbo = 0,   // Lloyd-Max codebook on the rotated vector, one fp16 scale (docs/format.md §3.1)
+    kUniform = 1, // asymmetric per group (docs/format.md §3.2): reference only, no kernel
+};
+
+// Element type of activations (q, k, v inputs and the attention output).
+enum class ActType : int32_t
+{
+    kFp16 = 0,
+    kBf16 = 1,
+};
+
+TQ_HOST_DEVICE constexpr int32_t tqAlignUp(int32_t n, int32_t a = kArrayAlign)
+{
+    return (n + a - 1) / a * a;
+}
+
+// Bytes of packed codes for one vector of head_dim codes (docs/format.md §4).
+TQ_HOST_DEVICE constexpr int32_t tqCodeBytes(int32_t head_dim, int32_t bits)
+{
+    return head_dim * bits / 8;
+}
+
+// One layer's format and the byte layout of its block (page). Fill the first part, then call
+// tqComputeBlockLayout() to fill the offsets. POD: kernels take it by value.
+struct KvLayerDesc
+{
+    // --- the format (docs/format.md §1-§3) ---
+    int32_t head_dim;          // d: 64, 128 or 256
+    int32_t num_kv_heads;      // H, at most kMaxKvHeads
+    int32_t tokens_per_block;  // T: power of two, 1..128
+    int32_t sink_tokens;       // n_s: 0..16 first positions kept in fp16 in sink_pool
+    QuantKind kind;            // kernels: kTurbo only
+    int32_t rotation;          // 1: randomized Hadamard rotation (kernels: required)
+    int32_t norm_correction;   // 1: scale keeps the norm of the dequantized vector (§3.1)
+    uint8_t k_bits[kMaxKvHeads]; // [num_kv_heads] bits of K codes per KV head: 2, 3, 4 or 8
+    uint8_t v_bits[kMaxKvHeads]; // [num_kv_heads] bits of V codes per KV head
+    // --- derived by tqComputeBlockLayout(): byte offsets from the start of the layer's block ---
+    int32_t k_codes_off[kMaxKvHeads]; // K codes  [T][d*kb/8] uint8
+    int32_t v_codes_off[kMaxKvHeads]; // V codes  [T][d*vb/8] uint8
+    int32_t k_meta_off[kMaxKvHeads];  // K scales [T] fp16
+    int32_t v_meta_off[kMaxKvHeads];  // V scales [T] fp16
+    int32_t block_bytes;              // bytes of the layer's block (multiple of 16)
+};
+
+// Fills the offsets and block_bytes of `desc` (turbo: 2 metadata bytes per vector). Returns
+// false when a field is out of range (then nothing is guaranteed about the offsets).
+inline bool tqComputeBlockLayout(KvLayerDesc& desc)
+{
+    int32_t const t = desc.tokens_per_block;
+    if (desc.num_kv_heads < 1 || desc.num_kv_heads > kMaxKvHeads || t < 1 || t > kMaxTokensPerBlock
+        || (t & (t - 1)) != 0 || desc.kind != QuantKind::kTurbo)
+    {
+        return false;
+    }
+    int32_t off = 0;
+    for (int32_t h = 0; h < desc.num_kv_heads; ++h)
+    {
+        desc.k_codes_off[h] = off;
+        off += tqAlignUp(t * tqCodeBytes(desc.head_dim, desc.k_bits[h]));
+        desc.v_codes_off[h] = off;
+        off += tqAlignUp(t * tqCodeBytes(desc.head_dim, desc.v_bits[h]));
+        desc.k_meta_off[h] = off;
+        off += tqAlignUp(t * kTurboMetaBytes);
+        desc.v_meta_off[h] = off;
+        off += tqAlignUp(t * kTurboMetaBytes);
+    }
+    desc.block_bytes = off;
+    return true;
+}
+
+// The paged quantized KV pool of one layer, as the kernels see it (docs/format.md §5).
+//
+//   block n of the layer starts at  pool + layer_offset + n * block_stride
+//   token at position p of sequence b lives in block block_table[b * max_blocks_per_seq + p / T],
+//   row p % T of each of its head sections' four arrays; positions p < sink_tokens live instead
+//   (transformed, unquantized) in sink_pool[seq_slot[b]][h][0 = K, 1 = V][p][:].
+//
+// Invariants (checked by the launchers): pool, block_stride and layer_offset are multiples of 16;
+// layer_offset + block_bytes <= block_stride; sink_pool and seq_slot are non-null when
+// sink_tokens > 0.
+struct PagedKvPool
+{
+    uint8_t* pool;                // [num_blocks][block_stride] uint8, read and written in place
+    int64_t block_stride;         // bytes between consecutive physical blocks
+    int64_t layer_offset;         // bytes from a block's start to this layer's block
+    int32_t const* block_table;   // [batch][max_blocks_per_seq] int32 physical block ids
+    int32_t max_blocks_per_seq;   // row length of block_table
+    uint16_t* sink_pool;          // [num_slots][H][2][max(n_s,1)][d] fp16 bits (may be null if n_s == 0)
+    int32_t const* seq_slot;      // [batch] int32 sink_pool row of each sequence (may be null if n_s == 0)
+};
+
+// The layer's calibrated tables (docs/format.md §2), fp16 device pointers. A null pointer means
+// the table is absent: mean 0, smoothing 1, clip 1. signs is required.
+struct LayerTablesView
+{
+    uint16_t const* k_mean;   // [H][d] fp16 μk
+    uint16_t const* k_smooth; // [H][d] fp16 sk > 0
+    uint16_t const* v_mean;   // [H][d] fp16 μv
+    uint16_t const* v_smooth; // [H][d] fp16 sv > 0
+    uint16_t const* k_clip;   // [H] fp16 γk > 0
+    uint16_t const* v_clip;   // [H] fp16 γv > 0
+    uint16_t const* signs;    // [d] fp16 ±1, the rotation's sign vector
+};
+
+} // namespace turboquant

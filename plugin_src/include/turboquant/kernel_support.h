@@ -1,0 +1,96 @@
+// What the CUDA kernels implement: the single list. Header-only, no CUDA header, so the plugin
+// core (plugin_src/core) asks the same function the launchers check.
+//
+// The template axes of the kernels are exactly (head_dim, k_bits, v_bits); dispatch.cuh turns the
+// runtime values into template arguments at one place and instantiates every combination below.
+#pragma once
+
+#include "turboquant/format.h"
+
+namespace turboquant
+{
+
+constexpr int32_t kKernelHeadDims[] = {64, 128};
+constexpr int32_t kKernelBits[] = {2, 3, 4, 8};
+constexpr int32_t kMaxGroupSize = 16; // query heads per KV head in one attention tile
+
+inline bool tqKernelHeadDimSupported(int32_t d)
+{
+    for (int32_t x : kKernelHeadDims)
+    {
+        if (x == d)
+        {
+            return true;
+        }
+    }
+    return false;
+}
+
+inline bool tqKernelBitsSupported(int32_t b)
+{
+    for (int32_t x : kKernelBits)
+    {
+        if (x == b)
+        {
+            return true;
+        }
+    }
+    return false;
+}
+
+// Whether the kernels handle this (kind, rotation, head_dim, k_bits, v_bits) combination.
+// norm_correction may be on or off; sink tokens 0..16 and every tokens-per-block 1..128 work.
+inline bool isSupported(QuantKind kind, bool rotation, int32_t head_dim, int32_t k_bits, int32_t v_bits)
+{
+    return kind == QuantKind::kTurbo && rotation && tqKernelHeadDimSupported(head_dim)
+        && tqKernelBitsSupported(k_bits) && tqKernelBitsSupported(v_bits);
+}
+
+// Checks a whole layer description (and the GQA ratio) against the list above and the format's
+// ranges. Returns nullptr when supported, otherwise a one-line reason.
+inline char const* tqCheckLayer(KvLayerDesc const& desc, int32_t num_q_heads)
+{
+    if (desc.kind != QuantKind::kTurbo)
+    {
+        return "the kernels implement kind 'turbo' only ('uniform' exists in the Python reference)";
+    }
+    if (!desc.rotation)
+    {
+        return "the kernels need rotation on (kind 'turbo' assumes rotated coordinates)";
+    }
+    if (!tqKernelHeadDimSupported(desc.head_dim))
+    {
+        return "head_dim must be 64 or 128 for the kernels";
+    }
+    if (desc.num_kv_heads < 1 || desc.num_kv_heads > kMaxKvHeads)
+    {
+        return "num_kv_heads must be between 1 and 128";
+    }
+    int32_t const t = desc.tokens_per_block;
+    if (t < 1 || t > kMaxTokensPerBlock || (t & (t - 1)) != 0)
+    {
+        return "tokens_per_block must be a power of two from 1 to 128";
+    }
+    if (desc.sink_tokens < 0 || desc.sink_tokens > kMaxSinkTokens)
+    {
+        return "sink_tokens must be between 0 and 16";
+    }
+    for (int32_t h = 0; h < desc.num_kv_heads; ++h)
+    {
+        if (!tqKernelBitsSupported(desc.k_bits[h]) || !tqKernelBitsSupported(desc.v_bits[h]))
+        {
+            return "k_bits and v_bits must be 2, 3, 4 or 8 for every KV head";
+        }
+    }
+    if (num_q_heads < desc.num_kv_heads || num_q_heads % desc.num_kv_heads != 0)
+    {
+        return "num_q_heads must be a positive multiple of num_kv_heads";
+    }
+    if (num_q_heads / desc.num_kv_heads > kMaxGroupSize)
+    {
+        return "at most 16 query heads per KV head";
+    }
+    return nullptr;
+}
+
+} // namespace turboquant
