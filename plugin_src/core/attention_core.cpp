@@ -13,8 +13,9 @@ namespace core
 namespace
 {
 
-constexpr int32_t kSupportedHeadDims[] = {64, 128, 256};
-constexpr int32_t kSupportedBits[] = {2, 3, 4, 8};
+// What the format allows (docs/format.md §1); the kernels implement a subset (isSupported).
+constexpr int32_t kFormatHeadDims[] = {64, 128, 256};
+constexpr int32_t kFormatBits[] = {2, 3, 4, 8};
 
 int64_t alignUp(int64_t n, int64_t a)
 {
@@ -224,14 +225,38 @@ AttentionConfig parseFields(FieldView const* fields, int32_t nbFields)
 
 bool isSupported(QuantKind kind, int32_t head_dim, int32_t k_bits, int32_t v_bits) noexcept
 {
-    // Mirrors the kernels' dispatch: turbo only, every supported head_dim and bit width.
-    return kind == QuantKind::kTurbo && contains(kSupportedHeadDims, head_dim) && contains(kSupportedBits, k_bits)
-        && contains(kSupportedBits, v_bits);
+    return ::turboquant::isSupported(kind, /*rotation=*/true, head_dim, k_bits, v_bits);
 }
 
 std::string supportedCombinationsText()
 {
-    return "kind turbo with head_dim 64, 128 or 256 and K/V bits 2, 3, 4 or 8 per KV head";
+    std::string dims, bits;
+    for (int32_t d : ::turboquant::kKernelHeadDims) dims += (dims.empty() ? "" : "/") + std::to_string(d);
+    for (int32_t b : ::turboquant::kKernelBits) bits += (bits.empty() ? "" : "/") + std::to_string(b);
+    return "kind turbo with head_dim " + dims + ", K/V bits " + bits + " per KV head, at most "
+        + std::to_string(::turboquant::kMaxGroupSize) + " query heads per KV head";
+}
+
+::turboquant::KvLayerDesc toLayerDesc(AttentionConfig const& cfg)
+{
+    ::turboquant::KvLayerDesc desc{};
+    desc.head_dim = cfg.head_dim;
+    desc.num_kv_heads = cfg.num_kv_heads;
+    desc.tokens_per_block = cfg.tokens_per_block;
+    desc.sink_tokens = cfg.sink_tokens;
+    desc.kind = cfg.kind;
+    desc.rotation = 1;
+    desc.norm_correction = cfg.norm_correction;
+    for (int32_t h = 0; h < cfg.num_kv_heads && h < kMaxKvHeads; ++h)
+    {
+        desc.k_bits[h] = static_cast<uint8_t>(cfg.k_bits.at(h));
+        desc.v_bits[h] = static_cast<uint8_t>(cfg.v_bits.at(h));
+    }
+    if (!::turboquant::tqComputeBlockLayout(desc))
+    {
+        throw ConfigError("the kernels cannot lay out this layer's block (kind, heads or tokens_per_block)");
+    }
+    return desc;
 }
 
 void validate(AttentionConfig const& c)
@@ -252,7 +277,7 @@ void validate(AttentionConfig const& c)
         fail("num_q_heads=" + std::to_string(c.num_q_heads) + " must be a positive multiple of num_kv_heads="
             + std::to_string(c.num_kv_heads));
     }
-    if (!contains(kSupportedHeadDims, c.head_dim))
+    if (!contains(kFormatHeadDims, c.head_dim))
     {
         fail("head_dim=" + std::to_string(c.head_dim) + " is not supported; allowed: 64, 128, 256");
     }
@@ -272,7 +297,7 @@ void validate(AttentionConfig const& c)
         for (int32_t which = 0; which < 2; ++which)
         {
             int32_t const b = which ? c.v_bits[h] : c.k_bits[h];
-            if (!contains(kSupportedBits, b))
+            if (!contains(kFormatBits, b))
             {
                 fail(std::string(which ? "v_bits[" : "k_bits[") + std::to_string(h) + "]=" + std::to_string(b)
                     + " is not supported; allowed bit widths: 2, 3, 4, 8");
@@ -318,9 +343,14 @@ void validate(AttentionConfig const& c)
         if (!isSupported(c.kind, c.head_dim, c.k_bits[h], c.v_bits[h]))
         {
             fail(std::string("no kernel for kind ") + (c.kind == QuantKind::kTurbo ? "turbo" : "uniform")
-                + " (KV head " + std::to_string(h) + "); supported: " + supportedCombinationsText()
-                + "; uniform exists in the Python reference only");
+                + " with head_dim " + std::to_string(c.head_dim) + " (KV head " + std::to_string(h)
+                + "); supported: " + supportedCombinationsText() + "; uniform exists in the Python reference only");
         }
+    }
+    // The kernels' own whole-layer check (GQA ratio and ranges) has the last word.
+    if (char const* reason = ::turboquant::tqCheckLayer(toLayerDesc(c), c.num_q_heads))
+    {
+        fail(std::string("layer not supported by the kernels: ") + reason);
     }
 }
 
@@ -550,12 +580,19 @@ StepShape checkShapes(AttentionConfig const& cfg, Shape const* in, int32_t nbInp
     return s;
 }
 
-size_t workspaceSize(AttentionConfig const& cfg, int64_t maxTokens, int64_t maxBatch)
+WorkspaceLayout workspaceLayout(int64_t maxBatch, size_t kernelScratchBytes)
 {
-    (void) cfg;
-    (void) maxTokens;
-    (void) maxBatch;
-    return 0; // replaced by the kernels' split-K formula once their header lands
+    if (maxBatch < 1)
+    {
+        throw ConfigError("the profile's maximum batch (seq_lens dimension 0) must be >= 1, got "
+            + std::to_string(maxBatch));
+    }
+    WorkspaceLayout w;
+    w.q_lens_offset = 0;
+    w.scratch_offset = static_cast<size_t>(alignUp(maxBatch * static_cast<int64_t>(sizeof(int32_t)), kWorkspaceAlign));
+    w.scratch_bytes = kernelScratchBytes;
+    w.total_bytes = w.scratch_offset + static_cast<size_t>(alignUp(static_cast<int64_t>(kernelScratchBytes), kWorkspaceAlign));
+    return w;
 }
 
 } // namespace core

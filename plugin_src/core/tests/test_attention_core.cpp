@@ -105,14 +105,14 @@ AttentionConfig baseConfig()
 
 AttentionConfig randomConfig(std::mt19937& rng)
 {
-    int32_t const dims[] = {64, 128, 256};
+    int32_t const dims[] = {64, 128};
     int32_t const bits[] = {2, 3, 4, 8};
-    int32_t const groups[] = {1, 2, 3, 4, 8};
+    int32_t const groups[] = {1, 2, 3, 4, 8, 16};
     AttentionConfig c;
     c.layer_index = static_cast<int32_t>(rng() % 80);
     c.num_kv_heads = 1 + static_cast<int32_t>(rng() % 12);
-    c.num_q_heads = c.num_kv_heads * groups[rng() % 5];
-    c.head_dim = dims[rng() % 3];
+    c.num_q_heads = c.num_kv_heads * groups[rng() % 6];
+    c.head_dim = dims[rng() % 2];
     c.tokens_per_block = 1 << (rng() % 8);
     for (int32_t h = 0; h < c.num_kv_heads; ++h)
     {
@@ -340,7 +340,7 @@ TEST(validation_rejects_each_invalid_value)
 
 TEST(supported_combinations)
 {
-    for (int32_t d : {64, 128, 256})
+    for (int32_t d : {64, 128})
         for (int32_t kb : {2, 3, 4, 8})
             for (int32_t vb : {2, 3, 4, 8})
             {
@@ -350,6 +350,61 @@ TEST(supported_combinations)
     CHECK(!isSupported(QuantKind::kTurbo, 96, 3, 3));
     CHECK(!isSupported(QuantKind::kTurbo, 128, 5, 3));
     CHECK(!isSupported(QuantKind::kTurbo, 128, 3, 16));
+    // The format allows head_dim 256; no kernel is compiled for it.
+    AttentionConfig c = baseConfig();
+    c.head_dim = 256;
+    CHECK_THROWS(validate(c), "no kernel for kind turbo with head_dim 256");
+    // GQA: at most kMaxGroupSize query heads per KV head in the kernels.
+    c = baseConfig();
+    c.num_q_heads = c.num_kv_heads * 32;
+    CHECK_THROWS(validate(c), "at most 16 query heads per KV head");
+    c = baseConfig();
+    c.num_kv_heads = 129;
+    c.num_q_heads = 129;
+    c.k_bits.assign(129, 4);
+    c.v_bits.assign(129, 4);
+    CHECK_THROWS(validate(c), "num_kv_heads=129");
+}
+
+TEST(layer_desc_matches_core_layout)
+{
+    std::mt19937 rng(99);
+    for (int i = 0; i < 300; ++i)
+    {
+        AttentionConfig const c = randomConfig(rng);
+        ::turboquant::KvLayerDesc const d = toLayerDesc(c);
+        BlockLayout const l = blockLayout(c);
+        CHECK_EQ(d.block_bytes, l.block_bytes);
+        CHECK_EQ(d.head_dim, c.head_dim);
+        CHECK_EQ(d.sink_tokens, c.sink_tokens);
+        CHECK_EQ(d.norm_correction, c.norm_correction);
+        CHECK_EQ(d.rotation, 1);
+        for (int32_t h = 0; h < c.num_kv_heads; ++h)
+        {
+            CHECK_EQ(d.k_bits[h], c.k_bits[h]);
+            CHECK_EQ(d.v_bits[h], c.v_bits[h]);
+            CHECK_EQ(d.k_codes_off[h], l.k_codes[h]);
+            CHECK_EQ(d.v_codes_off[h], l.v_codes[h]);
+            CHECK_EQ(d.k_meta_off[h], l.k_meta[h]);
+            CHECK_EQ(d.v_meta_off[h], l.v_meta[h]);
+        }
+    }
+}
+
+TEST(workspace_layout)
+{
+    WorkspaceLayout w = workspaceLayout(1, 0);
+    CHECK_EQ(w.q_lens_offset, 0u);
+    CHECK_EQ(w.scratch_offset, kWorkspaceAlign);
+    CHECK_EQ(w.total_bytes, kWorkspaceAlign);
+    w = workspaceLayout(65, 1000);
+    CHECK_EQ(w.scratch_offset, 512u); // 65 int32 = 260 bytes, padded to 256-byte multiples
+    CHECK_EQ(w.scratch_bytes, 1000u);
+    CHECK_EQ(w.total_bytes, 512u + 1024u);
+    CHECK(w.scratch_offset >= 65 * sizeof(int32_t));
+    CHECK_EQ(w.scratch_offset % kWorkspaceAlign, 0u);
+    CHECK_THROWS(workspaceLayout(0, 10), "maximum batch");
+    CHECK_THROWS(workspaceLayout(-1, 10), "maximum batch");
 }
 
 TEST(block_layout_matches_format_doc)

@@ -10,6 +10,9 @@
 // nvinfer1::DataType; the adapter static_asserts that they agree.
 #pragma once
 
+#include "turboquant/format.h"
+#include "turboquant/kernel_support.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
@@ -26,12 +29,13 @@ namespace core
 constexpr char const* kPluginName = "TurboQuantAttention";
 constexpr char const* kPluginVersion = "1";
 constexpr char const* kPluginNamespace = "turboquant";
-constexpr int32_t kFormatVersion = 1;
 
-constexpr int32_t kMaxSinkTokens = 16;
-constexpr int32_t kMaxTokensPerBlock = 128;
-constexpr int32_t kAlign = 16;
-constexpr int32_t kMaxKvHeads = 256;
+// The format's constants come from the kernels' header (plugin_src/include/turboquant/format.h).
+constexpr int32_t kFormatVersion = ::turboquant::kFormatVersion;
+constexpr int32_t kMaxSinkTokens = ::turboquant::kMaxSinkTokens;
+constexpr int32_t kMaxTokensPerBlock = ::turboquant::kMaxTokensPerBlock;
+constexpr int32_t kAlign = ::turboquant::kArrayAlign;
+constexpr int32_t kMaxKvHeads = ::turboquant::kMaxKvHeads;
 
 // Same values as nvinfer1::PluginFieldType.
 enum class FieldType : int32_t
@@ -56,11 +60,8 @@ enum class DataType : int32_t
     kINT64 = 8,
 };
 
-enum class QuantKind : int32_t
-{
-    kTurbo = 0,   // Lloyd-Max codebook on the rotated vector, one fp16 scale (docs/format.md §3.1)
-    kUniform = 1, // asymmetric per-group; reference only, no kernel (docs/format.md §3.2)
-};
+// kTurbo = 0 (Lloyd-Max codebook on the rotated vector), kUniform = 1 (reference only).
+using ::turboquant::QuantKind;
 
 // Input tensor slots of the plugin, in order. docs/plugin.md documents each one.
 enum InputSlot : int32_t
@@ -153,9 +154,13 @@ AttentionConfig parseFields(FieldView const* fields, int32_t nbFields);
 // Checks every invariant of docs/format.md and what the kernels implement; throws ConfigError.
 void validate(AttentionConfig const& cfg);
 
-// Whether a compiled kernel exists for this combination (the single list the plugin trusts).
+// Whether a compiled kernel exists for this combination: forwards to the kernels' single list
+// (turboquant::isSupported in kernel_support.h).
 bool isSupported(QuantKind kind, int32_t head_dim, int32_t k_bits, int32_t v_bits) noexcept;
 std::string supportedCombinationsText();
+
+// The kernels' description of this layer (format + block layout), for the launchers.
+::turboquant::KvLayerDesc toLayerDesc(AttentionConfig const& cfg);
 
 // Fields of a config, in fieldSpecs() order, with storage owned by this object.
 class SerializedFields
@@ -218,9 +223,17 @@ struct StepShape
 StepShape checkShapes(AttentionConfig const& cfg, Shape const* inputs, int32_t nbInputs, Shape const* outputs,
     int32_t nbOutputs, bool allowWildcards);
 
-// Scratch the plugin needs from TensorRT for a step of at most maxTokens tokens and maxBatch
-// requests (build-phase upper bounds).
-size_t workspaceSize(AttentionConfig const& cfg, int64_t maxTokens, int64_t maxBatch);
+// The plugin's workspace: the kernels' scratch (split-K partials of decode attention, or the
+// context path's scratch, whichever is larger) after a small area for per-request metadata.
+struct WorkspaceLayout
+{
+    size_t q_lens_offset{0}; // [max_batch] int32 new tokens per request (context path)
+    size_t scratch_offset{0};
+    size_t scratch_bytes{0};
+    size_t total_bytes{0};
+};
+constexpr size_t kWorkspaceAlign = 256;
+WorkspaceLayout workspaceLayout(int64_t maxBatch, size_t kernelScratchBytes);
 
 } // namespace core
 } // namespace turboquant
