@@ -96,6 +96,7 @@ std::vector<FieldSpec> const& fieldSpecs()
         {"max_seq_len", FieldType::kINT32, 1, true, "longest KV length a request may reach"},
         {"layer_offset", FieldType::kINT64, 1, false, "bytes from a pool block's start to this layer (default 0)"},
         {"softmax_scale", FieldType::kFLOAT32, 1, false, "logit scale; 0 (default) = 1/sqrt(d)"},
+        {"num_sms", FieldType::kINT32, 1, false, "SMs the split-K workspace is sized for; 0 (default) = the build GPU's"},
     };
     return kSpecs;
 }
@@ -116,7 +117,7 @@ bool AttentionConfig::operator==(AttentionConfig const& o) const noexcept
         && num_kv_heads == o.num_kv_heads && head_dim == o.head_dim && tokens_per_block == o.tokens_per_block
         && k_bits == o.k_bits && v_bits == o.v_bits && kind == o.kind && group_size == o.group_size
         && norm_correction == o.norm_correction && sink_tokens == o.sink_tokens && max_seq_len == o.max_seq_len
-        && layer_offset == o.layer_offset && softmax_scale == o.softmax_scale;
+        && layer_offset == o.layer_offset && softmax_scale == o.softmax_scale && num_sms == o.num_sms;
 }
 
 AttentionConfig parseFields(FieldView const* fields, int32_t nbFields)
@@ -211,6 +212,7 @@ AttentionConfig parseFields(FieldView const* fields, int32_t nbFields)
         else if (name == "max_seq_len") cfg.max_seq_len = i32();
         else if (name == "layer_offset") cfg.layer_offset = *static_cast<int64_t const*>(f.data);
         else if (name == "softmax_scale") cfg.softmax_scale = *static_cast<float const*>(f.data);
+        else if (name == "num_sms") cfg.num_sms = i32();
     }
     for (size_t i = 0; i < specs.size(); ++i)
     {
@@ -279,7 +281,8 @@ void validate(AttentionConfig const& c)
     }
     if (!contains(kFormatHeadDims, c.head_dim))
     {
-        fail("head_dim=" + std::to_string(c.head_dim) + " is not supported; allowed: 64, 128, 256");
+        fail("head_dim=" + std::to_string(c.head_dim) + " is not supported; the format allows 64, 128, 256 and the "
+            + "kernels " + supportedCombinationsText());
     }
     int32_t const t = c.tokens_per_block;
     if (t < 1 || t > kMaxTokensPerBlock || (t & (t - 1)) != 0)
@@ -334,6 +337,10 @@ void validate(AttentionConfig const& c)
     {
         fail("layer_offset=" + std::to_string(c.layer_offset) + " must be a non-negative multiple of 16 bytes");
     }
+    if (c.num_sms < 0 || c.num_sms > 4096)
+    {
+        fail("num_sms=" + std::to_string(c.num_sms) + " must be between 0 (the device's) and 4096");
+    }
     if (!(c.softmax_scale >= 0.F) || !std::isfinite(c.softmax_scale))
     {
         fail("softmax_scale must be finite and >= 0 (0 = 1/sqrt(head_dim))");
@@ -384,6 +391,7 @@ SerializedFields::SerializedFields(AttentionConfig const& cfg)
         else if (name == "max_seq_len") data = &mCfg.max_seq_len;
         else if (name == "layer_offset") data = &mCfg.layer_offset;
         else if (name == "softmax_scale") data = &mCfg.softmax_scale;
+        else if (name == "num_sms") data = &mCfg.num_sms;
         else throw std::logic_error("SerializedFields: field '" + name + "' has no member");
         mViews.push_back(FieldView{s.name, data, s.type, length});
     }

@@ -124,6 +124,7 @@ AttentionConfig randomConfig(std::mt19937& rng)
     c.max_seq_len = 1 + static_cast<int32_t>(rng() % 200000);
     c.layer_offset = 16 * static_cast<int64_t>(rng() % 100000);
     c.softmax_scale = (rng() % 2) ? 0.F : 0.01F * static_cast<float>(1 + rng() % 100);
+    c.num_sms = (rng() % 2) ? 0 : 1 + static_cast<int32_t>(rng() % 200);
     return c;
 }
 
@@ -249,13 +250,15 @@ TEST(optional_fields_take_defaults)
     c.sink_tokens = 0;
     c.layer_offset = 0;
     EditableFields e(c);
-    for (char const* n : {"kind", "group_size", "norm_correction", "sink_tokens", "layer_offset", "softmax_scale"})
+    for (char const* n :
+        {"kind", "group_size", "norm_correction", "sink_tokens", "layer_offset", "softmax_scale", "num_sms"})
         e.erase(n);
     AttentionConfig const p = e.parse();
     CHECK(p.kind == QuantKind::kTurbo);
     CHECK_EQ(p.norm_correction, 1);
     CHECK_EQ(p.sink_tokens, 0);
     CHECK_EQ(p.layer_offset, 0);
+    CHECK_EQ(p.num_sms, 0);
     CHECK(p.effectiveSoftmaxScale() > 0.0883F && p.effectiveSoftmaxScale() < 0.0884F); // 1/sqrt(128)
 }
 
@@ -334,6 +337,7 @@ TEST(validation_rejects_each_invalid_value)
     expect([](AttentionConfig& c) { c.group_size = 32; }, "group_size=32 with kind turbo");
     expect([](AttentionConfig& c) { c.norm_correction = 2; }, "norm_correction=2");
     expect([](AttentionConfig& c) { c.softmax_scale = -1.F; }, "softmax_scale");
+    expect([](AttentionConfig& c) { c.num_sms = -3; }, "num_sms=-3");
     expect([](AttentionConfig& c) { c.kind = QuantKind::kUniform; c.group_size = 32; }, "reference only");
     expect([](AttentionConfig& c) { c.kind = QuantKind::kUniform; c.group_size = 12; }, "group_size=12");
 }

@@ -141,6 +141,8 @@ struct AttentionConfig
     int32_t max_seq_len{0};
     int64_t layer_offset{0};     // bytes from a pool block's start to this layer's part of it
     float softmax_scale{0.F};    // 0: 1 / sqrt(head_dim)
+    int32_t num_sms{0};          // multiprocessors the split-K workspace is sized for; 0: resolved
+                                 //   from the device when the engine is built (then serialized)
 
     float effectiveSoftmaxScale() const noexcept;
     int32_t groupSize() const noexcept; // q heads per KV head

@@ -1,0 +1,166 @@
+#include "attention_launch.h"
+
+#include "step_metadata.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace turboquant
+{
+namespace trt
+{
+namespace
+{
+
+size_t kernelScratchBytes(core::AttentionConfig const& c, int64_t tokens, int64_t batch, int32_t numSms)
+{
+    size_t const decode = decodeWorkspaceBytes(static_cast<int32_t>(batch), c.num_q_heads, c.num_kv_heads, c.head_dim,
+        c.max_seq_len, numSms);
+    size_t const context = contextWorkspaceBytes(static_cast<int32_t>(batch), c.num_q_heads, c.num_kv_heads,
+        c.head_dim, static_cast<int32_t>(tokens), c.max_seq_len);
+    return std::max(decode, context);
+}
+
+} // namespace
+
+int32_t currentDeviceSms()
+{
+    int device = 0;
+    int sms = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess)
+    {
+        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    }
+    if (err != cudaSuccess || sms <= 0)
+    {
+        throw std::runtime_error(std::string("cannot read the device's multiprocessor count: ") + cudaGetErrorString(err));
+    }
+    return sms;
+}
+
+size_t stepWorkspaceBytes(core::AttentionConfig const& cfg, int64_t maxTokens, int64_t maxBatch, int32_t numSms)
+{
+    if (maxTokens < 1 || maxBatch < 1 || maxTokens > INT32_MAX || maxBatch > INT32_MAX)
+    {
+        throw core::ConfigError("profile maxima out of range: qkv rows " + std::to_string(maxTokens) + ", batch "
+            + std::to_string(maxBatch));
+    }
+    return core::workspaceLayout(maxBatch, kernelScratchBytes(cfg, maxTokens, maxBatch, numSms)).total_bytes;
+}
+
+cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc const& layer,
+    core::StepShape const& step, core::DataType act, int32_t numSms, StepBuffers const& buf, cudaStream_t stream)
+{
+    int32_t const batch = static_cast<int32_t>(step.batch);
+    int32_t const tokens = static_cast<int32_t>(step.num_tokens);
+    ActType const actType = act == core::DataType::kBF16 ? ActType::kBf16 : ActType::kFp16;
+
+    PagedKvPool kv{};
+    kv.pool = buf.kv_pool;
+    kv.block_stride = step.block_stride;
+    kv.layer_offset = cfg.layer_offset;
+    kv.block_table = buf.block_table;
+    kv.max_blocks_per_seq = static_cast<int32_t>(step.max_blocks_per_seq);
+    kv.sink_pool = cfg.sink_tokens > 0 ? static_cast<uint16_t*>(buf.sink_pool) : nullptr;
+    kv.seq_slot = cfg.sink_tokens > 0 ? buf.seq_slots : nullptr;
+
+    LayerTablesView tables{};
+    tables.k_mean = static_cast<uint16_t const*>(buf.k_mean);
+    tables.k_smooth = static_cast<uint16_t const*>(buf.k_smooth);
+    tables.v_mean = static_cast<uint16_t const*>(buf.v_mean);
+    tables.v_smooth = static_cast<uint16_t const*>(buf.v_smooth);
+    tables.k_clip = static_cast<uint16_t const*>(buf.k_clip);
+    tables.v_clip = static_cast<uint16_t const*>(buf.v_clip);
+    tables.signs = static_cast<uint16_t const*>(buf.signs);
+
+    // qkv rows: [q heads | k heads | v heads], 2-byte elements.
+    int64_t const rowStride = core::qkvInnerDim(cfg);
+    auto const* qkv = static_cast<uint16_t const*>(buf.qkv);
+    void const* q = qkv;
+    void const* k = qkv + static_cast<int64_t>(cfg.num_q_heads) * cfg.head_dim;
+    void const* v = qkv + static_cast<int64_t>(cfg.num_q_heads + cfg.num_kv_heads) * cfg.head_dim;
+    int64_t const outStride = core::outputInnerDim(cfg);
+
+    core::WorkspaceLayout const ws
+        = core::workspaceLayout(batch, kernelScratchBytes(cfg, tokens, batch, numSms));
+    auto* wsBase = static_cast<uint8_t*>(buf.workspace);
+    void* scratch = ws.scratch_bytes ? wsBase + ws.scratch_offset : nullptr;
+
+    if (step.decode_only)
+    {
+        QuantizeKvParams w{};
+        w.layer = layer;
+        w.kv = kv;
+        w.tables = tables;
+        w.k = k;
+        w.v = v;
+        w.k_token_stride = rowStride;
+        w.v_token_stride = rowStride;
+        w.cu_q_lens = nullptr; // row b is request b's one new token
+        w.seq_lens = buf.seq_lens;
+        w.batch = batch;
+        w.max_q_len = 1;
+        w.act = actType;
+        cudaError_t err = launchQuantizeKv(w, stream);
+        if (err != cudaSuccess)
+        {
+            return err;
+        }
+        DecodeAttentionParams d{};
+        d.layer = layer;
+        d.kv = kv;
+        d.tables = tables;
+        d.q = q;
+        d.q_token_stride = rowStride;
+        d.out = buf.out;
+        d.out_token_stride = outStride;
+        d.seq_lens = buf.seq_lens;
+        d.batch = batch;
+        d.num_q_heads = cfg.num_q_heads;
+        d.max_seq_len = cfg.max_seq_len;
+        d.softmax_scale = cfg.softmax_scale;
+        d.act = actType;
+        d.num_sms = numSms;
+        d.workspace = scratch;
+        d.workspace_bytes = ws.scratch_bytes;
+        return launchDecodeAttention(d, stream);
+    }
+
+    auto* qLens = reinterpret_cast<int32_t*>(wsBase + ws.q_lens_offset);
+    cudaError_t err = launchResolveQLens(buf.request_types, buf.ctx_lens, batch, qLens, stream);
+    if (err != cudaSuccess)
+    {
+        return err;
+    }
+    ContextAttentionParams c{};
+    c.layer = layer;
+    c.kv = kv;
+    c.tables = tables;
+    c.q = q;
+    c.q_token_stride = rowStride;
+    c.k = k;
+    c.k_token_stride = rowStride;
+    c.v = v;
+    c.v_token_stride = rowStride;
+    c.out = buf.out;
+    c.out_token_stride = outStride;
+    c.q_lens = qLens;
+    c.seq_lens = buf.seq_lens;
+    c.batch = batch;
+    c.num_q_heads = cfg.num_q_heads;
+    c.total_q_tokens = tokens;
+    c.max_q_len = tokens - batch + 1; // every other request adds at least one token
+    c.max_seq_len = cfg.max_seq_len;
+    c.softmax_scale = cfg.softmax_scale;
+    c.act = actType;
+    c.write_kv = 1;
+    c.workspace = scratch;
+    c.workspace_bytes = ws.scratch_bytes;
+    return launchContextAttention(c, stream);
+}
+
+} // namespace trt
+} // namespace turboquant
