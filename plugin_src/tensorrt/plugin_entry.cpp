@@ -7,6 +7,9 @@
 
 #include <NvInferRuntime.h>
 
+#include <exception>
+#include <string>
+
 #define TURBOQUANT_EXPORT __attribute__((visibility("default")))
 
 extern "C" TURBOQUANT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
@@ -16,8 +19,21 @@ extern "C" TURBOQUANT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finde
 
 extern "C" TURBOQUANT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static turboquant::trt::TurboQuantAttentionCreator attentionCreator;
-    static nvinfer1::IPluginCreatorInterface* const creators[] = {&attentionCreator};
-    nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
-    return creators;
+    nbCreators = 0;
+    try
+    {
+        static turboquant::trt::TurboQuantAttentionCreator attentionCreator;
+        static nvinfer1::IPluginCreatorInterface* const creators[] = {&attentionCreator};
+        nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
+        return creators;
+    }
+    catch (std::exception const& e)
+    {
+        turboquant::trt::logError(std::string("getCreators: ") + e.what());
+    }
+    catch (...)
+    {
+        turboquant::trt::logError("getCreators: unknown exception");
+    }
+    return nullptr;
 }
