@@ -53,6 +53,20 @@ def render() -> str:
             out.append("    " + ", ".join(_lit(x) for x in beta[i:i + 4]) + ",")
         out.append("};")
         out.append("")
+    out.append("#if defined(__CUDACC__)")
+    out.append("// Device copies (constant memory) for run-time indexing in kernels.")
+    for b in SUPPORTED_BITS:
+        n = 1 << b
+        out.append(f"static __constant__ float kDevCodebook{b}[{n}] = {{")
+        for i in range(0, n, 8):
+            out.append("    " + ", ".join(f"kCodebook{b}[{j}]" for j in range(i, min(n, i + 8))) + ",")
+        out.append("};")
+        out.append(f"static __constant__ float kDevBoundaries{b}[{n - 1}] = {{")
+        for i in range(0, n - 1, 8):
+            out.append("    " + ", ".join(f"kBoundaries{b}[{j}]" for j in range(i, min(n - 1, i + 8))) + ",")
+        out.append("};")
+    out.append("#endif")
+    out.append("")
     out.append("} // namespace turboquant")
     out.append("")
     return "\n".join(out)

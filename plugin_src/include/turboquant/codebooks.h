@@ -168,4 +168,96 @@ constexpr float kBoundaries8[255] = {
     0x1.e6f9480000000p+1f, 0x1.021d120000000p+2f, 0x1.17e6840000000p+2f,
 };
 
+#if defined(__CUDACC__)
+// Device copies (constant memory) for run-time indexing in kernels.
+static __constant__ float kDevCodebook2[4] = {
+    kCodebook2[0], kCodebook2[1], kCodebook2[2], kCodebook2[3],
+};
+static __constant__ float kDevBoundaries2[3] = {
+    kBoundaries2[0], kBoundaries2[1], kBoundaries2[2],
+};
+static __constant__ float kDevCodebook3[8] = {
+    kCodebook3[0], kCodebook3[1], kCodebook3[2], kCodebook3[3], kCodebook3[4], kCodebook3[5], kCodebook3[6], kCodebook3[7],
+};
+static __constant__ float kDevBoundaries3[7] = {
+    kBoundaries3[0], kBoundaries3[1], kBoundaries3[2], kBoundaries3[3], kBoundaries3[4], kBoundaries3[5], kBoundaries3[6],
+};
+static __constant__ float kDevCodebook4[16] = {
+    kCodebook4[0], kCodebook4[1], kCodebook4[2], kCodebook4[3], kCodebook4[4], kCodebook4[5], kCodebook4[6], kCodebook4[7],
+    kCodebook4[8], kCodebook4[9], kCodebook4[10], kCodebook4[11], kCodebook4[12], kCodebook4[13], kCodebook4[14], kCodebook4[15],
+};
+static __constant__ float kDevBoundaries4[15] = {
+    kBoundaries4[0], kBoundaries4[1], kBoundaries4[2], kBoundaries4[3], kBoundaries4[4], kBoundaries4[5], kBoundaries4[6], kBoundaries4[7],
+    kBoundaries4[8], kBoundaries4[9], kBoundaries4[10], kBoundaries4[11], kBoundaries4[12], kBoundaries4[13], kBoundaries4[14],
+};
+static __constant__ float kDevCodebook8[256] = {
+    kCodebook8[0], kCodebook8[1], kCodebook8[2], kCodebook8[3], kCodebook8[4], kCodebook8[5], kCodebook8[6], kCodebook8[7],
+    kCodebook8[8], kCodebook8[9], kCodebook8[10], kCodebook8[11], kCodebook8[12], kCodebook8[13], kCodebook8[14], kCodebook8[15],
+    kCodebook8[16], kCodebook8[17], kCodebook8[18], kCodebook8[19], kCodebook8[20], kCodebook8[21], kCodebook8[22], kCodebook8[23],
+    kCodebook8[24], kCodebook8[25], kCodebook8[26], kCodebook8[27], kCodebook8[28], kCodebook8[29], kCodebook8[30], kCodebook8[31],
+    kCodebook8[32], kCodebook8[33], kCodebook8[34], kCodebook8[35], kCodebook8[36], kCodebook8[37], kCodebook8[38], kCodebook8[39],
+    kCodebook8[40], kCodebook8[41], kCodebook8[42], kCodebook8[43], kCodebook8[44], kCodebook8[45], kCodebook8[46], kCodebook8[47],
+    kCodebook8[48], kCodebook8[49], kCodebook8[50], kCodebook8[51], kCodebook8[52], kCodebook8[53], kCodebook8[54], kCodebook8[55],
+    kCodebook8[56], kCodebook8[57], kCodebook8[58], kCodebook8[59], kCodebook8[60], kCodebook8[61], kCodebook8[62], kCodebook8[63],
+    kCodebook8[64], kCodebook8[65], kCodebook8[66], kCodebook8[67], kCodebook8[68], kCodebook8[69], kCodebook8[70], kCodebook8[71],
+    kCodebook8[72], kCodebook8[73], kCodebook8[74], kCodebook8[75], kCodebook8[76], kCodebook8[77], kCodebook8[78], kCodebook8[79],
+    kCodebook8[80], kCodebook8[81], kCodebook8[82], kCodebook8[83], kCodebook8[84], kCodebook8[85], kCodebook8[86], kCodebook8[87],
+    kCodebook8[88], kCodebook8[89], kCodebook8[90], kCodebook8[91], kCodebook8[92], kCodebook8[93], kCodebook8[94], kCodebook8[95],
+    kCodebook8[96], kCodebook8[97], kCodebook8[98], kCodebook8[99], kCodebook8[100], kCodebook8[101], kCodebook8[102], kCodebook8[103],
+    kCodebook8[104], kCodebook8[105], kCodebook8[106], kCodebook8[107], kCodebook8[108], kCodebook8[109], kCodebook8[110], kCodebook8[111],
+    kCodebook8[112], kCodebook8[113], kCodebook8[114], kCodebook8[115], kCodebook8[116], kCodebook8[117], kCodebook8[118], kCodebook8[119],
+    kCodebook8[120], kCodebook8[121], kCodebook8[122], kCodebook8[123], kCodebook8[124], kCodebook8[125], kCodebook8[126], kCodebook8[127],
+    kCodebook8[128], kCodebook8[129], kCodebook8[130], kCodebook8[131], kCodebook8[132], kCodebook8[133], kCodebook8[134], kCodebook8[135],
+    kCodebook8[136], kCodebook8[137], kCodebook8[138], kCodebook8[139], kCodebook8[140], kCodebook8[141], kCodebook8[142], kCodebook8[143],
+    kCodebook8[144], kCodebook8[145], kCodebook8[146], kCodebook8[147], kCodebook8[148], kCodebook8[149], kCodebook8[150], kCodebook8[151],
+    kCodebook8[152], kCodebook8[153], kCodebook8[154], kCodebook8[155], kCodebook8[156], kCodebook8[157], kCodebook8[158], kCodebook8[159],
+    kCodebook8[160], kCodebook8[161], kCodebook8[162], kCodebook8[163], kCodebook8[164], kCodebook8[165], kCodebook8[166], kCodebook8[167],
+    kCodebook8[168], kCodebook8[169], kCodebook8[170], kCodebook8[171], kCodebook8[172], kCodebook8[173], kCodebook8[174], kCodebook8[175],
+    kCodebook8[176], kCodebook8[177], kCodebook8[178], kCodebook8[179], kCodebook8[180], kCodebook8[181], kCodebook8[182], kCodebook8[183],
+    kCodebook8[184], kCodebook8[185], kCodebook8[186], kCodebook8[187], kCodebook8[188], kCodebook8[189], kCodebook8[190], kCodebook8[191],
+    kCodebook8[192], kCodebook8[193], kCodebook8[194], kCodebook8[195], kCodebook8[196], kCodebook8[197], kCodebook8[198], kCodebook8[199],
+    kCodebook8[200], kCodebook8[201], kCodebook8[202], kCodebook8[203], kCodebook8[204], kCodebook8[205], kCodebook8[206], kCodebook8[207],
+    kCodebook8[208], kCodebook8[209], kCodebook8[210], kCodebook8[211], kCodebook8[212], kCodebook8[213], kCodebook8[214], kCodebook8[215],
+    kCodebook8[216], kCodebook8[217], kCodebook8[218], kCodebook8[219], kCodebook8[220], kCodebook8[221], kCodebook8[222], kCodebook8[223],
+    kCodebook8[224], kCodebook8[225], kCodebook8[226], kCodebook8[227], kCodebook8[228], kCodebook8[229], kCodebook8[230], kCodebook8[231],
+    kCodebook8[232], kCodebook8[233], kCodebook8[234], kCodebook8[235], kCodebook8[236], kCodebook8[237], kCodebook8[238], kCodebook8[239],
+    kCodebook8[240], kCodebook8[241], kCodebook8[242], kCodebook8[243], kCodebook8[244], kCodebook8[245], kCodebook8[246], kCodebook8[247],
+    kCodebook8[248], kCodebook8[249], kCodebook8[250], kCodebook8[251], kCodebook8[252], kCodebook8[253], kCodebook8[254], kCodebook8[255],
+};
+static __constant__ float kDevBoundaries8[255] = {
+    kBoundaries8[0], kBoundaries8[1], kBoundaries8[2], kBoundaries8[3], kBoundaries8[4], kBoundaries8[5], kBoundaries8[6], kBoundaries8[7],
+    kBoundaries8[8], kBoundaries8[9], kBoundaries8[10], kBoundaries8[11], kBoundaries8[12], kBoundaries8[13], kBoundaries8[14], kBoundaries8[15],
+    kBoundaries8[16], kBoundaries8[17], kBoundaries8[18], kBoundaries8[19], kBoundaries8[20], kBoundaries8[21], kBoundaries8[22], kBoundaries8[23],
+    kBoundaries8[24], kBoundaries8[25], kBoundaries8[26], kBoundaries8[27], kBoundaries8[28], kBoundaries8[29], kBoundaries8[30], kBoundaries8[31],
+    kBoundaries8[32], kBoundaries8[33], kBoundaries8[34], kBoundaries8[35], kBoundaries8[36], kBoundaries8[37], kBoundaries8[38], kBoundaries8[39],
+    kBoundaries8[40], kBoundaries8[41], kBoundaries8[42], kBoundaries8[43], kBoundaries8[44], kBoundaries8[45], kBoundaries8[46], kBoundaries8[47],
+    kBoundaries8[48], kBoundaries8[49], kBoundaries8[50], kBoundaries8[51], kBoundaries8[52], kBoundaries8[53], kBoundaries8[54], kBoundaries8[55],
+    kBoundaries8[56], kBoundaries8[57], kBoundaries8[58], kBoundaries8[59], kBoundaries8[60], kBoundaries8[61], kBoundaries8[62], kBoundaries8[63],
+    kBoundaries8[64], kBoundaries8[65], kBoundaries8[66], kBoundaries8[67], kBoundaries8[68], kBoundaries8[69], kBoundaries8[70], kBoundaries8[71],
+    kBoundaries8[72], kBoundaries8[73], kBoundaries8[74], kBoundaries8[75], kBoundaries8[76], kBoundaries8[77], kBoundaries8[78], kBoundaries8[79],
+    kBoundaries8[80], kBoundaries8[81], kBoundaries8[82], kBoundaries8[83], kBoundaries8[84], kBoundaries8[85], kBoundaries8[86], kBoundaries8[87],
+    kBoundaries8[88], kBoundaries8[89], kBoundaries8[90], kBoundaries8[91], kBoundaries8[92], kBoundaries8[93], kBoundaries8[94], kBoundaries8[95],
+    kBoundaries8[96], kBoundaries8[97], kBoundaries8[98], kBoundaries8[99], kBoundaries8[100], kBoundaries8[101], kBoundaries8[102], kBoundaries8[103],
+    kBoundaries8[104], kBoundaries8[105], kBoundaries8[106], kBoundaries8[107], kBoundaries8[108], kBoundaries8[109], kBoundaries8[110], kBoundaries8[111],
+    kBoundaries8[112], kBoundaries8[113], kBoundaries8[114], kBoundaries8[115], kBoundaries8[116], kBoundaries8[117], kBoundaries8[118], kBoundaries8[119],
+    kBoundaries8[120], kBoundaries8[121], kBoundaries8[122], kBoundaries8[123], kBoundaries8[124], kBoundaries8[125], kBoundaries8[126], kBoundaries8[127],
+    kBoundaries8[128], kBoundaries8[129], kBoundaries8[130], kBoundaries8[131], kBoundaries8[132], kBoundaries8[133], kBoundaries8[134], kBoundaries8[135],
+    kBoundaries8[136], kBoundaries8[137], kBoundaries8[138], kBoundaries8[139], kBoundaries8[140], kBoundaries8[141], kBoundaries8[142], kBoundaries8[143],
+    kBoundaries8[144], kBoundaries8[145], kBoundaries8[146], kBoundaries8[147], kBoundaries8[148], kBoundaries8[149], kBoundaries8[150], kBoundaries8[151],
+    kBoundaries8[152], kBoundaries8[153], kBoundaries8[154], kBoundaries8[155], kBoundaries8[156], kBoundaries8[157], kBoundaries8[158], kBoundaries8[159],
+    kBoundaries8[160], kBoundaries8[161], kBoundaries8[162], kBoundaries8[163], kBoundaries8[164], kBoundaries8[165], kBoundaries8[166], kBoundaries8[167],
+    kBoundaries8[168], kBoundaries8[169], kBoundaries8[170], kBoundaries8[171], kBoundaries8[172], kBoundaries8[173], kBoundaries8[174], kBoundaries8[175],
+    kBoundaries8[176], kBoundaries8[177], kBoundaries8[178], kBoundaries8[179], kBoundaries8[180], kBoundaries8[181], kBoundaries8[182], kBoundaries8[183],
+    kBoundaries8[184], kBoundaries8[185], kBoundaries8[186], kBoundaries8[187], kBoundaries8[188], kBoundaries8[189], kBoundaries8[190], kBoundaries8[191],
+    kBoundaries8[192], kBoundaries8[193], kBoundaries8[194], kBoundaries8[195], kBoundaries8[196], kBoundaries8[197], kBoundaries8[198], kBoundaries8[199],
+    kBoundaries8[200], kBoundaries8[201], kBoundaries8[202], kBoundaries8[203], kBoundaries8[204], kBoundaries8[205], kBoundaries8[206], kBoundaries8[207],
+    kBoundaries8[208], kBoundaries8[209], kBoundaries8[210], kBoundaries8[211], kBoundaries8[212], kBoundaries8[213], kBoundaries8[214], kBoundaries8[215],
+    kBoundaries8[216], kBoundaries8[217], kBoundaries8[218], kBoundaries8[219], kBoundaries8[220], kBoundaries8[221], kBoundaries8[222], kBoundaries8[223],
+    kBoundaries8[224], kBoundaries8[225], kBoundaries8[226], kBoundaries8[227], kBoundaries8[228], kBoundaries8[229], kBoundaries8[230], kBoundaries8[231],
+    kBoundaries8[232], kBoundaries8[233], kBoundaries8[234], kBoundaries8[235], kBoundaries8[236], kBoundaries8[237], kBoundaries8[238], kBoundaries8[239],
+    kBoundaries8[240], kBoundaries8[241], kBoundaries8[242], kBoundaries8[243], kBoundaries8[244], kBoundaries8[245], kBoundaries8[246], kBoundaries8[247],
+    kBoundaries8[248], kBoundaries8[249], kBoundaries8[250], kBoundaries8[251], kBoundaries8[252], kBoundaries8[253], kBoundaries8[254],
+};
+#endif
+
 } // namespace turboquant

@@ -1,0 +1,141 @@
+// Small device helpers shared by the TurboQuant kernels (internal header).
+#pragma once
+
+#include "turboquant/format.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace turboquant
+{
+namespace detail
+{
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float loadAct(void const* base, int64_t idx, bool bf16)
+{
+    if (bf16)
+    {
+        return __bfloat162float(static_cast<__nv_bfloat16 const*>(base)[idx]);
+    }
+    return __half2float(static_cast<__half const*>(base)[idx]);
+}
+
+__device__ __forceinline__ void storeAct(void* base, int64_t idx, float x, bool bf16)
+{
+    if (bf16)
+    {
+        static_cast<__nv_bfloat16*>(base)[idx] = __float2bfloat16_rn(x);
+    }
+    else
+    {
+        static_cast<__half*>(base)[idx] = __float2half_rn(x);
+    }
+}
+
+__device__ __forceinline__ float h2f(uint16_t bits)
+{
+    return __half2float(__ushort_as_half(bits));
+}
+
+// fp16 table value, or `dflt` when the table is absent.
+__device__ __forceinline__ float tableOr(uint16_t const* t, int64_t idx, float dflt)
+{
+    return t != nullptr ? h2f(t[idx]) : dflt;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel)
+{
+    uint32_t r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+__device__ __forceinline__ uint32_t packHalf2(float lo, float hi)
+{
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// D = A(16x16, row) * B(16x8, col) + D, fp16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t const (&a)[4], uint32_t b0, uint32_t b1)
+{
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cpAsync16(void* smem, void const* gmem)
+{
+    uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+
+__device__ __forceinline__ void cpAsyncCommit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N>
+__device__ __forceinline__ void cpAsyncWait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Sum of v[0..n) in numpy's pairwise order for n <= 128 (8 running partial sums, then a fixed
+// tree), so that fp32 sums match numpy.sum(..., dtype=float32) bit for bit. Larger n is split in
+// halves (multiples of 8) as numpy does.
+__device__ __forceinline__ float numpySum128(float const* v, int n)
+{
+    if (n < 8)
+    {
+        float r = 0.F; // numpy: res = 0.; res += a[i]
+        for (int i = 0; i < n; ++i)
+        {
+            r = __fadd_rn(r, v[i]);
+        }
+        return r;
+    }
+    float r[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+    {
+        r[j] = v[j];
+    }
+    int i = 8;
+    for (; i < n - (n % 8); i += 8)
+    {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+        {
+            r[j] = __fadd_rn(r[j], v[i + j]);
+        }
+    }
+    float res = __fadd_rn(__fadd_rn(__fadd_rn(r[0], r[1]), __fadd_rn(r[2], r[3])),
+        __fadd_rn(__fadd_rn(r[4], r[5]), __fadd_rn(r[6], r[7])));
+    for (; i < n; ++i)
+    {
+        res = __fadd_rn(res, v[i]);
+    }
+    return res;
+}
+
+__device__ __forceinline__ float numpySum(float const* v, int n)
+{
+    if (n <= 128)
+    {
+        return numpySum128(v, n);
+    }
+    int n2 = n / 2; // n <= 256: each half is at most 128
+    n2 -= n2 % 8;
+    return __fadd_rn(numpySum128(v, n2), numpySum128(v + n2, n - n2));
+}
+
+} // namespace detail
+} // namespace turboquant

@@ -1,0 +1,398 @@
+// Write path: transform, quantize and pack new K/V into the paged pool (docs/format.md §2-§5),
+// and the inverse (pool -> fp16, transformed domain) for tests and debugging.
+//
+// One warp per (new token, KV head); each lane holds D/32 consecutive channels. All arithmetic
+// is fp32 in the order docs/format.md fixes (IEEE add/mul/div/sqrt, no fused multiply-add, the
+// Hadamard butterflies in the reference order, sums in numpy's pairwise order), so the bytes equal
+// turboquant_trt.reference's bytes.
+#include "common.cuh"
+#include "dispatch.cuh"
+#include "turboquant/codebooks.h"
+#include "turboquant/kernels.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace turboquant
+{
+namespace detail
+{
+
+constexpr int kQuantWarps = 4;
+
+struct QuantArgs
+{
+    KvLayerDesc layer;
+    PagedKvPool kv;
+    LayerTablesView tables;
+    void const* src[2];     // k, v
+    int64_t stride[2];
+    int32_t const* cu_q;
+    int32_t const* seq_lens;
+    int32_t batch;
+    int32_t max_q_len;
+    float sqrt_d;
+    float rsqrt_d;
+    int32_t bf16;
+};
+
+__device__ __forceinline__ float codebookAt(int bits, int i)
+{
+    switch (bits)
+    {
+    case 2: return kDevCodebook2[i];
+    case 3: return kDevCodebook3[i];
+    case 4: return kDevCodebook4[i];
+    default: return kDevCodebook8[i];
+    }
+}
+
+__device__ __forceinline__ float boundaryAt(int bits, int j)
+{
+    switch (bits)
+    {
+    case 2: return kDevBoundaries2[j];
+    case 3: return kDevBoundaries3[j];
+    case 4: return kDevBoundaries4[j];
+    default: return kDevBoundaries8[j];
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_constant__ QuantArgs const a)
+{
+    constexpr int E = D / 32;
+    __shared__ float sq[kQuantWarps][D];
+    __shared__ uint8_t codes[kQuantWarps][D];
+
+    KvLayerDesc const& L = a.layer;
+    int const H = L.num_kv_heads;
+    int const warp = threadIdx.x >> 5;
+    int const lane = threadIdx.x & 31;
+    int const b = blockIdx.y;
+    int const wid = blockIdx.x * kQuantWarps + warp;
+    int const i = wid / H;
+    int const h = wid % H;
+    int rowBegin, qLen;
+    if (a.cu_q != nullptr)
+    {
+        rowBegin = a.cu_q[b];
+        qLen = a.cu_q[b + 1] - rowBegin;
+    }
+    else
+    {
+        rowBegin = b;
+        qLen = 1;
+    }
+    if (i >= qLen)
+    {
+        return;
+    }
+    int64_t const row = rowBegin + i;
+    int const pos = a.seq_lens[b] - qLen + i;
+    if (pos < 0)
+    {
+        return;
+    }
+    bool const bf16 = a.bf16 != 0;
+
+    for (int which = 0; which < 2; ++which)
+    {
+        uint16_t const* mean = which == 0 ? a.tables.k_mean : a.tables.v_mean;
+        uint16_t const* smooth = which == 0 ? a.tables.k_smooth : a.tables.v_smooth;
+        uint16_t const* clip = which == 0 ? a.tables.k_clip : a.tables.v_clip;
+        float x[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            int const c = lane * E + e;
+            float v = loadAct(a.src[which], row * a.stride[which] + static_cast<int64_t>(h) * D + c, bf16);
+            int64_t const hc = static_cast<int64_t>(h) * D + c;
+            v = __fsub_rn(v, tableOr(mean, hc, 0.F));
+            v = __fdiv_rn(v, tableOr(smooth, hc, 1.F));
+            x[e] = __fmul_rn(v, h2f(a.tables.signs[c]));
+        }
+        // Hadamard butterflies, len = 1, 2, ..., D/2
+#pragma unroll
+        for (int len = 1; len < D; len <<= 1)
+        {
+            if (len < E)
+            {
+#pragma unroll
+                for (int e = 0; e < E; ++e)
+                {
+                    if ((e & len) == 0)
+                    {
+                        float const p0 = x[e];
+                        float const p1 = x[e + len];
+                        x[e] = __fadd_rn(p0, p1);
+                        x[e + len] = __fsub_rn(p0, p1);
+                    }
+                }
+            }
+            else
+            {
+                int const m = len / E;
+                bool const upper = (lane & m) != 0;
+#pragma unroll
+                for (int e = 0; e < E; ++e)
+                {
+                    float const other = __shfl_xor_sync(0xffffffffu, x[e], m);
+                    x[e] = upper ? __fsub_rn(other, x[e]) : __fadd_rn(x[e], other);
+                }
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            x[e] = __fmul_rn(x[e], a.rsqrt_d);
+        }
+
+        if (pos < L.sink_tokens)
+        {
+            int64_t const slot = a.kv.seq_slot[b];
+            uint16_t* dst = a.kv.sink_pool + (((slot * H + h) * 2 + which) * L.sink_tokens + pos) * D;
+#pragma unroll
+            for (int e = 0; e < E; ++e)
+            {
+                dst[lane * E + e] = __half_as_ushort(__float2half_rn(x[e]));
+            }
+            continue;
+        }
+
+        int const bits = which == 0 ? L.k_bits[h] : L.v_bits[h];
+        // norm, numpy order
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            sq[warp][lane * E + e] = __fmul_rn(x[e], x[e]);
+        }
+        __syncwarp();
+        float n = 0.F;
+        if (lane == 0)
+        {
+            n = __fsqrt_rn(numpySum(sq[warp], D));
+        }
+        n = __shfl_sync(0xffffffffu, n, 0);
+        float const gamma = tableOr(clip, h, 1.F);
+        float const f = n > 0.F ? __fdiv_rn(a.sqrt_d, __fmul_rn(gamma, n)) : 0.F;
+        int const nb = (1 << bits) - 1;
+        __syncwarp();
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            float const u = __fmul_rn(x[e], f);
+            int code = 0;
+            for (int j = 0; j < nb; ++j)
+            {
+                code += u > boundaryAt(bits, j) ? 1 : 0;
+            }
+            codes[warp][lane * E + e] = static_cast<uint8_t>(code);
+            float const cv = codebookAt(bits, code);
+            sq[warp][lane * E + e] = __fmul_rn(cv, cv);
+        }
+        __syncwarp();
+        float scale = 0.F;
+        if (lane == 0)
+        {
+            if (L.norm_correction)
+            {
+                scale = __fdiv_rn(n, __fsqrt_rn(numpySum(sq[warp], D)));
+            }
+            else
+            {
+                scale = __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
+            }
+        }
+        // block and row
+        int const T = L.tokens_per_block;
+        int64_t const blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + pos / T];
+        int const r = pos % T;
+        uint8_t* block = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride;
+        int const cb = D * bits / 8;
+        uint8_t* dst = block + (which == 0 ? L.k_codes_off[h] : L.v_codes_off[h]) + r * cb;
+        uint8_t const* cw = codes[warp];
+        for (int j = lane; j < cb; j += 32)
+        {
+            uint32_t byte = 0;
+            if (bits == 8)
+            {
+                byte = cw[j];
+            }
+            else if (bits == 4)
+            {
+                byte = cw[2 * j] | (cw[2 * j + 1] << 4);
+            }
+            else if (bits == 2)
+            {
+                byte = cw[4 * j] | (cw[4 * j + 1] << 2) | (cw[4 * j + 2] << 4) | (cw[4 * j + 3] << 6);
+            }
+            else if (j < D / 4)
+            {
+                byte = (cw[4 * j] & 3) | ((cw[4 * j + 1] & 3) << 2) | ((cw[4 * j + 2] & 3) << 4) | ((cw[4 * j + 3] & 3) << 6);
+            }
+            else
+            {
+                int const k = j - D / 4;
+#pragma unroll
+                for (int bit = 0; bit < 8; ++bit)
+                {
+                    byte |= static_cast<uint32_t>(cw[8 * k + bit] >> 2) << bit;
+                }
+            }
+            dst[j] = static_cast<uint8_t>(byte);
+        }
+        if (lane == 0)
+        {
+            uint16_t const s16 = __half_as_ushort(__float2half_rn(fminf(scale, 65504.F)));
+            uint8_t* meta = block + (which == 0 ? L.k_meta_off[h] : L.v_meta_off[h]) + r * kTurboMetaBytes;
+            meta[0] = static_cast<uint8_t>(s16 & 0xFF);
+            meta[1] = static_cast<uint8_t>(s16 >> 8);
+        }
+        __syncwarp();
+    }
+}
+
+struct DequantArgs
+{
+    KvLayerDesc layer;
+    PagedKvPool kv;
+    int32_t const* seq_lens;
+    int32_t max_seq_len;
+    uint16_t* out[2];
+};
+
+// One warp per (sequence, position, KV head).
+template <int D>
+__global__ void __launch_bounds__(128) dequantizeKvKernel(__grid_constant__ DequantArgs const a)
+{
+    KvLayerDesc const& L = a.layer;
+    int const H = L.num_kv_heads;
+    int const warp = threadIdx.x >> 5;
+    int const lane = threadIdx.x & 31;
+    int64_t const wid = static_cast<int64_t>(blockIdx.x) * 4 + warp;
+    int const b = blockIdx.y;
+    int const pos = static_cast<int>(wid / H);
+    int const h = static_cast<int>(wid % H);
+    if (pos >= a.seq_lens[b] || pos >= a.max_seq_len)
+    {
+        return;
+    }
+    int64_t const outBase = ((static_cast<int64_t>(b) * H + h) * a.max_seq_len + pos) * D;
+    for (int which = 0; which < 2; ++which)
+    {
+        uint16_t* o = a.out[which] + outBase;
+        if (pos < L.sink_tokens)
+        {
+            int64_t const slot = a.kv.seq_slot[b];
+            uint16_t const* src = a.kv.sink_pool + (((slot * H + h) * 2 + which) * L.sink_tokens + pos) * D;
+            for (int c = lane; c < D; c += 32)
+            {
+                o[c] = src[c];
+            }
+            continue;
+        }
+        int const bits = which == 0 ? L.k_bits[h] : L.v_bits[h];
+        int const T = L.tokens_per_block;
+        int64_t const blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + pos / T];
+        int const r = pos % T;
+        uint8_t const* block = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride;
+        int const cb = D * bits / 8;
+        uint8_t const* codes = block + (which == 0 ? L.k_codes_off[h] : L.v_codes_off[h]) + r * cb;
+        uint8_t const* meta = block + (which == 0 ? L.k_meta_off[h] : L.v_meta_off[h]) + r * kTurboMetaBytes;
+        float const scale = h2f(static_cast<uint16_t>(meta[0] | (meta[1] << 8)));
+        for (int c = lane; c < D; c += 32)
+        {
+            int code;
+            if (bits == 8)
+            {
+                code = codes[c];
+            }
+            else if (bits == 4)
+            {
+                code = (codes[c / 2] >> (4 * (c % 2))) & 15;
+            }
+            else if (bits == 2)
+            {
+                code = (codes[c / 4] >> (2 * (c % 4))) & 3;
+            }
+            else
+            {
+                code = ((codes[c / 4] >> (2 * (c % 4))) & 3) | (((codes[D / 4 + c / 8] >> (c % 8)) & 1) << 2);
+            }
+            o[c] = __half_as_ushort(__float2half_rn(__fmul_rn(scale, codebookAt(bits, code))));
+        }
+    }
+}
+
+} // namespace detail
+
+using namespace detail;
+
+cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
+{
+    if (tqCheckLayer(p.layer, p.layer.num_kv_heads) != nullptr || p.kv.pool == nullptr || p.kv.block_table == nullptr
+        || p.k == nullptr || p.v == nullptr || p.seq_lens == nullptr || p.tables.signs == nullptr || p.batch < 0
+        || (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr))
+        || (p.cu_q_lens != nullptr && p.max_q_len < 0))
+    {
+        return cudaErrorInvalidValue;
+    }
+    int const maxQ = p.cu_q_lens != nullptr ? p.max_q_len : 1;
+    if (p.batch == 0 || maxQ == 0)
+    {
+        return cudaSuccess;
+    }
+    QuantArgs a;
+    std::memset(&a, 0, sizeof(a));
+    a.layer = p.layer;
+    a.kv = p.kv;
+    a.tables = p.tables;
+    a.src[0] = p.k;
+    a.src[1] = p.v;
+    a.stride[0] = p.k_token_stride;
+    a.stride[1] = p.v_token_stride;
+    a.cu_q = p.cu_q_lens;
+    a.seq_lens = p.seq_lens;
+    a.batch = p.batch;
+    a.max_q_len = maxQ;
+    a.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(p.layer.head_dim)));
+    a.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.layer.head_dim)));
+    a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
+    int64_t const warps = static_cast<int64_t>(maxQ) * p.layer.num_kv_heads;
+    dim3 grid(static_cast<unsigned>((warps + kQuantWarps - 1) / kQuantWarps), static_cast<unsigned>(p.batch));
+    return dispatchHeadDim(p.layer.head_dim, [&](auto d) {
+        quantizeKvKernel<decltype(d)::value><<<grid, 32 * kQuantWarps, 0, stream>>>(a);
+        return cudaGetLastError();
+    });
+}
+
+cudaError_t launchDequantizeKv(DequantizeKvParams const& p, cudaStream_t stream)
+{
+    if (tqCheckLayer(p.layer, p.layer.num_kv_heads) != nullptr || p.kv.pool == nullptr || p.kv.block_table == nullptr
+        || p.seq_lens == nullptr || p.k_out == nullptr || p.v_out == nullptr || p.batch < 0 || p.max_seq_len < 0
+        || (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr)))
+    {
+        return cudaErrorInvalidValue;
+    }
+    if (p.batch == 0 || p.max_seq_len == 0)
+    {
+        return cudaSuccess;
+    }
+    DequantArgs a;
+    std::memset(&a, 0, sizeof(a));
+    a.layer = p.layer;
+    a.kv = p.kv;
+    a.seq_lens = p.seq_lens;
+    a.max_seq_len = p.max_seq_len;
+    a.out[0] = p.k_out;
+    a.out[1] = p.v_out;
+    int64_t const warps = static_cast<int64_t>(p.max_seq_len) * p.layer.num_kv_heads;
+    dim3 grid(static_cast<unsigned>((warps + 3) / 4), static_cast<unsigned>(p.batch));
+    return dispatchHeadDim(p.layer.head_dim, [&](auto d) {
+        dequantizeKvKernel<decltype(d)::value><<<grid, 128, 0, stream>>>(a);
+        return cudaGetLastError();
+    });
+}
+
+} // namespace turboquant
