@@ -11,19 +11,6 @@ namespace turboquant
 {
 namespace trt
 {
-namespace
-{
-
-size_t kernelScratchBytes(core::AttentionConfig const& c, int64_t tokens, int64_t batch, int32_t numSms)
-{
-    size_t const decode = decodeWorkspaceBytes(static_cast<int32_t>(batch), c.num_q_heads, c.num_kv_heads, c.head_dim,
-        c.max_seq_len, numSms);
-    size_t const context = contextWorkspaceBytes(static_cast<int32_t>(batch), c.num_q_heads, c.num_kv_heads,
-        c.head_dim, static_cast<int32_t>(tokens), c.max_seq_len);
-    return std::max(decode, context);
-}
-
-} // namespace
 
 int32_t currentDeviceSms()
 {
@@ -48,7 +35,24 @@ size_t stepWorkspaceBytes(core::AttentionConfig const& cfg, int64_t maxTokens, i
         throw core::ConfigError("profile maxima out of range: qkv rows " + std::to_string(maxTokens) + ", batch "
             + std::to_string(maxBatch));
     }
-    return core::workspaceLayout(maxBatch, kernelScratchBytes(cfg, maxTokens, maxBatch, numSms)).total_bytes;
+    // The kernels' split counts fall as the batch or token count grows (fewer splits fill the
+    // GPU), so their scratch is not monotonic in the shape: take the maximum over every shape the
+    // profile allows. Decode steps have N == B <= maxBatch; context steps any N <= maxTokens.
+    size_t scratch = 0;
+    int64_t const decodeMax = std::min(maxBatch, maxTokens);
+    for (int64_t b = 1; b <= decodeMax; ++b)
+    {
+        scratch = std::max(scratch,
+            decodeWorkspaceBytes(static_cast<int32_t>(b), cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
+                cfg.max_seq_len, numSms));
+    }
+    for (int64_t n = 2; n <= maxTokens; ++n)
+    {
+        scratch = std::max(scratch,
+            contextWorkspaceBytes(static_cast<int32_t>(std::min(maxBatch, n - 1)), cfg.num_q_heads, cfg.num_kv_heads,
+                cfg.head_dim, static_cast<int32_t>(n), cfg.max_seq_len));
+    }
+    return core::workspaceLayout(maxBatch, scratch).total_bytes;
 }
 
 cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc const& layer,
@@ -84,8 +88,11 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
     void const* v = qkv + static_cast<int64_t>(cfg.num_q_heads + cfg.num_kv_heads) * cfg.head_dim;
     int64_t const outStride = core::outputInnerDim(cfg);
 
-    core::WorkspaceLayout const ws
-        = core::workspaceLayout(batch, kernelScratchBytes(cfg, tokens, batch, numSms));
+    // Exactly the scratch of the path taken; getWorkspaceSize reserved the maximum over the profile.
+    size_t const scratchBytes = step.decode_only
+        ? decodeWorkspaceBytes(batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_seq_len, numSms)
+        : contextWorkspaceBytes(batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, tokens, cfg.max_seq_len);
+    core::WorkspaceLayout const ws = core::workspaceLayout(batch, scratchBytes);
     auto* wsBase = static_cast<uint8_t*>(buf.workspace);
     void* scratch = ws.scratch_bytes ? wsBase + ws.scratch_offset : nullptr;
 
