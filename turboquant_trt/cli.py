@@ -23,6 +23,8 @@ from .cli_format import formats_cmd, quantize_cmd  # noqa: E402
 
 cli.add_command(formats_cmd)
 cli.add_command(quantize_cmd)
+from .cli_bench import bench as bench_group  # noqa: E402
+cli.add_command(bench_group)
 
 
 def main() -> None:

@@ -1,0 +1,18 @@
+#!/usr/bin/env python3
+"""Decode attention over the quantized cache vs torch fp16 SDPA (same process, same shapes).
+
+Prints ms, bytes read per second, the fraction of the H100's ~3.0 TB/s, the speedup, and the
+write kernel's share of a decode step. Same as `turboquant bench kernels`.
+
+    python benchmarks/bench_decode.py [--iters 50] [--json out.json]
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from turboquant_trt.cli_bench import kernels_cmd  # noqa: E402
+
+if __name__ == "__main__":
+    kernels_cmd()

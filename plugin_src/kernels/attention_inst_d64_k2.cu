@@ -1,0 +1,10 @@
+// Instantiations of the attention kernel for head_dim 64, 2-bit keys, every value bit width.
+#include "attention_kernel.cuh"
+
+namespace turboquant
+{
+namespace detail
+{
+TQ_INSTANTIATE_ATTENTION(64, 2)
+} // namespace detail
+} // namespace turboquant

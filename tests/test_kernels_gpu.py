@@ -1,0 +1,313 @@
+"""GPU tests of the CUDA kernels against the numpy reference (docs/format.md).
+
+Write kernel: the pool bytes equal turboquant_trt.reference.PagedPool's bytes.
+Attention: float64 reference attention over the same dequantized cache, relative error <= 1e-3
+(fp16 output). Every test draws fresh random data, poisons outputs, and uses block tables whose
+unused entries point far outside the pool. Skipped without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+from turboquant_trt import kernels as K  # noqa: E402
+from turboquant_trt.format import LayerFormat  # noqa: E402
+from turboquant_trt.reference import (  # noqa: E402
+    LayerQuantizer,
+    LayerTables,
+    PagedPool,
+    reference_attention,
+    rotation_signs,
+)
+
+BAD_BLOCK = 1 << 28  # unused block-table entries: any read through them faults
+REL_TOL = 1e-3
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng()  # fresh data every run
+
+
+def _tables(h: int, d: int, rng, plain: bool = False) -> LayerTables:
+    layer = int(rng.integers(0, 30))
+    if plain:
+        return LayerTables.identity(h, d, layer)
+    return LayerTables(
+        k_mean=rng.normal(0, 0.5, (h, d)), k_smooth=rng.uniform(0.5, 2.0, (h, d)),
+        v_mean=rng.normal(0, 0.5, (h, d)), v_smooth=rng.uniform(0.5, 2.0, (h, d)),
+        k_clip=rng.uniform(0.8, 1.2, h), v_clip=rng.uniform(0.8, 1.2, h),
+        signs=rotation_signs(d, layer))
+
+
+def _block_tables(lens, t, rng, spare=3):
+    need = [max(1, math.ceil(n / t)) for n in lens]
+    num_blocks = sum(need) + spare
+    perm = rng.permutation(num_blocks)
+    width = max(need) + 1
+    bt = np.full((len(lens), width), BAD_BLOCK, np.int32)
+    i = 0
+    for b, n in enumerate(need):
+        bt[b, :n] = perm[i:i + n]
+        i += n
+    return bt, num_blocks
+
+
+def _kv(n, h, d, rng, scale=1.0):
+    x = rng.normal(0, 1, (n, h, d)) * scale
+    x += rng.normal(0, 2, (1, h, d))  # a per-channel offset, like real keys
+    x[:, :, rng.integers(0, d, 3)] *= 6  # outlier channels
+    return x.astype(np.float16)
+
+
+def _to_gpu(x, dtype=None):
+    return torch.from_numpy(np.ascontiguousarray(x)).to("cuda", dtype=dtype)
+
+
+def _setup(fmt, tables, t, lens, rng, slots=None):
+    """A reference pool holding random K/V for every position of every sequence, and its GPU twin."""
+    bt, num_blocks = _block_tables(lens, t, rng)
+    quant = LayerQuantizer(fmt, tables)
+    ref = PagedPool(quant, num_blocks, t, num_slots=len(lens))
+    slots = np.arange(len(lens), dtype=np.int32) if slots is None else slots
+    data = []
+    for b, n in enumerate(lens):
+        k = _kv(n, fmt.kv_heads, fmt.head_dim, rng)
+        v = _kv(n, fmt.kv_heads, fmt.head_dim, rng)
+        ref.write(k.astype(np.float32), v.astype(np.float32), np.arange(n), bt, np.full(n, b), slots)
+        data.append((k, v))
+    layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
+    layer.pool.copy_(_to_gpu(ref.pool))
+    layer.sink_pool.copy_(_to_gpu(ref.sinks))
+    return quant, ref, layer, bt, slots, data
+
+
+def _rel(out, ref):
+    out = out.double().cpu().numpy()
+    assert np.isfinite(out).all(), "output has NaN/Inf (unwritten or broken)"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+# ---------------------------------------------------------------------------------------------
+# write kernel: bytes
+# ---------------------------------------------------------------------------------------------
+
+WRITE_CASES = [
+    # d, k_bits, v_bits, T, sinks, norm_correction
+    (128, (3,) * 4, (3,) * 4, 16, 0, True),
+    (128, (2,) * 4, (4,) * 4, 1, 4, True),
+    (128, (4, 3, 2, 8), (8, 2, 3, 4), 128, 2, True),
+    (64, (3,) * 3, (3,) * 3, 64, 4, False),
+    (64, (2, 8, 4), (4, 3, 8), 8, 0, True),
+    (128, (8,) * 2, (8,) * 2, 32, 16, False),
+    (64, (3,) * 2, (2,) * 2, 2, 1, True),
+]
+
+
+@pytest.mark.parametrize("d,kb,vb,t,ns,nc", WRITE_CASES)
+@pytest.mark.parametrize("act", ["fp16", "bf16"])
+def test_write_bytes_match_reference(d, kb, vb, t, ns, nc, act):
+    rng = _rng()
+    fmt = LayerFormat(d, kb, vb, sink_tokens=ns, norm_correction=nc)
+    tables = _tables(fmt.kv_heads, d, rng)
+    lens = [int(x) for x in rng.integers(1, 90, 5)] + [ns + 1, 1]
+    bt, num_blocks = _block_tables(lens, t, rng)
+    quant = LayerQuantizer(fmt, tables)
+    ref = PagedPool(quant, num_blocks, t, num_slots=len(lens))
+    layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
+    tdt = torch.float16 if act == "fp16" else torch.bfloat16
+    slots = np.arange(len(lens), dtype=np.int32)
+    # prefill: all but the last token of each sequence in one call (cu_q_lens), then one decode step
+    ks, vs = [], []
+    for n in lens:
+        ks.append(_kv(n, fmt.kv_heads, d, rng))
+        vs.append(_kv(n, fmt.kv_heads, d, rng))
+    pre = [n - 1 for n in lens]
+    cu = np.concatenate([[0], np.cumsum(pre)]).astype(np.int32)
+    kp = _to_gpu(np.concatenate([k[:-1] for k in ks]), tdt)
+    vp = _to_gpu(np.concatenate([v[:-1] for v in vs]), tdt)
+    K.quantize_kv(layer, kp, vp, bt, pre, cu_q_lens=cu, max_q_len=max(pre))
+    kd = _to_gpu(np.stack([k[-1] for k in ks]), tdt)
+    vd = _to_gpu(np.stack([v[-1] for v in vs]), tdt)
+    K.quantize_kv(layer, kd, vd, bt, lens)
+    torch.cuda.synchronize()
+    for b, n in enumerate(lens):
+        # the reference sees exactly what the kernel read (fp16/bf16 values)
+        kr = torch.from_numpy(ks[b]).to(tdt).float().numpy()
+        vr = torch.from_numpy(vs[b]).to(tdt).float().numpy()
+        ref.write(kr, vr, np.arange(n), bt, np.full(n, b), slots)
+    got = layer.pool.cpu().numpy()
+    diff = got != ref.pool
+    n_vec = sum(lens) * fmt.kv_heads * 2
+    bad_bytes = int(diff.sum())
+    print(f"write d={d} kb={kb} vb={vb} T={t} ns={ns} nc={nc} {act}: "
+          f"{bad_bytes} mismatching bytes of {diff.size} ({n_vec} vectors)")
+    assert bad_bytes == 0, f"{bad_bytes} bytes differ from the reference"
+    sink_got = layer.sink_pool.cpu().numpy()
+    assert np.array_equal(sink_got.view(np.uint16), ref.sinks.view(np.uint16)), "sink pool differs"
+
+
+# ---------------------------------------------------------------------------------------------
+# decode attention
+# ---------------------------------------------------------------------------------------------
+
+DECODE_CASES = [
+    # d, H, g, bits (k, v), T, sinks, lens
+    (128, 8, 4, (3, 3), 64, 0, [1, 17, 333, 1501]),
+    (128, 2, 4, (3, 3), 16, 4, [2, 63, 64, 65, 129, 700]),
+    (64, 3, 3, (3, 3), 32, 0, [5, 999, 257]),           # SmolLM2's heads
+    (128, 2, 1, (4, 2), 1, 2, [3, 40, 77]),
+    (128, 2, 8, (2, 4), 2, 0, [9, 300]),
+    (64, 1, 16, (8, 8), 4, 3, [11, 130, 1025]),
+    (64, 4, 4, (4, 4), 8, 16, [16, 17, 31, 500]),
+    (128, 2, 4, (8, 3), 128, 0, [127, 128, 129, 2050]),
+    (64, 2, 8, (2, 2), 128, 1, [1, 2, 3, 4000]),
+]
+
+
+@pytest.mark.parametrize("d,h,g,bits,t,ns,lens", DECODE_CASES)
+@pytest.mark.parametrize("num_sms", [0, 1])
+def test_decode_matches_float64_reference(d, h, g, bits, t, ns, lens, num_sms):
+    rng = _rng()
+    fmt = LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns,
+                      norm_correction=bool(rng.integers(0, 2)))
+    tables = _tables(h, d, rng, plain=bool(rng.integers(0, 4) == 0))
+    quant, ref, layer, bt, slots, _ = _setup(fmt, tables, t, lens, rng)
+    hq = h * g
+    q = (rng.normal(0, 1, (len(lens), hq, d)) * 2).astype(np.float16)
+    out = torch.full((len(lens), hq, d), float("nan"), dtype=torch.float16, device="cuda")
+    K.decode_attention(layer, _to_gpu(q), bt, lens, max(lens), out=out, num_sms=num_sms)
+    torch.cuda.synchronize()
+    want = np.concatenate([
+        reference_attention(quant, q[b:b + 1].astype(np.float32), *ref.read(bt[b], n, slots[b]))
+        for b, n in enumerate(lens)])
+    err = _rel(out, want)
+    splits = K.library().tq_decode_num_splits(len(lens), h, max(lens), num_sms)
+    print(f"decode d={d} H={h} g={g} bits={bits} T={t} ns={ns} splits={splits}: rel err {err:.2e}")
+    assert err <= REL_TOL
+
+
+def test_decode_mixed_bits_per_head_and_bf16():
+    rng = _rng()
+    d, h, g = 128, 4, 4
+    fmt = LayerFormat(d, (3, 2, 4, 3), (3, 4, 2, 8), sink_tokens=2)
+    tables = _tables(h, d, rng)
+    lens = [7, 190, 801]
+    quant, ref, layer, bt, slots, _ = _setup(fmt, tables, 16, lens, rng)
+    q = rng.normal(0, 1, (len(lens), h * g, d)).astype(np.float16)
+    want = np.concatenate([
+        reference_attention(quant, q[b:b + 1].astype(np.float32), *ref.read(bt[b], n, slots[b]))
+        for b, n in enumerate(lens)])
+    out = torch.full((len(lens), h * g, d), float("nan"), dtype=torch.float16, device="cuda")
+    K.decode_attention(layer, _to_gpu(q), bt, lens, max(lens), out=out)
+    assert _rel(out, want) <= REL_TOL
+    # bf16 in and out: the output's own rounding (8 bits of mantissa) dominates
+    qb = _to_gpu(q.astype(np.float32), torch.bfloat16)
+    outb = torch.full_like(qb, float("nan"))
+    K.decode_attention(layer, qb, bt, lens, max(lens), out=outb)
+    wantb = np.concatenate([
+        reference_attention(quant, qb[b:b + 1].float().cpu().numpy(), *ref.read(bt[b], n, slots[b]))
+        for b, n in enumerate(lens)])
+    assert _rel(outb, wantb) <= 6e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# context (chunked prefill) attention: writes the new K/V, then causal attention over all of it
+# ---------------------------------------------------------------------------------------------
+
+CONTEXT_CASES = [
+    # d, H, g, bits, T, sinks, prefix lens, new-token counts
+    (128, 2, 4, (3, 3), 16, 0, [0, 37, 300], [25, 1, 70]),
+    (64, 3, 3, (3, 3), 64, 4, [0, 100], [130, 9]),
+    (128, 1, 8, (4, 2), 1, 2, [5, 0], [3, 40]),
+    (64, 2, 1, (2, 8), 32, 0, [513, 0], [17, 200]),
+    (128, 2, 16, (3, 4), 128, 16, [0, 3], [33, 64]),
+]
+
+
+@pytest.mark.parametrize("d,h,g,bits,t,ns,prefix,new", CONTEXT_CASES)
+def test_context_chunked_prefill_matches_reference(d, h, g, bits, t, ns, prefix, new):
+    rng = _rng()
+    fmt = LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns)
+    tables = _tables(h, d, rng)
+    lens = [p + n for p, n in zip(prefix, new)]
+    bt, num_blocks = _block_tables(lens, t, rng)
+    quant = LayerQuantizer(fmt, tables)
+    ref = PagedPool(quant, num_blocks, t, num_slots=len(lens))
+    slots = np.arange(len(lens), dtype=np.int32)
+    layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
+    news_k, news_v = [], []
+    for b, (p, n) in enumerate(zip(prefix, new)):
+        k = _kv(p + n, h, d, rng)
+        v = _kv(p + n, h, d, rng)
+        ref.write(k.astype(np.float32), v.astype(np.float32), np.arange(p + n), bt,
+                  np.full(p + n, b), slots)
+        news_k.append(k[p:])
+        news_v.append(v[p:])
+    # the GPU pool starts as the reference's bytes with the new tokens' rows scrubbed, so the
+    # kernel must write them itself (0x5A poison; NaN in the sink pool)
+    pool_np = ref.pool.copy()
+    lay = fmt.block_layout(t)
+    for b, (p, n) in enumerate(zip(prefix, new)):
+        for pos in range(p, p + n):
+            if pos < ns:
+                continue
+            blk, r = bt[b, pos // t], pos % t
+            for hh in range(h):
+                for off, rb in ((lay.k_codes[hh], d * fmt.k_bits[hh] // 8), (lay.v_codes[hh], d * fmt.v_bits[hh] // 8),
+                                (lay.k_meta[hh], 2), (lay.v_meta[hh], 2)):
+                    pool_np[blk, off + r * rb: off + (r + 1) * rb] = 0x5A
+    layer.pool.copy_(_to_gpu(pool_np))
+    sinks_np = ref.sinks.copy()
+    for b, (p, n) in enumerate(zip(prefix, new)):
+        for pos in range(p, min(p + n, ns)):
+            sinks_np[b, :, :, pos] = np.nan
+    layer.sink_pool.copy_(_to_gpu(sinks_np))
+
+    q_new = [rng.normal(0, 1, (n, h * g, d)).astype(np.float16) for n in new]
+    q = _to_gpu(np.concatenate(q_new))
+    k_new = _to_gpu(np.concatenate(news_k))
+    v_new = _to_gpu(np.concatenate(news_v))
+    out = torch.full_like(q, float("nan"))
+    K.context_attention(layer, q, k_new, v_new, bt, new, lens, max(new), max(lens), out=out)
+    torch.cuda.synchronize()
+    # the kernel's writes equal the reference bytes
+    assert int((layer.pool.cpu().numpy() != ref.pool).sum()) == 0
+    want = np.concatenate([
+        reference_attention(quant, q_new[b].astype(np.float32), *ref.read(bt[b], p + n, slots[b]),
+                            q_positions=np.arange(p, p + n))
+        for b, (p, n) in enumerate(zip(prefix, new))])
+    err = _rel(out, want)
+    print(f"context d={d} H={h} g={g} bits={bits} T={t} ns={ns} prefix={prefix} new={new}: rel err {err:.2e}")
+    assert err <= REL_TOL
+
+
+def test_dequantize_matches_reference_read():
+    rng = _rng()
+    fmt = LayerFormat(128, (3, 4), (2, 8), sink_tokens=3)
+    lens = [5, 77, 300]
+    quant, ref, layer, bt, slots, _ = _setup(fmt, _tables(2, 128, rng), 16, lens, rng)
+    ko, vo = K.dequantize_kv(layer, bt, lens, max(lens))
+    for b, n in enumerate(lens):
+        kr, vr = ref.read(bt[b], n, slots[b])
+        kg = ko[b, :, :n].transpose(0, 1).float().cpu().numpy()
+        vg = vo[b, :, :n].transpose(0, 1).float().cpu().numpy()
+        np.testing.assert_array_equal(kg, kr.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(vg, vr.astype(np.float16).astype(np.float32))
+
+
+def test_bad_arguments_raise_clear_errors():
+    fmt = LayerFormat(128, (3,), (3,))
+    layer = K.KernelLayer.allocate(fmt, 4, 16, 1)
+    with pytest.raises(K.KernelError, match="query heads"):
+        K.decode_attention(layer, torch.zeros((1, 17, 128), dtype=torch.float16, device="cuda"),
+                           np.zeros((1, 2), np.int32), [1], 1)

@@ -1,0 +1,270 @@
+"""`turboquant bench kernels`: our decode attention vs torch fp16 SDPA, timed in one process.
+
+Also used by benchmarks/bench_decode.py. Needs a CUDA GPU, torch and the built libturboquant.so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+HBM_READ_BW = 3.0e12  # measured read bandwidth of the H100 (docs/benchmarks.md), bytes/s
+
+# (name, batch, seq_len, q heads, kv heads, head_dim)
+DEFAULT_SHAPES = [
+    ("B8-L32K", 8, 32768, 32, 8, 128),
+    ("B1-L128K", 1, 131072, 32, 8, 128),
+    ("B32-L8K", 32, 8192, 32, 8, 128),
+    ("SmolLM2-B16-L8K", 16, 8192, 9, 3, 64),
+]
+
+
+@dataclass
+class Row:
+    shape: str
+    batch: int
+    seq_len: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    bits: str
+    tokens_per_block: int
+    splits: int
+    ours_ms: float
+    ours_spread_ms: float
+    sdpa_ms: float
+    speedup: float
+    bytes_read: int
+    ours_tbps: float
+    frac_hbm: float
+    sdpa_tbps: float
+    write_ms: float
+    write_frac: float
+
+
+def _time(fn, iters: int, warmup: int = 10) -> tuple[float, float]:
+    """Median and (p90 - p10) of per-call CUDA-event times in ms."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s = torch.cuda.Event(enable_timing=True)
+        e = torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return statistics.median(times), times[int(0.9 * len(times))] - times[int(0.1 * len(times))]
+
+
+def _random_pool(layer, fmt, t, num_blocks, gen):
+    """Random codes and finite positive fp16 scales in every block."""
+    import torch
+    layer.pool.random_(0, 256, generator=gen)
+    lay = fmt.block_layout(t)
+    for h in range(fmt.kv_heads):
+        for off in (lay.k_meta[h], lay.v_meta[h]):
+            sc = (torch.rand((num_blocks, t), generator=gen, device=layer.pool.device) * 0.2 + 0.05)
+            layer.pool[:, off:off + 2 * t] = sc.half().view(torch.uint8).reshape(num_blocks, 2 * t)
+
+
+def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20):
+    import torch
+    import torch.nn.functional as F
+
+    from . import kernels as K
+    from .format import LayerFormat
+
+    dev = "cuda"
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    fmt = LayerFormat(d, (k_bits,) * h, (v_bits,) * h)
+    blocks_per_seq = math.ceil(L / t)
+    num_blocks = b * blocks_per_seq
+    per_token_head = fmt.head_bytes(0)
+    pool_bytes = num_blocks * fmt.block_layout(t).block_bytes
+    # enough copies that consecutive calls never find their cache in L2
+    copies = max(1, math.ceil(4 * l2_bytes / pool_bytes))
+    layers, tables = [], []
+    for _ in range(copies):
+        lay = K.KernelLayer.allocate(fmt, num_blocks, t, b)
+        _random_pool(lay, fmt, t, num_blocks, gen)
+        layers.append(lay)
+        bt = torch.randperm(num_blocks, device=dev, generator=gen).to(torch.int32).reshape(b, blocks_per_seq)
+        tables.append(bt)
+    lens = torch.full((b,), L, dtype=torch.int32, device=dev)
+    slot = torch.arange(b, dtype=torch.int32, device=dev)
+    q = torch.randn((b, hq, d), dtype=torch.float16, device=dev, generator=gen)
+    out = torch.empty_like(q)
+    state = {"i": 0}
+
+    def ours():
+        i = state["i"] = (state["i"] + 1) % copies
+        K.decode_attention(layers[i], q, tables[i], lens, L, seq_slot=slot, out=out)
+
+    ours_ms, spread = _time(ours, iters)
+    splits = K.library().tq_decode_num_splits(b, h, L, 0)
+
+    # write kernel: one new token per sequence (decode step)
+    kn = torch.randn((b, h, d), dtype=torch.float16, device=dev, generator=gen)
+    vn = torch.randn((b, h, d), dtype=torch.float16, device=dev, generator=gen)
+
+    def write():
+        K.quantize_kv(layers[0], kn, vn, tables[0], lens, seq_slot=slot)
+
+    write_ms, _ = _time(write, iters)
+    del layers, tables
+    torch.cuda.empty_cache()
+
+    # fp16 SDPA baseline, same shapes, same process
+    kv_bytes = 2 * b * h * L * d * 2
+    bcopies = max(1, math.ceil(4 * l2_bytes / kv_bytes))
+    kvs = [(torch.randn((b, h, L, d), dtype=torch.float16, device=dev, generator=gen),
+            torch.randn((b, h, L, d), dtype=torch.float16, device=dev, generator=gen)) for _ in range(bcopies)]
+    q4 = q.reshape(b, hq, 1, d)
+
+    def sdpa():
+        i = state["i"] = (state["i"] + 1) % bcopies
+        k, v = kvs[i]
+        F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+
+    sdpa_ms, _ = _time(sdpa, iters)
+    del kvs
+    torch.cuda.empty_cache()
+    bytes_read = b * L * h * per_token_head + 2 * q.numel() * 2
+    return Row(name, b, L, hq, h, d, f"k{k_bits}v{v_bits}", t, splits, ours_ms, spread, sdpa_ms,
+               sdpa_ms / ours_ms, bytes_read, bytes_read / ours_ms / 1e9, bytes_read / ours_ms / 1e9 / (HBM_READ_BW / 1e12),
+               kv_bytes / sdpa_ms / 1e9, write_ms, write_ms / ours_ms)
+
+
+def bench_context(b, prefix, q_len, hq, h, d, t=64, iters=20):
+    """Chunked prefill: q_len new tokens over a quantized prefix, vs fp16 SDPA (causal over the whole)."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import kernels as K
+    from .format import LayerFormat
+
+    dev = "cuda"
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    fmt = LayerFormat(d, (3,) * h, (3,) * h)
+    L = prefix + q_len
+    bps = math.ceil(L / t)
+    lay = K.KernelLayer.allocate(fmt, b * bps, t, b)
+    _random_pool(lay, fmt, t, b * bps, gen)
+    bt = torch.randperm(b * bps, device=dev, generator=gen).to(torch.int32).reshape(b, bps)
+    q = torch.randn((b * q_len, hq, d), dtype=torch.float16, device=dev, generator=gen)
+    k = torch.randn((b * q_len, h, d), dtype=torch.float16, device=dev, generator=gen)
+    v = torch.randn((b * q_len, h, d), dtype=torch.float16, device=dev, generator=gen)
+    ql = torch.full((b,), q_len, dtype=torch.int32, device=dev)
+    sl = torch.full((b,), L, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+
+    def ours():
+        K.context_attention(lay, q, k, v, bt, ql, sl, q_len, L, out=out)
+
+    ours_ms, _ = _time(ours, iters, warmup=3)
+    kf = torch.randn((b, h, L, d), dtype=torch.float16, device=dev, generator=gen)
+    vf = torch.randn((b, h, L, d), dtype=torch.float16, device=dev, generator=gen)
+    q4 = q.reshape(b, q_len, hq, d).transpose(1, 2)
+    mask = None
+    if prefix:
+        mask = torch.ones((q_len, L), dtype=torch.bool, device=dev).tril(diagonal=prefix)
+
+    def sdpa():
+        F.scaled_dot_product_attention(q4, kf, vf, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+
+    sdpa_ms, _ = _time(sdpa, iters, warmup=3)
+    return {"batch": b, "prefix": prefix, "q_len": q_len, "q_heads": hq, "kv_heads": h, "head_dim": d,
+            "ours_ms": ours_ms, "sdpa_ms": sdpa_ms, "ratio_sdpa_over_ours": sdpa_ms / ours_ms}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("TURBOQUANT_COMMIT", "unknown")
+
+
+def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None):
+    import torch
+    rows = []
+    for spec in shapes or DEFAULT_SHAPES:
+        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters))
+        r = rows[-1]
+        print(f"{r.shape:18s} ours {r.ours_ms:8.4f} ms  sdpa {r.sdpa_ms:8.4f} ms  x{r.speedup:5.2f}  "
+              f"{r.ours_tbps:6.0f} GB/s ({100 * r.frac_hbm:4.1f}% of 3.0 TB/s)  write {r.write_ms * 1000:6.1f} us "
+              f"({100 * r.write_frac:4.1f}%)  splits {r.splits}", flush=True)
+    ctx = []
+    if context:
+        for spec in [(1, 0, 4096, 32, 8, 128), (1, 8192, 512, 32, 8, 128), (4, 0, 2048, 9, 3, 64)]:
+            c = bench_context(*spec)
+            ctx.append(c)
+            print(f"context B={c['batch']} prefix={c['prefix']} q_len={c['q_len']} Hq={c['q_heads']} d={c['head_dim']}: "
+                  f"ours {c['ours_ms']:.3f} ms  sdpa {c['sdpa_ms']:.3f} ms", flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(), "torch": torch.__version__, "tokens_per_block": tokens_per_block}
+    result = {"meta": meta, "decode": [asdict(r) for r in rows], "context": ctx}
+    print()
+    print(f"{meta['device']}  {meta['date']}  commit {meta['commit']}")
+    print(f"{'shape':18s} {'ours ms':>9s} {'sdpa ms':>9s} {'speedup':>8s} {'GB/s':>7s} {'%3TB/s':>7s} {'write%':>7s}")
+    for r in rows:
+        print(f"{r.shape:18s} {r.ours_ms:9.4f} {r.sdpa_ms:9.4f} {r.speedup:8.2f} {r.ours_tbps:7.0f} "
+              f"{100 * r.frac_hbm:7.1f} {100 * r.write_frac:7.1f}")
+    if out_json:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out_json)) or ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, out_json)
+    return result
+
+
+@click.group("bench")
+def bench() -> None:
+    """Benchmarks that need a GPU."""
+
+
+@bench.command("kernels")
+@click.option("--iters", default=50, show_default=True, help="timed calls per measurement (median reported)")
+@click.option("--tokens-per-block", default=64, show_default=True, help="page size of the quantized pool")
+@click.option("--no-context", is_flag=True, help="skip the context (prefill) measurements")
+@click.option("--json", "out_json", type=click.Path(dir_okay=False), help="also write the results as JSON")
+def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: str | None) -> None:
+    """Decode attention over the 3-bit cache vs torch fp16 SDPA, same shapes, same process.
+
+    \b
+    Example:
+      turboquant bench kernels --iters 100 --json bench.json
+    """
+    try:
+        import torch
+    except ImportError:
+        raise click.ClickException("torch is not installed: pip install torch") from None
+    if not torch.cuda.is_available():
+        raise click.ClickException("no CUDA GPU visible: run this on a machine with an NVIDIA GPU")
+    from .kernels import KernelError, library
+    try:
+        library()
+    except KernelError as e:
+        raise click.ClickException(str(e)) from None
+    run_all(iters=iters, tokens_per_block=tokens_per_block, context=not no_context, out_json=out_json)
+
+
+if __name__ == "__main__":
+    sys.exit(bench())
