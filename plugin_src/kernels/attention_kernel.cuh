@@ -102,6 +102,25 @@ __device__ __forceinline__ void loadChunk(AttnArgs const& a, StageLayout const& 
     int const pb[4] = {sl.pbK, sl.pbV, sl.pbM, sl.pbM};
     int const soff[4] = {0, sl.offV, sl.offKM, sl.offVM};
     int32_t const* bt = a.kv.block_table + static_cast<int64_t>(b) * a.kv.max_blocks_per_seq;
+    int const tShift = 31 - __clz(T);
+    if (pieces == 1)
+    {
+        // T >= 64: the chunk is one contiguous run of rows in one block
+        int64_t const blk = bt[pos >> tShift];
+        uint8_t const* base = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride;
+        int const row0 = pos & (T - 1);
+#pragma unroll
+        for (int arr = 0; arr < 4; ++arr)
+        {
+            int const units = pb[arr] / 16;
+            uint8_t const* src = base + offs[arr] + row0 * rowb[arr];
+            for (int u = threadIdx.x; u < units; u += kThreads)
+            {
+                cpAsync16(stage + soff[arr] + u * 16, src + u * 16);
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int arr = 0; arr < 4; ++arr)
     {
@@ -111,14 +130,13 @@ __device__ __forceinline__ void loadChunk(AttnArgs const& a, StageLayout const& 
         {
             int const piece = u / units;
             int const within = u - piece * units;
-            int const p0 = pos + piece * sl.tp;
+            int const p0 = pos + (piece << tShift);
             if (p0 >= keyEnd)
             {
                 continue;
             }
-            int64_t const blk = bt[p0 / T];
-            uint8_t const* src = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride + offs[arr]
-                + static_cast<int64_t>(p0 % T) * rowb[arr] + within * 16;
+            int64_t const blk = bt[p0 >> tShift];
+            uint8_t const* src = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride + offs[arr] + within * 16;
             cpAsync16(stage + soff[arr] + piece * pb[arr] + within * 16, src);
         }
     }
@@ -394,6 +412,23 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 
     // ---- quantized keys: pipelined 64-token chunks ---------------------------------------------
     StageLayout const sl = stageLayout(L.tokens_per_block, KCB, VCB);
+    // byte offsets within a stage of this thread's rows (the same for every chunk)
+    auto stageOff = [&](int off, int pb, int rowBytes, int tok) {
+        return off + (tok / sl.tp) * pb + (tok % sl.tp) * rowBytes;
+    };
+    int kRowOff[2], vRowOff[4], kMetaOff[4];
+    {
+        int const tb = 16 * warp;
+        kRowOff[0] = stageOff(0, sl.pbK, KCB, tb + gq);
+        kRowOff[1] = stageOff(0, sl.pbK, KCB, tb + 8 + gq);
+        int const vt[4] = {tb + 2 * t4, tb + 2 * t4 + 1, tb + 2 * t4 + 8, tb + 2 * t4 + 9};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+        {
+            vRowOff[i] = stageOff(sl.offV, sl.pbV, VCB, vt[i]);
+            kMetaOff[i] = stageOff(sl.offKM, sl.pbM, kTurboMetaBytes, vt[i]);
+        }
+    }
     int const lo = max(kb, ns);
     int const c0 = kb / kChunk;
     int const cEnd = (ke + kChunk - 1) / kChunk;
@@ -425,15 +460,11 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         {
             continue;
         }
-        int const tb = 16 * warp; // first token of this warp's tile within the chunk
-        auto rowAt = [&](int off, int pb, int rowBytes, int tok) -> uint8_t const* {
-            return st + off + (tok / sl.tp) * pb + (tok % sl.tp) * rowBytes;
-        };
         uint32_t kf[2][KPAIRS];
 #pragma unroll
         for (int j = 0; j < 2; ++j)
         {
-            uint8_t const* row = rowAt(0, sl.pbK, KCB, tb + 8 * j + gq);
+            uint8_t const* row = st + kRowOff[j];
 #pragma unroll
             for (int G = 0; G < KGROUPS; ++G)
             {
@@ -446,15 +477,14 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 }
             }
         }
-        int const vt[4] = {tb + 2 * t4, tb + 2 * t4 + 1, tb + 2 * t4 + 8, tb + 2 * t4 + 9};
         uint32_t vf[4][NV / 2];
         float ks[4], vs[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i)
         {
-            DV::run(vctx, rowAt(sl.offV, sl.pbV, VCB, vt[i]), gq * NV, D, vf[i]);
-            ks[i] = h2f(*reinterpret_cast<uint16_t const*>(rowAt(sl.offKM, sl.pbM, kTurboMetaBytes, vt[i])));
-            vs[i] = h2f(*reinterpret_cast<uint16_t const*>(rowAt(sl.offVM, sl.pbM, kTurboMetaBytes, vt[i])));
+            DV::run(vctx, st + vRowOff[i], gq * NV, D, vf[i]);
+            ks[i] = h2f(*reinterpret_cast<uint16_t const*>(st + kMetaOff[i]));
+            vs[i] = h2f(*reinterpret_cast<uint16_t const*>(st + kMetaOff[i] + (sl.offVM - sl.offKM)));
         }
         uint32_t vb[NV][2];
 #pragma unroll
