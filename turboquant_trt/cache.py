@@ -27,14 +27,36 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .reference import EncodedKV, LayerQuantizer
 
 
+# Exact recent-token window (experimental, not part of format v1): each layer's update leaves the
+# exact copies of the keys/values a query may read unquantized here, keyed by layer index, and
+# the `turboquant` attention function consumes them right after, in the same layer.
+_PENDING: dict[int, tuple] = {}
+ATTENTION_NAME = "turboquant"
+
+
 class _QuantLayerBase(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self) -> None:
+    def __init__(self, layer_idx: int = 0, recent: int = 0) -> None:
         super().__init__()
         self.length = 0
+        self.layer_idx = layer_idx
+        self.recent = int(recent)
+        self.tail_k = self.tail_v = None  # exact (fp16) copies of the last `recent` tokens
+
+    def _publish_recent(self, exact_k: torch.Tensor, exact_v: torch.Tensor, new: int) -> None:
+        """Record exact copies of the new tokens; leave the window for the attention function."""
+        if self.recent <= 0:
+            return
+        if self.tail_k is not None:
+            exact_k = torch.cat([self.tail_k, exact_k], dim=-2)
+            exact_v = torch.cat([self.tail_v, exact_v], dim=-2)
+        e0 = self.length - exact_k.shape[-2]
+        _PENDING[self.layer_idx] = (exact_k, exact_v, e0, self.length, new, self.recent)
+        keep = min(self.recent, exact_k.shape[-2])
+        self.tail_k, self.tail_v = exact_k[..., -keep:, :], exact_v[..., -keep:, :]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -63,8 +85,8 @@ class _QuantLayerBase(CacheLayerMixin):
 class PackedTurboLayer(_QuantLayerBase):
     """One layer stored as packed codes + fp16 scales (+ fp16 sinks), per batch row and KV head."""
 
-    def __init__(self, quantizer: LayerQuantizer) -> None:
-        super().__init__()
+    def __init__(self, quantizer: LayerQuantizer, layer_idx: int = 0, recent: int = 0) -> None:
+        super().__init__(layer_idx, recent)
         self.q = quantizer
         self.reset_storage()
 
@@ -76,6 +98,7 @@ class PackedTurboLayer(_QuantLayerBase):
         self.v_meta: list[np.ndarray] | None = None
         self.sinks: np.ndarray | None = None          # fp16 [B, H, 2, n_s, d] transformed domain
         self.length = 0
+        self.tail_k = self.tail_v = None
         self._fmt = fmt
 
     def reset(self) -> None:
@@ -145,6 +168,11 @@ class PackedTurboLayer(_QuantLayerBase):
         values = self.q.untransform(self._decode("v"), "v")
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1, 3))).to(  # noqa: E731
             device=self.device, dtype=self.dtype)
+        if self.recent:
+            # exact copies: fp16 in the transformed domain, like sink tokens
+            ek = self.q.untransform(yk.astype(np.float16).astype(np.float32), "k").reshape(b, t, h, d)
+            ev = self.q.untransform(yv.astype(np.float16).astype(np.float32), "v").reshape(b, t, h, d)
+            self._publish_recent(to(ek), to(ev), t)
         return to(keys), to(values)
 
 
@@ -159,13 +187,14 @@ class FakeQuantLayer(_QuantLayerBase):
     per-tensor scale over the window are not: they are for batched perplexity only).
     """
 
-    def __init__(self, fn: QuantizeFn) -> None:
-        super().__init__()
+    def __init__(self, fn: QuantizeFn, layer_idx: int = 0, recent: int = 0) -> None:
+        super().__init__(layer_idx, recent)
         self.fn = fn
         self.keys = self.values = None
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self.tail_k = self.tail_v = None
         self.length = 0
         self.is_initialized = False
 
@@ -180,6 +209,9 @@ class FakeQuantLayer(_QuantLayerBase):
             self.keys = torch.cat([self.keys, kq], dim=-2)
             self.values = torch.cat([self.values, vq], dim=-2)
         self.length += key_states.shape[-2]
+        if self.recent:
+            self._publish_recent(key_states.half().to(key_states.dtype),
+                                 value_states.half().to(value_states.dtype), key_states.shape[-2])
         return self.keys, self.values
 
 
@@ -190,16 +222,19 @@ class TurboQuantCache(Cache):
         from .calibration.torch_quant import TorchTurbo
 
         layers: list[CacheLayerMixin] = []
+        w = table.recent_tokens
         for li, (lf, lt) in enumerate(zip(table.format.layers, table.tables)):
             if backend == "packed":
-                layers.append(PackedTurboLayer(LayerQuantizer(lf, lt, li)))
+                layers.append(PackedTurboLayer(LayerQuantizer(lf, lt, li), li, w))
             elif backend == "torch":
                 tq = TorchTurbo(lf, lt)
                 layers.append(FakeQuantLayer(
-                    lambda k, v, s, tq=tq: (tq.fake_quant(k, "k", s), tq.fake_quant(v, "v", s))))
+                    lambda k, v, s, tq=tq: (tq.fake_quant(k, "k", s), tq.fake_quant(v, "v", s)),
+                    li, w))
             else:
                 raise ValueError(f"unknown cache backend {backend!r}; use 'packed' or 'torch'")
         self.table = table
+        self.recent_tokens = w
         super().__init__(layers=layers)
 
     def stored_bytes(self) -> int:
@@ -211,3 +246,42 @@ class FakeQuantCache(Cache):
 
     def __init__(self, fns: list[QuantizeFn]):
         super().__init__(layers=[FakeQuantLayer(f) for f in fns])
+
+
+def turboquant_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                         **kwargs):
+    """Attention that reads a layer's recent-token window exact (see `_PENDING`).
+
+    Query at position p attends to the stored (quantized) keys/values at positions <= p - w and
+    to exact copies of positions p-w+1..p. Layers without a pending window fall back to SDPA.
+    Sequences in a batch must be unpadded and of equal length.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pend = _PENDING.pop(getattr(module, "layer_idx", -1), None)
+    if pend is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    ek, ev, e0, length, new, w = pend
+    g = query.shape[1] // key.shape[1]
+    kk = torch.cat([key, ek.to(key.dtype)], dim=2).repeat_interleave(g, dim=1)
+    vv = torch.cat([value, ev.to(value.dtype)], dim=2).repeat_interleave(g, dim=1)
+    dev = query.device
+    qpos = torch.arange(length - new, length, device=dev)[:, None]
+    jq = torch.arange(length, device=dev)[None, :]
+    je = torch.arange(e0, length, device=dev)[None, :]
+    mask = torch.cat([jq <= qpos - w, (je <= qpos) & (je > qpos - w)], dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, kk, vv, attn_mask=mask,
+                                                           scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_turboquant_attention(model) -> str:
+    """Register the recent-window attention and switch `model` to it; returns the old name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, turboquant_attention)
+    old = model.config._attn_implementation
+    if old != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+    return old

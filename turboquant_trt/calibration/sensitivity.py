@@ -32,12 +32,17 @@ class HeadTensors:
     a: torch.Tensor      # [N, g, P, T] exact attention weights
     o: torch.Tensor      # [N, g, P, d] exact attention output
     mask: torch.Tensor   # [P, T] bool, True where key is visible
+    recent: torch.Tensor  # [P, T] bool, True where the key is in the query's exact recent window
+    logits: torch.Tensor  # [N, g, P, T] exact logits (masked)
     scaling: float
     tokens: int          # predicted tokens the sample stands for (N * (T - 1))
     sample_frac: float   # P / T
 
 
-def head_tensors(s: LayerSample, h: int, queries: int = 256, seed: int = 0) -> HeadTensors:
+def head_tensors(s: LayerSample, h: int, queries: int = 256, seed: int = 0,
+                 recent: int = 0) -> HeadTensors:
+    """Sampled queries of KV head `h`; `recent` keys before each query (itself included) are
+    read exact, as with a recent-token window."""
     N, Hq, T, d = s.q.shape
     g = s.group
     gen = torch.Generator().manual_seed(seed)
@@ -51,7 +56,9 @@ def head_tensors(s: LayerSample, h: int, queries: int = 256, seed: int = 0) -> H
     logits = logits.masked_fill(~mask, float("-inf"))
     a = torch.softmax(logits, dim=-1)
     o = torch.einsum("ngpt,ntd->ngpd", a, v)
-    return HeadTensors(q, pos, k, v, gr, a, o, mask, s.scaling, N * (T - 1), P / T)
+    dist = pos[:, None] - torch.arange(T)[None, :]
+    rec = (dist >= 0) & (dist < recent)
+    return HeadTensors(q, pos, k, v, gr, a, o, mask, rec, logits, s.scaling, N * (T - 1), P / T)
 
 
 def fisher_cost(ht: HeadTensors, delta: torch.Tensor) -> float:
@@ -85,13 +92,14 @@ class HeadQuantizer:
 
 def k_delta(ht: HeadTensors, k_hat: torch.Tensor) -> torch.Tensor:
     logits = torch.einsum("ngpd,ntd->ngpt", ht.q, k_hat) * ht.scaling
-    logits = logits.masked_fill(~ht.mask, float("-inf"))
+    logits = torch.where(ht.recent, ht.logits, logits).masked_fill(~ht.mask, float("-inf"))
     o2 = torch.einsum("ngpt,ntd->ngpd", torch.softmax(logits, dim=-1), ht.v)
     return o2 - ht.o
 
 
 def v_delta(ht: HeadTensors, v_hat: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("ngpt,ntd->ngpd", ht.a, v_hat - ht.v)
+    a = ht.a.masked_fill(ht.recent, 0.0) if bool(ht.recent.any()) else ht.a
+    return torch.einsum("ngpt,ntd->ngpd", a, v_hat - ht.v)
 
 
 def cost_k(ht: HeadTensors, hq: HeadQuantizer, bits: int, clip: float, sinks: int,
