@@ -90,12 +90,15 @@ class Case:
     prompt_lens: tuple      # prefill step: one context request each
     decode_steps: int       # before and after the mixed step
     chunk: int              # the mixed step: request 0 adds `chunk` tokens, the others one each
+    max_seq_len: int = 0    # the plugin field; 0: the longest final length + 7
     layer: int = 5
 
 
 CASES = [
-    # SmolLM2-135M's attention shape: 9 query / 3 KV heads, d=64; mixed bits; 4 sink tokens.
-    Case("smollm2_d64", 64, 9, (4, 3, 3), (3, 2, 4), 16, 4, (37, 5, 70), 3, 9),
+    # SmolLM2-135M's attention shape: 9 query / 3 KV heads, d=64; mixed bits; 4 sink tokens;
+    # max_seq_len 4096 makes decode split the key range (256 keys per split at least), so short
+    # requests leave splits empty and the long one spans several.
+    Case("smollm2_d64", 64, 9, (4, 3, 3), (3, 2, 4), 16, 4, (37, 5, 700), 3, 9, max_seq_len=4096),
     # d=128, GQA 4, 8 KV heads, every bit width, T=64 (partial blocks), no sinks.
     Case("gqa4_d128", 128, 32, (2, 3, 4, 8, 3, 3, 2, 4), (3, 2, 8, 4, 3, 2, 3, 4), 64, 0, (200, 1, 129, 64), 3, 17),
 ]
@@ -156,7 +159,7 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
     steps += [[("ctx", case.chunk)] + [("gen", 1)] * (b - 1)]
     steps += [[("gen", 1)] * b for _ in range(case.decode_steps)]
     final_lens = [sum(s[i][1] for s in steps) for i in range(b)]
-    max_seq_len = max(final_lens) + 7
+    max_seq_len = case.max_seq_len or max(final_lens) + 7
 
     # Paged pool shared with another layer: this layer sits at layer_offset inside each block.
     layout = fmt.block_layout(t)
