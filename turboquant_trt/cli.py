@@ -25,6 +25,8 @@ cli.add_command(formats_cmd)
 cli.add_command(quantize_cmd)
 from .cli_bench import bench as bench_group  # noqa: E402
 cli.add_command(bench_group)
+from .cli_model import calibrate_cmd, eval_cmd  # noqa: E402
+cli.add_command(calibrate_cmd); cli.add_command(eval_cmd)  # noqa: E702
 
 
 def main() -> None:

