@@ -14,8 +14,10 @@ def cli() -> None:
 
     \b
     Examples:
-      turboquant formats                       # presets: bits/element, bytes, compression
-      turboquant quantize --preset k3v3        # reference quantizer error on random data
+      turboquant formats                  # presets: bits/element, bytes, compression
+      turboquant quantize --bits 3        # reference quantizer error on random data
+      turboquant calibrate --out t/smol   # scale tables for SmolLM2-135M
+      turboquant eval --data wiki.txt --table t/smol   # perplexity vs fp16 and baselines
     """
 
 
