@@ -369,7 +369,7 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
         args.ws_ml = static_cast<float*>(p.workspace);
         args.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + alignWs(rows * 2 * sizeof(float)));
     }
-    return runAttention(args, p.batch, p.batch, stream);
+    return runAttention(args, p.batch * (args.group > 8 ? 2 : 1), p.batch, stream);
 }
 
 namespace
@@ -454,10 +454,11 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
     args.cu_q = cu;
     args.seq_lens = p.seq_lens;
     args.batch = p.batch;
-    args.tq = std::max(1, 16 / args.group);
+    args.tq = std::max(1, 8 / args.group); // 8 (token, head) rows per CTA
     args.tiles_per_seq = (p.max_q_len + args.tq - 1) / args.tq;
     int32_t const sms = resolveSms(0);
-    planSplits(static_cast<int64_t>(p.batch) * args.tiles_per_seq * p.layer.num_kv_heads, p.max_seq_len, sms,
+    planSplits(static_cast<int64_t>(p.batch) * args.tiles_per_seq * p.layer.num_kv_heads * (args.group > 8 ? 2 : 1),
+        p.max_seq_len, sms,
         args.num_splits, args.split_len);
     int32_t const upper = contextSplitsUpper(p.total_q_tokens);
     if (args.num_splits > upper)
@@ -473,7 +474,7 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
         args.ws_ml = reinterpret_cast<float*>(base);
         args.ws_o = reinterpret_cast<float*>(base + alignWs(rows * 2 * sizeof(float)));
     }
-    return runAttention(args, p.batch * args.tiles_per_seq, p.total_q_tokens, stream);
+    return runAttention(args, p.batch * args.tiles_per_seq * (args.group > 8 ? 2 : 1), p.total_q_tokens, stream);
 }
 
 } // namespace turboquant

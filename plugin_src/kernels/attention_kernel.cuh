@@ -22,7 +22,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 64;   // tokens per pipeline stage (16 per warp)
 constexpr int kStages = 4;
 constexpr int kMaxSplits = 128;
-constexpr int kResidentCtasPerSm = 2;
+constexpr int kResidentCtasPerSm = 3;
 constexpr int kMinKeysPerSplit = 256;
 constexpr int kCtxSplitRowBudget = 2048; // context: splits * query tokens at most this
 
@@ -87,7 +87,7 @@ __host__ __device__ constexpr int prologueBytes()
 template <int D>
 __host__ __device__ constexpr int combineBytes()
 {
-    return kWarps * 16 * (D + 2) * 4;
+    return kWarps * 8 * (D + 2) * 4;
 }
 
 // Copies one chunk (64 positions from `pos`) of one head's four arrays into a stage.
@@ -142,28 +142,45 @@ __device__ __forceinline__ void loadChunk(AttnArgs const& a, StageLayout const& 
     }
 }
 
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x)
+{
+    uint32_t r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+    return r;
+}
+
+// Layout of one 16-token tile in a warp (lane = 4 * r + t):
+//   S^T = K Q^T (m16n8k16): A = K rows (tokens r, r+8; channel pairs of thread t's range),
+//        B = Q^T (channel pairs of thread t; query row r), C = (tokens r, r+8; query rows 2t, 2t+1)
+//   O^T += V^T P^T: A = V^T (channels of thread group r; tokens 2t, 2t+1, 2t+8, 2t+9),
+//        B = P^T from C by an 8x8 transpose (movmatrix), C = O^T (channels; query rows 2t, 2t+1)
 template <int D, int KB, int VB>
 __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKernel(__grid_constant__ AttnArgs const a)
 {
     constexpr int KCB = D * KB / 8;
     constexpr int VCB = D * VB / 8;
     constexpr int KPAIRS = D / 8; // half2 of one K row per thread (D/4 codes)
-    constexpr int NV = D / 8;     // V codes of one row per thread = PV n-tiles
+    constexpr int NV = D / 8;     // V channels per thread group
+    constexpr int MT = D / 16;    // m-tiles of O^T
     constexpr int KGROUPS = D / 64;
+    constexpr int kRows = 8;      // query rows per CTA
     using DK = Dequant<KB, 16>;
     using DV = Dequant<VB, NV>;
     constexpr float kNegInf = -INFINITY;
 
     extern __shared__ __align__(16) uint8_t smem[];
-    float* qs = reinterpret_cast<float*>(smem);                  // [16][D]
-    uint16_t* tab8 = reinterpret_cast<uint16_t*>(qs + 16 * D);   // [256]
+    float* qs = reinterpret_cast<float*>(smem);                     // [16][D] (8 used)
+    uint16_t* tab8 = reinterpret_cast<uint16_t*>(qs + 16 * D);      // [256]
     uint8_t* stages = smem + prologueBytes<D>();
 
     KvLayerDesc const& L = a.layer;
     int const split = blockIdx.x;
     int const head = a.heads[blockIdx.y];
-    int const b = blockIdx.z / a.tiles_per_seq;
-    int const tile = blockIdx.z % a.tiles_per_seq;
+    int const hsub = a.group > kRows ? 2 : 1;
+    int const zz = blockIdx.z / hsub;
+    int const hs = blockIdx.z % hsub;
+    int const b = zz / a.tiles_per_seq;
+    int const tile = zz % a.tiles_per_seq;
     int const seqLen = a.seq_lens[b];
     int qBegin, qLen;
     if (a.cu_q != nullptr)
@@ -181,22 +198,22 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     {
         return;
     }
-    int const g = a.group;
+    // query heads per token in this CTA (groups of more than 8 heads take two CTAs)
+    int const rh = a.group > kRows ? (hs == 0 ? kRows : a.group - kRows) : a.group;
     int const ntok = min(a.tq, qLen - tok0);
-    int const nrows = ntok * g;
+    int const nrows = ntok * rh;
     int const posBase = seqLen - qLen;
     int const keyLimit = posBase + tok0 + ntok; // keys [0, keyLimit) are visible to some row
     int const kb = split * a.split_len;
     int const ke = min(kb + a.split_len, keyLimit);
-    int64_t const hq0 = static_cast<int64_t>(head) * g;
+    int64_t const hq0 = static_cast<int64_t>(head) * a.group + hs * kRows;
 
     auto wsIndex = [&](int r) -> int64_t {
-        return ((static_cast<int64_t>(qBegin + tok0 + r / g) * a.num_q_heads + hq0 + r % g) * a.num_splits) + split;
+        return ((static_cast<int64_t>(qBegin + tok0 + r / rh) * a.num_q_heads + hq0 + r % rh) * a.num_splits) + split;
     };
 
     if (kb >= ke)
     {
-        // nothing visible in this split (only reachable with several splits)
         for (int r = threadIdx.x; r < nrows; r += kThreads)
         {
             a.ws_ml[2 * wsIndex(r)] = kNegInf;
@@ -212,15 +229,15 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     bool const bf16 = a.bf16 != 0;
 
     // ---- prologue: q rows -> smoothing, rotation (fp32), scale ---------------------------------
-    for (int i = threadIdx.x; i < 16 * D; i += kThreads)
+    for (int i = threadIdx.x; i < kRows * D; i += kThreads)
     {
         int const r = i / D;
         int const c = i % D;
         float x = 0.F;
         if (r < nrows)
         {
-            int64_t const row = qBegin + tok0 + r / g;
-            x = loadAct(a.q, row * a.q_stride + (hq0 + r % g) * D + c, bf16)
+            int64_t const row = qBegin + tok0 + r / rh;
+            x = loadAct(a.q, row * a.q_stride + (hq0 + r % rh) * D + c, bf16)
                 * tableOr(a.k_smooth, static_cast<int64_t>(head) * D + c, 1.F) * h2f(a.signs[c]);
         }
         qs[i] = x;
@@ -236,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 #pragma unroll 1
     for (int len = 1; len < D; len <<= 1)
     {
-        for (int i = threadIdx.x; i < 16 * D / 2; i += kThreads)
+        for (int i = threadIdx.x; i < kRows * D / 2; i += kThreads)
         {
             int const r = i / (D / 2);
             int const p = i % (D / 2);
@@ -248,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         }
         __syncthreads();
     }
-    uint32_t qa[D / 16][4];
+    uint32_t qb[D / 16][2]; // B = Q^T: query row gq, channel pairs 2kk, 2kk+1 of thread t4
     {
         float const qmul = a.rsqrt_d * a.q_scale;
 #pragma unroll
@@ -261,15 +278,18 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 int const base = t4 * (D / 4) + 16 * (P / 8);
                 int const c0 = base + DK::perm(2 * (P % 8));
                 int const c1 = base + DK::perm(2 * (P % 8) + 1);
-                qa[kk][2 * half] = packHalf2(qs[gq * D + c0] * qmul, qs[gq * D + c1] * qmul);
-                qa[kk][2 * half + 1] = packHalf2(qs[(gq + 8) * D + c0] * qmul, qs[(gq + 8) * D + c1] * qmul);
+                qb[kk][half] = packHalf2(qs[gq * D + c0] * qmul, qs[gq * D + c1] * qmul);
             }
         }
     }
-    // last visible position of this thread's two rows (-1: padding row)
+    // last visible position of this thread's two query rows (2t4, 2t4+1); -1: padding row
     int qpos[2];
-    qpos[0] = gq < nrows ? posBase + tok0 + gq / g : -1;
-    qpos[1] = gq + 8 < nrows ? posBase + tok0 + (gq + 8) / g : -1;
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+    {
+        int const r = 2 * t4 + c;
+        qpos[c] = r < nrows ? posBase + tok0 + r / rh : -1;
+    }
 
     DeqCtx kctx, vctx;
     kctx.t = makeByteTable<(KB == 8 ? 2 : KB)>();
@@ -277,96 +297,89 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     vctx.t = makeByteTable<(VB == 8 ? 2 : VB)>();
     vctx.table8 = tab8;
 
-    float o[NV][4];
+    float o[MT][4];
 #pragma unroll
-    for (int nt = 0; nt < NV; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
     {
-        o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.F;
+        o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.F;
     }
     float m[2] = {kNegInf, kNegInf};
     float l[2] = {0.F, 0.F};
 
-    // One 16-token tile: kf = K fragments (tokens 8j + gq), vb = V fragments, ks/vs = scales of
-    // tokens {2t4, 2t4+1, 8+2t4, 9+2t4}; keys at positions pos0 + token in [lo, hi) are valid.
-    auto tileStep = [&](uint32_t (&kf)[2][KPAIRS], uint32_t (&vb)[NV][2], float const (&ks)[4], float const (&vs)[4],
+    // One 16-token tile. kf[j][P]: K pairs of token r + 8j; va[mt][4]: V^T A fragments;
+    // ks/vs: scales of tokens r, r+8; keys at pos0 + token in [lo, hi) are valid.
+    auto tileStep = [&](uint32_t (&kf)[2][KPAIRS], uint32_t (&va)[MT][4], float const (&ks)[2], float const (&vs)[2],
                         int pos0, int lo, int hi) {
-        float s[2][4];
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-        {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.F;
-        }
+        float s0[4] = {0.F, 0.F, 0.F, 0.F};
+        float s1[4] = {0.F, 0.F, 0.F, 0.F};
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
         {
-#pragma unroll
-            for (int j = 0; j < 2; ++j)
+            uint32_t const af[4] = {kf[0][2 * kk], kf[1][2 * kk], kf[0][2 * kk + 1], kf[1][2 * kk + 1]};
+            if (kk % 2 == 0)
             {
-                mma16816(s[j], qa[kk], kf[j][2 * kk], kf[j][2 * kk + 1]);
+                mma16816(s0, af, qb[kk][0], qb[kk][1]);
+            }
+            else
+            {
+                mma16816(s1, af, qb[kk][0], qb[kk][1]);
             }
         }
+        float s[4];
         float tmax[2] = {kNegInf, kNegInf};
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int e = 0; e < 4; ++e)
         {
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-            {
-                int const pos = pos0 + 8 * j + 2 * t4 + (e & 1);
-                int const row = e >> 1;
-                bool const ok = pos >= lo && pos < hi && pos <= qpos[row];
-                s[j][e] = ok ? s[j][e] * ks[2 * j + (e & 1)] : kNegInf;
-                tmax[row] = fmaxf(tmax[row], s[j][e]);
-            }
+            int const tk = (e >> 1) * 8 + gq; // token of this element
+            int const c = e & 1;              // query row 2t4 + c
+            int const pos = pos0 + tk;
+            bool const ok = pos >= lo && pos < hi && pos <= qpos[c];
+            s[e] = ok ? (s0[e] + s1[e]) * ks[e >> 1] : kNegInf;
+            tmax[c] = fmaxf(tmax[c], s[e]);
         }
 #pragma unroll
-        for (int row = 0; row < 2; ++row)
+        for (int c = 0; c < 2; ++c)
         {
-            tmax[row] = fmaxf(tmax[row], __shfl_xor_sync(0xffffffffu, tmax[row], 1));
-            tmax[row] = fmaxf(tmax[row], __shfl_xor_sync(0xffffffffu, tmax[row], 2));
+            tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 4));
+            tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 8));
+            tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 16));
         }
         float alpha[2];
 #pragma unroll
-        for (int row = 0; row < 2; ++row)
+        for (int c = 0; c < 2; ++c)
         {
-            float const mn = fmaxf(m[row], tmax[row]);
-            alpha[row] = (mn == kNegInf) ? 1.F : exp2f(m[row] - mn);
-            m[row] = mn;
-            l[row] *= alpha[row];
+            float const mn = fmaxf(m[c], tmax[c]);
+            alpha[c] = (mn == kNegInf) ? 1.F : exp2f(m[c] - mn);
+            m[c] = mn;
+            l[c] *= alpha[c];
         }
         if (__any_sync(0xffffffffu, alpha[0] != 1.F || alpha[1] != 1.F))
         {
 #pragma unroll
-            for (int nt = 0; nt < NV; ++nt)
+            for (int mt = 0; mt < MT; ++mt)
             {
-                o[nt][0] *= alpha[0];
-                o[nt][1] *= alpha[0];
-                o[nt][2] *= alpha[1];
-                o[nt][3] *= alpha[1];
+                o[mt][0] *= alpha[0];
+                o[mt][1] *= alpha[1];
+                o[mt][2] *= alpha[0];
+                o[mt][3] *= alpha[1];
             }
         }
-        float pv[2][4];
+        float pv[4];
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int e = 0; e < 4; ++e)
         {
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-            {
-                int const row = e >> 1;
-                float const p = s[j][e] == kNegInf ? 0.F : exp2f(s[j][e] - m[row]);
-                l[row] += p;
-                pv[j][e] = p != 0.F ? p * vs[2 * j + (e & 1)] : 0.F;
-            }
+            int const c = e & 1;
+            float const p = s[e] == kNegInf ? 0.F : exp2f(s[e] - m[c]);
+            l[c] += p;
+            pv[e] = p != 0.F ? p * vs[e >> 1] : 0.F;
         }
-        uint32_t pa[4];
-        pa[0] = packHalf2(pv[0][0], pv[0][1]);
-        pa[1] = packHalf2(pv[0][2], pv[0][3]);
-        pa[2] = packHalf2(pv[1][0], pv[1][1]);
-        pa[3] = packHalf2(pv[1][2], pv[1][3]);
+        // P^T as the B operand: transpose (tokens x rows) 8x8 blocks
+        uint32_t const pb0 = transpose8x8(packHalf2(pv[0], pv[1]));
+        uint32_t const pb1 = transpose8x8(packHalf2(pv[2], pv[3]));
 #pragma unroll
-        for (int nt = 0; nt < NV; ++nt)
+        for (int mt = 0; mt < MT; ++mt)
         {
-            mma16816(o[nt], pa, vb[nt][0], vb[nt][1]);
+            mma16816(o[mt], va[mt], pb0, pb1);
         }
     };
 
@@ -379,7 +392,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         uint16_t const* kS = a.kv.sink_pool + ((slot * L.num_kv_heads + head) * 2 + 0) * ns * D;
         uint16_t const* vS = kS + static_cast<int64_t>(ns) * D;
         uint32_t kf[2][KPAIRS];
-        uint32_t vb[NV][2];
+        uint32_t va[MT][4];
 #pragma unroll
         for (int j = 0; j < 2; ++j)
         {
@@ -394,41 +407,45 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             }
         }
 #pragma unroll
-        for (int nt = 0; nt < NV; ++nt)
+        for (int mt = 0; mt < MT; ++mt)
         {
-            int const c = gq * NV + DV::perm(nt);
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
+            for (int e = 0; e < 4; ++e)
             {
-                int const t0 = 2 * t4 + 8 * hh;
+                int const c = gq * NV + DV::perm(2 * mt + (e & 1));
+                int const t0 = 2 * t4 + 8 * (e >> 1);
                 uint32_t const x0 = t0 < hi ? vS[t0 * D + c] : 0u;
                 uint32_t const x1 = t0 + 1 < hi ? vS[(t0 + 1) * D + c] : 0u;
-                vb[nt][hh] = x0 | (x1 << 16);
+                va[mt][e] = x0 | (x1 << 16);
             }
         }
-        float const one[4] = {1.F, 1.F, 1.F, 1.F};
-        tileStep(kf, vb, one, one, 0, 0, hi);
+        float const one[2] = {1.F, 1.F};
+        tileStep(kf, va, one, one, 0, 0, hi);
     }
 
     // ---- quantized keys: pipelined 64-token chunks ---------------------------------------------
     StageLayout const sl = stageLayout(L.tokens_per_block, KCB, VCB);
-    // byte offsets within a stage of this thread's rows (the same for every chunk)
     auto stageOff = [&](int off, int pb, int rowBytes, int tok) {
         return off + (tok / sl.tp) * pb + (tok % sl.tp) * rowBytes;
     };
-    int kRowOff[2], vRowOff[4], kMetaOff[4];
+    // byte offsets within a stage of this thread's rows (the same for every chunk)
+    int kRowOff[2], vRowOff[4], kMetaOff[2];
     {
         int const tb = 16 * warp;
-        kRowOff[0] = stageOff(0, sl.pbK, KCB, tb + gq);
-        kRowOff[1] = stageOff(0, sl.pbK, KCB, tb + 8 + gq);
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+        {
+            kRowOff[j] = stageOff(0, sl.pbK, KCB, tb + 8 * j + gq);
+            kMetaOff[j] = stageOff(sl.offKM, sl.pbM, kTurboMetaBytes, tb + 8 * j + gq);
+        }
         int const vt[4] = {tb + 2 * t4, tb + 2 * t4 + 1, tb + 2 * t4 + 8, tb + 2 * t4 + 9};
 #pragma unroll
         for (int i = 0; i < 4; ++i)
         {
             vRowOff[i] = stageOff(sl.offV, sl.pbV, VCB, vt[i]);
-            kMetaOff[i] = stageOff(sl.offKM, sl.pbM, kTurboMetaBytes, vt[i]);
         }
     }
+    int const vMetaDelta = sl.offVM - sl.offKM;
     int const lo = max(kb, ns);
     int const c0 = kb / kChunk;
     int const cEnd = (ke + kChunk - 1) / kChunk;
@@ -461,6 +478,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             continue;
         }
         uint32_t kf[2][KPAIRS];
+        float ks[2], vs[2];
 #pragma unroll
         for (int j = 0; j < 2; ++j)
         {
@@ -476,56 +494,55 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                     kf[j][8 * G + i] = tmp[i];
                 }
             }
+            ks[j] = h2f(*reinterpret_cast<uint16_t const*>(st + kMetaOff[j]));
+            vs[j] = h2f(*reinterpret_cast<uint16_t const*>(st + kMetaOff[j] + vMetaDelta));
         }
         uint32_t vf[4][NV / 2];
-        float ks[4], vs[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i)
         {
             DV::run(vctx, st + vRowOff[i], gq * NV, D, vf[i]);
-            ks[i] = h2f(*reinterpret_cast<uint16_t const*>(st + kMetaOff[i]));
-            vs[i] = h2f(*reinterpret_cast<uint16_t const*>(st + kMetaOff[i] + (sl.offVM - sl.offKM)));
         }
-        uint32_t vb[NV][2];
+        uint32_t va[MT][4];
 #pragma unroll
-        for (int p = 0; p < NV / 2; ++p)
+        for (int mt = 0; mt < MT; ++mt)
         {
-            vb[2 * p][0] = prmt(vf[0][p], vf[1][p], 0x5410);
-            vb[2 * p + 1][0] = prmt(vf[0][p], vf[1][p], 0x7632);
-            vb[2 * p][1] = prmt(vf[2][p], vf[3][p], 0x5410);
-            vb[2 * p + 1][1] = prmt(vf[2][p], vf[3][p], 0x7632);
+            va[mt][0] = prmt(vf[0][mt], vf[1][mt], 0x5410);
+            va[mt][1] = prmt(vf[0][mt], vf[1][mt], 0x7632);
+            va[mt][2] = prmt(vf[2][mt], vf[3][mt], 0x5410);
+            va[mt][3] = prmt(vf[2][mt], vf[3][mt], 0x7632);
         }
-        tileStep(kf, vb, ks, vs, pos0, lo, ke);
+        tileStep(kf, va, ks, vs, pos0, lo, ke);
     }
     cpAsyncWait<0>();
     __syncthreads();
 
     // ---- combine the four warps -----------------------------------------------------------------
 #pragma unroll
-    for (int row = 0; row < 2; ++row)
+    for (int c = 0; c < 2; ++c)
     {
-        l[row] += __shfl_xor_sync(0xffffffffu, l[row], 1);
-        l[row] += __shfl_xor_sync(0xffffffffu, l[row], 2);
+        l[c] += __shfl_xor_sync(0xffffffffu, l[c], 4);
+        l[c] += __shfl_xor_sync(0xffffffffu, l[c], 8);
+        l[c] += __shfl_xor_sync(0xffffffffu, l[c], 16);
     }
-    float* comb = reinterpret_cast<float*>(stages);       // [kWarps][16][D]
-    float* combML = comb + kWarps * 16 * D;               // [kWarps][16][2]
+    float* comb = reinterpret_cast<float*>(stages);       // [kWarps][8][D]
+    float* combML = comb + kWarps * kRows * D;            // [kWarps][8][2]
 #pragma unroll
-    for (int nt = 0; nt < NV; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
     {
-        int const perm = DV::perm(nt);
-        int const ch0 = (2 * t4) * NV + perm;
-        int const ch1 = (2 * t4 + 1) * NV + perm;
-        comb[(warp * 16 + gq) * D + ch0] = o[nt][0];
-        comb[(warp * 16 + gq) * D + ch1] = o[nt][1];
-        comb[(warp * 16 + gq + 8) * D + ch0] = o[nt][2];
-        comb[(warp * 16 + gq + 8) * D + ch1] = o[nt][3];
+        int const chA = gq * NV + DV::perm(2 * mt);
+        int const chB = gq * NV + DV::perm(2 * mt + 1);
+        comb[(warp * kRows + 2 * t4) * D + chA] = o[mt][0];
+        comb[(warp * kRows + 2 * t4 + 1) * D + chA] = o[mt][1];
+        comb[(warp * kRows + 2 * t4) * D + chB] = o[mt][2];
+        comb[(warp * kRows + 2 * t4 + 1) * D + chB] = o[mt][3];
     }
-    if (t4 == 0)
+    if (gq == 0)
     {
-        combML[(warp * 16 + gq) * 2] = m[0];
-        combML[(warp * 16 + gq) * 2 + 1] = l[0];
-        combML[(warp * 16 + gq + 8) * 2] = m[1];
-        combML[(warp * 16 + gq + 8) * 2 + 1] = l[1];
+        combML[(warp * kRows + 2 * t4) * 2] = m[0];
+        combML[(warp * kRows + 2 * t4) * 2 + 1] = l[0];
+        combML[(warp * kRows + 2 * t4 + 1) * 2] = m[1];
+        combML[(warp * kRows + 2 * t4 + 1) * 2 + 1] = l[1];
     }
     __syncthreads();
     bool const single = a.num_splits == 1;
@@ -537,7 +554,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 #pragma unroll
         for (int w = 0; w < kWarps; ++w)
         {
-            mx = fmaxf(mx, combML[(w * 16 + r) * 2]);
+            mx = fmaxf(mx, combML[(w * kRows + r) * 2]);
         }
         float acc = 0.F, sum = 0.F;
         if (mx != kNegInf)
@@ -545,12 +562,12 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 #pragma unroll
             for (int w = 0; w < kWarps; ++w)
             {
-                float const mw = combML[(w * 16 + r) * 2];
+                float const mw = combML[(w * kRows + r) * 2];
                 if (mw != kNegInf)
                 {
                     float const f = exp2f(mw - mx);
-                    acc += f * comb[(w * 16 + r) * D + c];
-                    sum += f * combML[(w * 16 + r) * 2 + 1];
+                    acc += f * comb[(w * kRows + r) * D + c];
+                    sum += f * combML[(w * kRows + r) * 2 + 1];
                 }
             }
         }
@@ -597,8 +614,8 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         float const y = qs[i] * a.rsqrt_d * h2f(a.signs[c]);
         int64_t const hv = static_cast<int64_t>(head) * D + c;
         float const outv = tableOr(a.v_smooth, hv, 1.F) * y + tableOr(a.v_mean, hv, 0.F);
-        int64_t const row = qBegin + tok0 + r / g;
-        storeAct(a.out, row * a.out_stride + (hq0 + r % g) * D + c, outv, bf16);
+        int64_t const row = qBegin + tok0 + r / rh;
+        storeAct(a.out, row * a.out_stride + (hq0 + r % rh) * D + c, outv, bf16);
     }
 }
 
