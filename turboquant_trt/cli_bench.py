@@ -189,9 +189,10 @@ def bench_context(b, prefix, q_len, hq, h, d, t=64, iters=20):
     ql = torch.full((b,), q_len, dtype=torch.int32, device=dev)
     sl = torch.full((b,), L, dtype=torch.int32, device=dev)
     out = torch.empty_like(q)
+    slot = torch.arange(b, dtype=torch.int32, device=dev)
 
     def ours():
-        K.context_attention(lay, q, k, v, bt, ql, sl, q_len, L, out=out)
+        K.context_attention(lay, q, k, v, bt, ql, sl, q_len, L, seq_slot=slot, out=out)
 
     ours_ms, _ = _time(ours, iters, warmup=3)
     kf = torch.randn((b, h, L, d), dtype=torch.float16, device=dev, generator=gen)
