@@ -17,12 +17,13 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export TURBOQUANT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 t0=$(date +%s)
-if ! { cmake -S plugin_src -B build/cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
-        && cmake --build build/cmake -j 16 --target turboquant; } > "$OUT/build.log" 2>&1; then
+BUILD=${BUILD:-build/cmake}
+if ! { cmake -S plugin_src -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
+        -DTURBOQUANT_CTAS_PER_SM="${CTAS:-}" && cmake --build "$BUILD" -j 16 --target turboquant; } > "$OUT/build${CTAS:-}.log" 2>&1; then
   tail -60 "$OUT/build.log"; exit 1
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
-export TURBOQUANT_LIB=$PWD/build/cmake/libturboquant.so
+export TURBOQUANT_LIB=$PWD/$BUILD/libturboquant.so
 rc=0
 if [[ $MODE == tests || $MODE == all ]]; then
   python3 -m pytest -q -s -m gpu tests/test_kernels_gpu.py -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log"
@@ -30,7 +31,7 @@ if [[ $MODE == tests || $MODE == all ]]; then
   grep -E "^(write|decode|context) " "$OUT/tests.log" > "$OUT/test_errors.txt" || true
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
-  python3 benchmarks/bench_decode.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  python3 benchmarks/bench_decode.py ${BENCH_ARGS:-} --json "$OUT/bench${CTAS:-}.json" 2>&1 | tee "$OUT/bench${CTAS:-}.log"
   rc=$(( rc | PIPESTATUS[0] ))
 fi
 exit $rc

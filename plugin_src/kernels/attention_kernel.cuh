@@ -22,7 +22,10 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 64;   // tokens per pipeline stage (16 per warp)
 constexpr int kStages = 4;
 constexpr int kMaxSplits = 128;
-constexpr int kResidentCtasPerSm = 3;
+#ifndef TQ_CTAS_PER_SM
+#define TQ_CTAS_PER_SM 3
+#endif
+constexpr int kResidentCtasPerSm = TQ_CTAS_PER_SM; // register budget: 65536 / (128 * this)
 constexpr int kMinKeysPerSplit = 256;
 constexpr int kCtxSplitRowBudget = 2048; // context: splits * query tokens at most this
 
@@ -167,6 +170,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     using DK = Dequant<KB, 16>;
     using DV = Dequant<VB, NV>;
     constexpr float kNegInf = -INFINITY;
+    constexpr float kSlack = 3.F; // P * v_scale must stay finite in fp16: P <= 8
 
     extern __shared__ __align__(16) uint8_t smem[];
     float* qs = reinterpret_cast<float*>(smem);                     // [16][D] (8 used)
@@ -310,20 +314,18 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     // ks/vs: scales of tokens r, r+8; keys at pos0 + token in [lo, hi) are valid.
     auto tileStep = [&](uint32_t (&kf)[2][KPAIRS], uint32_t (&va)[MT][4], float const (&ks)[2], float const (&vs)[2],
                         int pos0, int lo, int hi) {
-        float s0[4] = {0.F, 0.F, 0.F, 0.F};
-        float s1[4] = {0.F, 0.F, 0.F, 0.F};
+        // four independent accumulator chains, summed at the end
+        float sacc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+        {
+            sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.F;
+        }
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
         {
             uint32_t const af[4] = {kf[0][2 * kk], kf[1][2 * kk], kf[0][2 * kk + 1], kf[1][2 * kk + 1]};
-            if (kk % 2 == 0)
-            {
-                mma16816(s0, af, qb[kk][0], qb[kk][1]);
-            }
-            else
-            {
-                mma16816(s1, af, qb[kk][0], qb[kk][1]);
-            }
+            mma16816(sacc[kk % 4], af, qb[kk][0], qb[kk][1]);
         }
         float s[4];
         float tmax[2] = {kNegInf, kNegInf};
@@ -334,27 +336,31 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             int const c = e & 1;              // query row 2t4 + c
             int const pos = pos0 + tk;
             bool const ok = pos >= lo && pos < hi && pos <= qpos[c];
-            s[e] = ok ? (s0[e] + s1[e]) * ks[e >> 1] : kNegInf;
+            float const dot = (sacc[0][e] + sacc[1][e]) + (sacc[2][e] + sacc[3][e]);
+            s[e] = ok ? dot * ks[e >> 1] : kNegInf;
             tmax[c] = fmaxf(tmax[c], s[e]);
         }
+        // The reference maximum m only moves when a score exceeds it by more than kSlack (log2
+        // units): probabilities then stay below 2^kSlack, and the exact max reduction (shuffles)
+        // and the rescale of O run only on those rare tiles.
+        if (__any_sync(0xffffffffu, tmax[0] > m[0] + kSlack || tmax[1] > m[1] + kSlack))
+        {
 #pragma unroll
-        for (int c = 0; c < 2; ++c)
-        {
-            tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 4));
-            tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 8));
-            tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 16));
-        }
-        float alpha[2];
+            for (int c = 0; c < 2; ++c)
+            {
+                tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 4));
+                tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 8));
+                tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 16));
+            }
+            float alpha[2];
 #pragma unroll
-        for (int c = 0; c < 2; ++c)
-        {
-            float const mn = fmaxf(m[c], tmax[c]);
-            alpha[c] = (mn == kNegInf) ? 1.F : exp2f(m[c] - mn);
-            m[c] = mn;
-            l[c] *= alpha[c];
-        }
-        if (__any_sync(0xffffffffu, alpha[0] != 1.F || alpha[1] != 1.F))
-        {
+            for (int c = 0; c < 2; ++c)
+            {
+                float const mn = fmaxf(m[c], tmax[c]);
+                alpha[c] = (mn == kNegInf) ? 1.F : exp2f(m[c] - mn);
+                m[c] = mn;
+                l[c] *= alpha[c];
+            }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
             {

@@ -58,12 +58,44 @@ __device__ __forceinline__ float boundaryAt(int bits, int j)
     }
 }
 
+// numpy's pairwise fp32 sum of v[0..D) (D = 64, 128 or 256), bit-exact, using 8 lanes of the warp:
+// lane j < 8 accumulates v[j], v[j+8], ... of each 128-element half in order, then the fixed tree.
+template <int D>
+__device__ __forceinline__ float warpNumpySum(float const* v, int lane)
+{
+    constexpr int kHalf = D <= 128 ? D : 128;
+    float total = 0.F;
+#pragma unroll
+    for (int h = 0; h < D / kHalf; ++h)
+    {
+        float r = 0.F;
+        if (lane < 8)
+        {
+            r = v[h * kHalf + lane];
+#pragma unroll
+            for (int i = 8; i < kHalf; i += 8)
+            {
+                r = __fadd_rn(r, v[h * kHalf + i + lane]);
+            }
+        }
+        // ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        r = __fadd_rn(r, __shfl_xor_sync(0xffffffffu, r, 1));
+        r = __fadd_rn(r, __shfl_xor_sync(0xffffffffu, r, 2));
+        r = __fadd_rn(r, __shfl_xor_sync(0xffffffffu, r, 4));
+        r = __shfl_sync(0xffffffffu, r, 0);
+        total = h == 0 ? r : __fadd_rn(total, r);
+    }
+    return total;
+}
+
 template <int D>
 __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_constant__ QuantArgs const a)
 {
     constexpr int E = D / 32;
     __shared__ float sq[kQuantWarps][D];
     __shared__ uint8_t codes[kQuantWarps][D];
+    __shared__ float cbK[kQuantWarps][256];
+    __shared__ float cbV[kQuantWarps][256];
 
     KvLayerDesc const& L = a.layer;
     int const H = L.num_kv_heads;
@@ -95,6 +127,19 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
         return;
     }
     bool const bf16 = a.bf16 != 0;
+    {
+        int const kbits = L.k_bits[h];
+        int const vbits = L.v_bits[h];
+        for (int j = lane; j < (1 << kbits); j += 32)
+        {
+            cbK[warp][j] = codebookAt(kbits, j);
+        }
+        for (int j = lane; j < (1 << vbits); j += 32)
+        {
+            cbV[warp][j] = codebookAt(vbits, j);
+        }
+        __syncwarp();
+    }
 
     for (int which = 0; which < 2; ++which)
     {
@@ -168,12 +213,7 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
             sq[warp][lane * E + e] = __fmul_rn(x[e], x[e]);
         }
         __syncwarp();
-        float n = 0.F;
-        if (lane == 0)
-        {
-            n = __fsqrt_rn(numpySum(sq[warp], D));
-        }
-        n = __shfl_sync(0xffffffffu, n, 0);
+        float const n = __fsqrt_rn(warpNumpySum<D>(sq[warp], lane));
         float const gamma = tableOr(clip, h, 1.F);
         float const f = n > 0.F ? __fdiv_rn(a.sqrt_d, __fmul_rn(gamma, n)) : 0.F;
         int const nb = (1 << bits) - 1;
@@ -188,22 +228,12 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
                 code += u > boundaryAt(bits, j) ? 1 : 0;
             }
             codes[warp][lane * E + e] = static_cast<uint8_t>(code);
-            float const cv = codebookAt(bits, code);
+            float const cv = (which == 0 ? cbK : cbV)[warp][code];
             sq[warp][lane * E + e] = __fmul_rn(cv, cv);
         }
         __syncwarp();
-        float scale = 0.F;
-        if (lane == 0)
-        {
-            if (L.norm_correction)
-            {
-                scale = __fdiv_rn(n, __fsqrt_rn(numpySum(sq[warp], D)));
-            }
-            else
-            {
-                scale = __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
-            }
-        }
+        float const cn = __fsqrt_rn(warpNumpySum<D>(sq[warp], lane));
+        float const scale = L.norm_correction ? __fdiv_rn(n, cn) : __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
         // block and row
         int const T = L.tokens_per_block;
         int64_t const blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + pos / T];
