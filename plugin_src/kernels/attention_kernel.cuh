@@ -19,8 +19,9 @@ namespace detail
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kChunk = 64;   // tokens per pipeline stage (16 per warp)
-constexpr int kStages = 4;
+constexpr int kChunk = 64;   // split boundaries are multiples of this
+constexpr int kTile = 16;    // tokens per warp step and per pipeline stage
+constexpr int kWarpStages = 4; // per-warp pipeline depth
 constexpr int kMaxSplits = 128;
 #ifndef TQ_CTAS_PER_SM
 #define TQ_CTAS_PER_SM 3
@@ -59,9 +60,11 @@ struct AttnArgs
     uint8_t heads[kMaxKvHeads]; // KV heads of this launch (all share k_bits/v_bits)
 };
 
+// One warp's stage: the four arrays of a 16-token tile, in pieces of min(T, 16) rows (one piece
+// per page), each piece padded to 16 bytes as in the pool.
 struct StageLayout
 {
-    int tp;       // tokens per piece: min(T, kChunk)
+    int tp;            // tokens per piece: min(T, kTile)
     int pbK, pbV, pbM; // padded bytes of one piece of each array
     int offV, offKM, offVM, bytes;
 };
@@ -69,8 +72,8 @@ struct StageLayout
 __host__ __device__ inline StageLayout stageLayout(int T, int kcb, int vcb)
 {
     StageLayout s;
-    s.tp = T < kChunk ? T : kChunk;
-    int pieces = kChunk / s.tp;
+    s.tp = T < kTile ? T : kTile;
+    int const pieces = kTile / s.tp;
     s.pbK = tqAlignUp(s.tp * kcb);
     s.pbV = tqAlignUp(s.tp * vcb);
     s.pbM = tqAlignUp(s.tp * kTurboMetaBytes);
@@ -84,7 +87,7 @@ __host__ __device__ inline StageLayout stageLayout(int T, int kcb, int vcb)
 template <int D>
 __host__ __device__ constexpr int prologueBytes()
 {
-    return 16 * D * 4 + 256 * 2; // rotated query rows + 8-bit table
+    return 16 * D * 4 + 256 * 2 + kWarps * kWarpStages * 8; // query rows, 8-bit table, mbarriers
 }
 
 template <int D>
@@ -93,56 +96,97 @@ __host__ __device__ constexpr int combineBytes()
     return kWarps * 8 * (D + 2) * 4;
 }
 
-// Copies one chunk (64 positions from `pos`) of one head's four arrays into a stage.
-__device__ __forceinline__ void loadChunk(AttnArgs const& a, StageLayout const& sl, uint8_t* stage, int b,
-    int head, int pos, int keyEnd, int kcb, int vcb)
+__device__ __forceinline__ uint32_t smemAddr(void const* p)
+{
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbarInit(uint64_t* bar)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smemAddr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbarWait(uint64_t* bar, uint32_t phase)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t done = 0;
+    while (!done)
+    {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smemAddr(bar)), "r"(phase)
+            : "memory");
+    }
+#else
+    (void) bar;
+    (void) phase;
+#endif
+}
+
+// Starts the copy of one 16-token tile (positions pos0..pos0+15, those below keyEnd) of one head's
+// four arrays into a warp's stage. sm_90+: bulk copies (one per array and page) completing on the
+// stage's mbarrier; older GPUs: 16-byte cp.async by every lane, one commit group per tile.
+__device__ __forceinline__ void issueTile(AttnArgs const& a, StageLayout const& sl, uint8_t* stage, uint64_t* bar,
+    int b, int head, int pos0, int keyEnd, int kcb, int vcb, int lane)
 {
     KvLayerDesc const& L = a.layer;
     int const T = L.tokens_per_block;
-    int const pieces = kChunk / sl.tp;
+    int const tShift = 31 - __clz(T);
+    int const pieces = kTile / sl.tp;
+    int const valid = min(pieces, (keyEnd - pos0 + sl.tp - 1) / sl.tp);
     int const offs[4] = {L.k_codes_off[head], L.v_codes_off[head], L.k_meta_off[head], L.v_meta_off[head]};
     int const rowb[4] = {kcb, vcb, kTurboMetaBytes, kTurboMetaBytes};
     int const pb[4] = {sl.pbK, sl.pbV, sl.pbM, sl.pbM};
     int const soff[4] = {0, sl.offV, sl.offKM, sl.offVM};
     int32_t const* bt = a.kv.block_table + static_cast<int64_t>(b) * a.kv.max_blocks_per_seq;
-    int const tShift = 31 - __clz(T);
-    if (pieces == 1)
+    uint8_t const* pool = a.kv.pool + a.kv.layer_offset;
+    __syncwarp(); // every lane is done reading this stage
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (lane == 0)
     {
-        // T >= 64: the chunk is one contiguous run of rows in one block
-        int64_t const blk = bt[pos >> tShift];
-        uint8_t const* base = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride;
-        int const row0 = pos & (T - 1);
-#pragma unroll
-        for (int arr = 0; arr < 4; ++arr)
-        {
-            int const units = pb[arr] / 16;
-            uint8_t const* src = base + offs[arr] + row0 * rowb[arr];
-            for (int u = threadIdx.x; u < units; u += kThreads)
-            {
-                cpAsync16(stage + soff[arr] + u * 16, src + u * 16);
-            }
-        }
-        return;
+        uint32_t const bytes = static_cast<uint32_t>(valid * (sl.pbK + sl.pbV + 2 * sl.pbM));
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smemAddr(bar)), "r"(bytes)
+                     : "memory");
     }
+    __syncwarp();
+    for (int i = lane; i < 4 * valid; i += 32)
+    {
+        int const arr = i & 3;
+        int const piece = i >> 2;
+        // select instead of indexing the small arrays (keeps them in registers)
+        int const off = arr == 0 ? offs[0] : arr == 1 ? offs[1] : arr == 2 ? offs[2] : offs[3];
+        int const rb = arr == 0 ? rowb[0] : arr == 1 ? rowb[1] : kTurboMetaBytes;
+        int const pbA = arr == 0 ? pb[0] : arr == 1 ? pb[1] : pb[2];
+        int const so = arr == 0 ? soff[0] : arr == 1 ? soff[1] : arr == 2 ? soff[2] : soff[3];
+        int const p0 = pos0 + piece * sl.tp;
+        int64_t const blk = bt[p0 >> tShift];
+        uint8_t const* src = pool + blk * a.kv.block_stride + off + (p0 & (T - 1)) * rb;
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                smemAddr(stage + so + piece * pbA)),
+            "l"(src), "r"(pbA), "r"(smemAddr(bar))
+            : "memory");
+    }
+#else
+    (void) bar;
 #pragma unroll
     for (int arr = 0; arr < 4; ++arr)
     {
         int const units = pb[arr] / 16;
-        int const total = pieces * units;
-        for (int u = threadIdx.x; u < total; u += kThreads)
+        for (int u = lane; u < valid * units; u += 32)
         {
             int const piece = u / units;
             int const within = u - piece * units;
-            int const p0 = pos + (piece << tShift);
-            if (p0 >= keyEnd)
-            {
-                continue;
-            }
+            int const p0 = pos0 + piece * sl.tp;
             int64_t const blk = bt[p0 >> tShift];
-            uint8_t const* src = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride + offs[arr] + within * 16;
+            uint8_t const* src = pool + blk * a.kv.block_stride + offs[arr] + (p0 & (T - 1)) * rowb[arr] + within * 16;
             cpAsync16(stage + soff[arr] + piece * pb[arr] + within * 16, src);
         }
     }
+    cpAsyncCommit();
+#endif
 }
 
 __device__ __forceinline__ uint32_t transpose8x8(uint32_t x)
@@ -175,6 +219,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     extern __shared__ __align__(16) uint8_t smem[];
     float* qs = reinterpret_cast<float*>(smem);                     // [16][D] (8 used)
     uint16_t* tab8 = reinterpret_cast<uint16_t*>(qs + 16 * D);      // [256]
+    uint64_t* bars = reinterpret_cast<uint64_t*>(tab8 + 256);       // [kWarps][kWarpStages]
     uint8_t* stages = smem + prologueBytes<D>();
 
     KvLayerDesc const& L = a.layer;
@@ -253,6 +298,13 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             tab8[i] = __half_as_ushort(__float2half_rn(kDevCodebook8[i]));
         }
     }
+    if (threadIdx.x < kWarps * kWarpStages)
+    {
+        mbarInit(&bars[threadIdx.x]);
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
     __syncthreads();
 #pragma unroll 1
     for (int len = 1; len < D; len <<= 1)
@@ -429,22 +481,21 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         tileStep(kf, va, one, one, 0, 0, hi);
     }
 
-    // ---- quantized keys: pipelined 64-token chunks ---------------------------------------------
+    // ---- quantized keys: each warp streams its own 16-token tiles (tiles warp, warp+4, ...) ----
     StageLayout const sl = stageLayout(L.tokens_per_block, KCB, VCB);
     auto stageOff = [&](int off, int pb, int rowBytes, int tok) {
         return off + (tok / sl.tp) * pb + (tok % sl.tp) * rowBytes;
     };
-    // byte offsets within a stage of this thread's rows (the same for every chunk)
+    // byte offsets within a stage of this thread's rows (the same for every tile)
     int kRowOff[2], vRowOff[4], kMetaOff[2];
-    {
-        int const tb = 16 * warp;
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
-        {
-            kRowOff[j] = stageOff(0, sl.pbK, KCB, tb + 8 * j + gq);
-            kMetaOff[j] = stageOff(sl.offKM, sl.pbM, kTurboMetaBytes, tb + 8 * j + gq);
-        }
-        int const vt[4] = {tb + 2 * t4, tb + 2 * t4 + 1, tb + 2 * t4 + 8, tb + 2 * t4 + 9};
+    for (int j = 0; j < 2; ++j)
+    {
+        kRowOff[j] = stageOff(0, sl.pbK, KCB, 8 * j + gq);
+        kMetaOff[j] = stageOff(sl.offKM, sl.pbM, kTurboMetaBytes, 8 * j + gq);
+    }
+    {
+        int const vt[4] = {2 * t4, 2 * t4 + 1, 2 * t4 + 8, 2 * t4 + 9};
 #pragma unroll
         for (int i = 0; i < 4; ++i)
         {
@@ -453,33 +504,47 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     }
     int const vMetaDelta = sl.offVM - sl.offKM;
     int const lo = max(kb, ns);
-    int const c0 = kb / kChunk;
-    int const cEnd = (ke + kChunk - 1) / kChunk;
+    int const ntiles = (ke - kb + kTile - 1) / kTile;
+    int const nMine = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
+    uint8_t* myStages = stages + warp * kWarpStages * sl.bytes;
+    uint64_t* myBars = bars + warp * kWarpStages;
+    auto tilePos = [&](int i) { return kb + kTile * (warp + kWarps * i); };
 #pragma unroll
-    for (int i = 0; i < kStages - 1; ++i)
+    for (int i = 0; i < kWarpStages - 1; ++i)
     {
-        if (c0 + i < cEnd)
+        if (i < nMine)
         {
-            loadChunk(a, sl, stages + i * sl.bytes, b, head, (c0 + i) * kChunk, ke, KCB, VCB);
+            issueTile(a, sl, myStages + i * sl.bytes, &myBars[i], b, head, tilePos(i), ke, KCB, VCB, lane);
         }
-        cpAsyncCommit();
-    }
-#pragma unroll 1
-    for (int c = c0; c < cEnd; ++c)
-    {
-        cpAsyncWait<kStages - 2>();
-        __syncthreads();
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+        else
         {
-            int const nc = c + kStages - 1;
-            if (nc < cEnd)
-            {
-                loadChunk(a, sl, stages + ((nc - c0) % kStages) * sl.bytes, b, head, nc * kChunk, ke, KCB, VCB);
-            }
             cpAsyncCommit();
         }
-        uint8_t const* st = stages + ((c - c0) % kStages) * sl.bytes;
-        int const pos0 = c * kChunk + 16 * warp;
-        if (pos0 + 16 <= lo || pos0 >= ke)
+#endif
+    }
+#pragma unroll 1
+    for (int i = 0; i < nMine; ++i)
+    {
+        int const ni = i + kWarpStages - 1;
+        if (ni < nMine)
+        {
+            issueTile(a, sl, myStages + (ni % kWarpStages) * sl.bytes, &myBars[ni % kWarpStages], b, head, tilePos(ni),
+                ke, KCB, VCB, lane);
+        }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        mbarWait(&myBars[i % kWarpStages], static_cast<uint32_t>((i / kWarpStages) & 1));
+#else
+        else
+        {
+            cpAsyncCommit();
+        }
+        cpAsyncWait<kWarpStages - 1>();
+        __syncwarp();
+#endif
+        uint8_t const* st = myStages + (i % kWarpStages) * sl.bytes;
+        int const pos0 = tilePos(i);
+        if (pos0 + kTile <= lo)
         {
             continue;
         }
@@ -495,9 +560,9 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 uint32_t tmp[8];
                 DK::run(kctx, row, t4 * (D / 4) + 16 * G, D, tmp);
 #pragma unroll
-                for (int i = 0; i < 8; ++i)
+                for (int q = 0; q < 8; ++q)
                 {
-                    kf[j][8 * G + i] = tmp[i];
+                    kf[j][8 * G + q] = tmp[q];
                 }
             }
             ks[j] = h2f(*reinterpret_cast<uint16_t const*>(st + kMetaOff[j]));
@@ -505,9 +570,9 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         }
         uint32_t vf[4][NV / 2];
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int q = 0; q < 4; ++q)
         {
-            DV::run(vctx, st + vRowOff[i], gq * NV, D, vf[i]);
+            DV::run(vctx, st + vRowOff[q], gq * NV, D, vf[q]);
         }
         uint32_t va[MT][4];
 #pragma unroll
@@ -520,7 +585,9 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         }
         tileStep(kf, va, ks, vs, pos0, lo, ke);
     }
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
     cpAsyncWait<0>();
+#endif
     __syncthreads();
 
     // ---- combine the four warps -----------------------------------------------------------------
@@ -629,7 +696,7 @@ template <int D, int KB, int VB>
 cudaError_t launchSplit(AttnArgs const& args, int gridZ, cudaStream_t stream)
 {
     StageLayout const sl = stageLayout(args.layer.tokens_per_block, D * KB / 8, D * VB / 8);
-    int const smem = prologueBytes<D>() + std::max(kStages * sl.bytes, combineBytes<D>());
+    int const smem = prologueBytes<D>() + std::max(kWarps * kWarpStages * sl.bytes, combineBytes<D>());
     auto kernel = attentionSplitKernel<D, KB, VB>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess)

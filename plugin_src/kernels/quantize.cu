@@ -103,8 +103,9 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     int const lane = threadIdx.x & 31;
     int const b = blockIdx.y;
     int const wid = blockIdx.x * kQuantWarps + warp;
-    int const i = wid / H;
-    int const h = wid % H;
+    int const which = wid & 1; // 0: K, 1: V (separate warps, in parallel)
+    int const i = (wid >> 1) / H;
+    int const h = (wid >> 1) % H;
     int rowBegin, qLen;
     if (a.cu_q != nullptr)
     {
@@ -141,7 +142,6 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
         __syncwarp();
     }
 
-    for (int which = 0; which < 2; ++which)
     {
         uint16_t const* mean = which == 0 ? a.tables.k_mean : a.tables.v_mean;
         uint16_t const* smooth = which == 0 ? a.tables.k_smooth : a.tables.v_smooth;
@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
             {
                 dst[lane * E + e] = __half_as_ushort(__float2half_rn(x[e]));
             }
-            continue;
+            return;
         }
 
         int const bits = which == 0 ? L.k_bits[h] : L.v_bits[h];
@@ -389,7 +389,7 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     a.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(p.layer.head_dim)));
     a.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.layer.head_dim)));
     a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
-    int64_t const warps = static_cast<int64_t>(maxQ) * p.layer.num_kv_heads;
+    int64_t const warps = static_cast<int64_t>(maxQ) * p.layer.num_kv_heads * 2;
     dim3 grid(static_cast<unsigned>((warps + kQuantWarps - 1) / kQuantWarps), static_cast<unsigned>(p.batch));
     return dispatchHeadDim(p.layer.head_dim, [&](auto d) {
         quantizeKvKernel<decltype(d)::value><<<grid, 32 * kQuantWarps, 0, stream>>>(a);
