@@ -24,7 +24,7 @@ constexpr int kTile = 16;    // tokens per warp step and per pipeline stage
 constexpr int kWarpStages = 4; // per-warp pipeline depth
 constexpr int kMaxSplits = 128;
 #ifndef TQ_CTAS_PER_SM
-#define TQ_CTAS_PER_SM 3
+#define TQ_CTAS_PER_SM 4
 #endif
 constexpr int kResidentCtasPerSm = TQ_CTAS_PER_SM; // register budget: 65536 / (128 * this)
 constexpr int kMinKeysPerSplit = 256;
