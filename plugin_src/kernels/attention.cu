@@ -1,19 +1,21 @@
-// Decode and context attention over the quantized paged KV pool (docs/format.md).
+// Decode and context attention over the quantized paged KV pool (docs/format.md): host side.
 //
-// attentionSplitKernel<D, KB, VB>: one CTA per (row tile, KV head, split of the key range). A row
-// tile is up to 16 (query token, query head) rows of one KV head's GQA group: decode has one
-// query token per sequence, so the tile holds the g query heads and every K/V byte is read once
-// per step. Four warps share a pipeline of 64-token chunks (cp.async, 16-byte copies, four stages);
-// each warp dequantizes 16 tokens in registers (dequant.cuh) and runs both products on tensor
-// cores (mma m16n8k16, fp16 inputs, fp32 accumulation): S = Q_t K^T with the rows of Q as the
-// 16-row A operand, then O += P V with P reused from S's accumulators. The query is smoothed,
-// rotated and scaled in the kernel's prologue. Partial (max, sum, O) per split go to the
-// workspace and attentionReduceKernel<D> combines them and applies R^-1, smoothing and mean; with
-// a single split the kernel does that itself.
+// attentionSplitKernel<D, KB, VB> (attention_kernel.cuh): one CTA of four warps per (row tile, KV
+// head, split of the key range). A row tile is up to 8 (query token, query head) rows of one KV
+// head's GQA group; decode has one query token per sequence, so the tile holds the g query heads
+// and every K/V byte is read once per step (groups of more than 8 heads take two CTAs). Each warp
+// streams its own 16-token tiles through a four-stage shared-memory pipeline (bulk copies on an
+// mbarrier per stage on sm_90+, cp.async before), dequantizes them in registers (dequant.cuh) and
+// runs both products on tensor cores (mma m16n8k16, fp16 inputs, fp32 accumulation) with tokens as
+// the M dimension: S^T = K Q_t^T, then O^T += V^T P^T, P^T coming from S^T's accumulators through
+// an 8x8 register transpose (movmatrix). The query is smoothed, rotated and scaled in the
+// prologue. Partial (max, sum, O) per split go to the workspace and attentionReduceKernel<D>
+// combines them and applies R^-1, smoothing and mean; with a single split the kernel does that
+// itself.
 //
-// Channel order: thread t of a quad holds channels [t*D/4, (t+1)*D/4) of a K row, in the order
-// the dequantizer produces (Dequant<KB,16>::perm); the query fragment uses the same order. For V
-// the n index of the PV product (thread group gq) maps to channels gq*D/8 + Dequant<VB,D/8>::perm.
+// Channel order: thread t of a quad holds channels [t*D/4, (t+1)*D/4) of a K row, in the order the
+// dequantizer produces (Dequant<KB,16>::perm); the query fragment uses the same order. V rows of
+// thread group gq cover channels gq*D/8 + Dequant<VB,D/8>::perm(j).
 #include "attention_kernel.cuh"
 #include "dispatch.cuh"
 #include "turboquant/kernels.h"
