@@ -281,8 +281,8 @@ void validate(AttentionConfig const& c)
     }
     if (!contains(kFormatHeadDims, c.head_dim))
     {
-        fail("head_dim=" + std::to_string(c.head_dim) + " is not supported; the format allows 64, 128, 256 and the "
-            + "kernels " + supportedCombinationsText());
+        fail("head_dim=" + std::to_string(c.head_dim) + " is not supported; the format allows 64, 128, 256; the "
+            + "kernels support " + supportedCombinationsText());
     }
     int32_t const t = c.tokens_per_block;
     if (t < 1 || t > kMaxTokensPerBlock || (t & (t - 1)) != 0)
