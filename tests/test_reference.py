@@ -18,6 +18,7 @@ from turboquant_trt.reference import (
     gaussian_mse,
     hadamard,
     lloyd_max_codebook,
+    ordered_sum,
     pack_codes,
     quantize_turbo,
     quantize_uniform,
@@ -198,3 +199,19 @@ def test_quantize_cli_random_and_files(tmp_path):
     assert r.exit_code == 2 and "head_dim" in r.output
     r = CliRunner().invoke(cli, ["quantize", "--kind", "uniform", "--group-size", "48"])
     assert r.exit_code == 2 and "divides head_dim" in r.output
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_ordered_sum_is_the_documented_order(d):
+    rng = np.random.default_rng(d)
+    x = (rng.standard_normal((5, d)) * 10 ** rng.uniform(-3, 3, (5, d))).astype(np.float32)
+    f = np.float32
+    for row, got in zip(x, ordered_sum(x)):
+        total = None
+        for h in range(0, d, 128):
+            r = [f(row[h + j]) for j in range(8)]
+            for i in range(8, min(d, 128), 8):
+                r = [f(r[j] + row[h + i + j]) for j in range(8)]
+            s = f(f(f(r[0] + r[1]) + f(r[2] + r[3])) + f(f(r[4] + r[5]) + f(r[6] + r[7])))
+            total = s if total is None else f(total + s)
+        assert got == total

@@ -194,6 +194,27 @@ def _to_fp16_bytes(x: np.ndarray) -> np.ndarray:
     return np.minimum(np.asarray(x, np.float32), np.float32(FP16_MAX)).astype(np.float16)
 
 
+def ordered_sum(x: np.ndarray) -> np.ndarray:
+    """fp32 sum over the last axis (a multiple of 8, at most 256) in the order docs/format.md §3.1
+    fixes: per 128-element chunk, 8 running sums r[j] = x[j] + x[j+8] + ... (left to right), then
+    ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)); chunk sums added left to right."""
+    x = np.asarray(x, dtype=np.float32)
+    d = x.shape[-1]
+    if d % 8 or d > 256:
+        raise FormatError(f"ordered_sum needs a length that is a multiple of 8 up to 256, not {d}")
+    chunk = min(d, 128)
+    total = None
+    for h in range(d // chunk):
+        c = x[..., h * chunk:(h + 1) * chunk].reshape(*x.shape[:-1], chunk // 8, 8)
+        r = c[..., 0, :].copy()
+        for i in range(1, chunk // 8):
+            r = r + c[..., i, :]
+        s = ((r[..., 0] + r[..., 1]) + (r[..., 2] + r[..., 3])) + \
+            ((r[..., 4] + r[..., 5]) + (r[..., 6] + r[..., 7]))
+        total = s if total is None else total + s
+    return total
+
+
 def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
                    clip: float | np.ndarray = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Quantize transformed vectors x [..., d] -> (codes uint8 [..., d], scale fp16 [...])."""
@@ -201,14 +222,15 @@ def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
     d = x.shape[-1]
     beta = codebook_boundaries(bits)
     cb = lloyd_max_codebook(bits)
-    n = np.sqrt(np.sum(x * x, axis=-1, dtype=np.float32), dtype=np.float32)
+    n = np.sqrt(ordered_sum(x * x), dtype=np.float32)
     gamma = np.asarray(clip, dtype=np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         f = np.where(n > 0, np.float32(math.sqrt(d)) / (gamma * n), np.float32(0)).astype(np.float32)
     u = x * f[..., None]
     codes = np.searchsorted(beta, u, side="left").astype(np.uint8)
     if norm_correction:
-        cn = np.sqrt(np.sum(cb[codes] ** 2, axis=-1, dtype=np.float32), dtype=np.float32)
+        c = cb[codes]
+        cn = np.sqrt(ordered_sum(c * c), dtype=np.float32)
         scale = n / cn
     else:
         scale = gamma * n / np.float32(math.sqrt(d))
@@ -519,6 +541,6 @@ def _hadamard_matrix(d: int) -> np.ndarray:
 __all__ = [
     "MAX_SINK_TOKENS", "EncodedKV", "LayerQuantizer", "LayerTables", "PagedPool",
     "codebook_boundaries", "dequantize_turbo", "dequantize_uniform", "gaussian_mse", "hadamard",
-    "lloyd_max_codebook", "pack_codes", "quantize_turbo", "quantize_uniform",
+    "lloyd_max_codebook", "ordered_sum", "pack_codes", "quantize_turbo", "quantize_uniform",
     "reference_attention", "rotate", "rotation_signs", "rsqrt_d", "unpack_codes", "unrotate",
 ]
