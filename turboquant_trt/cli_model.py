@@ -313,11 +313,18 @@ def _atomic_write(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
         _fail(f"cannot write {path}: {e.strerror or e}")
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _plot(rows: list[dict], setup: dict, path: str) -> None:
@@ -332,13 +339,18 @@ def _plot(rows: list[dict], setup: dict, path: str) -> None:
     for kind, (marker, color) in kinds.items():
         pts = [r for r in rows if r["kind"] == kind]
         if kind == "table":
-            for sub, c, lab in ((0, "tab:blue", "scale tables (format v1)"),
-                                (1, "tab:green", "scale tables + recent window (experimental)")):
-                s = sorted((r for r in pts if bool(r["recent_tokens"]) == bool(sub)),
-                           key=lambda r: r["compression"])
-                if s:
-                    ax.plot([r["compression"] for r in s], [max(r["delta_pct"], floor) for r in s],
-                            marker=marker, color=c, label=lab)
+            groups: dict = {}
+            for r in pts:
+                src = r["description"].split(",")[1].strip() if "," in r["description"] else ""
+                key = ("recent window %d (experimental), " % r["recent_tokens"]
+                       if r["recent_tokens"] else "format v1, ") + src
+                groups.setdefault(key, []).append(r)
+            palette = ["tab:blue", "tab:green", "tab:purple", "tab:cyan", "tab:olive"]
+            for i, (key, grp) in enumerate(sorted(groups.items())):
+                s = sorted(grp, key=lambda r: r["compression"])
+                ax.plot([r["compression"] for r in s], [max(r["delta_pct"], floor) for r in s],
+                        marker=marker, color=palette[i % len(palette)],
+                        label=f"scale tables: {key}")
             continue
         if pts:
             ax.scatter([r["compression"] for r in pts], [max(r["delta_pct"], floor) for r in pts],
@@ -348,7 +360,7 @@ def _plot(rows: list[dict], setup: dict, path: str) -> None:
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
     m = setup["model"]
     if m.get("name") == "smollm2-135m" and setup["ctx"] == 1024 and setup["tokens"] == 16384:
-        ax.step([c for c, _ in ANCHOR_FRONTIER], [p for _, p in ANCHOR_FRONTIER], where="post",
+        ax.step([c for c, _ in ANCHOR_FRONTIER], [p for _, p in ANCHOR_FRONTIER], where="pre",
                 color="tab:red", linestyle="--", label="published methods, best (anchor frontier)")
     ax.set_yscale("log")
     ax.set_xlabel("compression vs fp16 (all metadata counted)")
@@ -362,6 +374,7 @@ def _plot(rows: list[dict], setup: dict, path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         plt.close(fig)

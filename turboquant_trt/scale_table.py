@@ -126,6 +126,10 @@ class ScaleTable:
             with os.fdopen(fd, "w") as f:
                 json.dump(man, f, indent=1)
                 f.write("\n")
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp_st, 0o666 & ~mask)
+            os.chmod(tmp_js, 0o666 & ~mask)
             os.replace(tmp_st, st_path)
             tmp_st = None
             os.replace(tmp_js, js_path)
