@@ -60,9 +60,9 @@ def test_calibrate_then_eval(setup):
 def test_generated_calibration_text(setup):
     d, model, _ = setup
     code, out = run(["calibrate", "--model", model, "--windows", "1", "--ctx", "48",
-                     "--queries", "16", "--bits", "4", "--out", str(d / "gen")])
-    assert code == 0, out
-    man = json.load(open(d / "gen.json"))
+                     "--queries", "16", "--bits", "4", "--out", str(d / "new" / "gen")])
+    assert code == 0, out  # the output directory is created
+    man = json.load(open(d / "new" / "gen.json"))
     assert man["calibration"]["data"]["source"] == "generated"
 
 
@@ -76,12 +76,12 @@ def test_generated_calibration_text(setup):
      "not enough text"),
     (["eval", "--data", "{empty}", "--model", "{model}"], "empty"),
     (["eval", "--data", "{text}", "--model", "{model}", "--table", "{d}/nope"], "not found"),
-    (["eval", "--data", "{text}", "--model", "{model}", "--json", "/no/dir/r.json"],
-     "directory does not exist"),
+    (["eval", "--data", "{text}", "--model", "{model}", "--json", "{text}/sub/r.json"],
+     "cannot create directory"),
     (["eval", "--data", "{text}", "--model", "{text}"], "not a .gguf model"),
     (["calibrate", "--model", "{model}", "--data", "{text}", "--bits", "2.0", "--ctx", "64",
       "--windows", "1", "--queries", "16", "--out", "{d}/low"], "below the smallest format"),
-    (["calibrate", "--model", "{model}", "--out", "/no/dir/t"], "directory does not exist"),
+    (["calibrate", "--model", "{model}", "--out", "{text}/t"], "cannot create directory"),
     (["calibrate", "--model", "{model}", "--data", "{text}", "--bits", "abc", "--out", "{d}/x"],
      "expected numbers"),
 ])

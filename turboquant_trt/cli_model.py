@@ -47,9 +47,15 @@ def _budgets(text: str) -> list[float]:
 
 
 def _check_writable(path: str, what: str) -> None:
+    """Create the output's directory if needed; fail clearly when it cannot be written."""
     d = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        _fail(f"{what}: {path} is a directory")
     if not os.path.isdir(d):
-        _fail(f"{what}: directory does not exist: {d}")
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            _fail(f"{what}: cannot create directory {d}: {e.strerror or e}")
     if not os.access(d, os.W_OK):
         _fail(f"{what}: cannot write to {d}")
 
