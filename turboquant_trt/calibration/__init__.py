@@ -1,0 +1,1 @@
+"""Calibration internals: statistics capture, transform tables, sensitivity, torch fake quantization."""
