@@ -97,9 +97,6 @@ class KVFormat:
                            group_size=self.group_size, rotation=self.rotation,
                            norm_correction=self.norm_correction, sink_tokens=self.sink_tokens)
 
-    def with_head_dim(self, head_dim: int) -> "KVFormat":
-        return KVFormat(**{**asdict(self), "head_dim": head_dim})
-
     def bytes_per_token_head(self) -> int:
         """Codes and metadata of K and V for one token of one KV head (no amortized parts)."""
         return self.layer(1).bytes_per_token(0)

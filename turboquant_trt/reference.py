@@ -14,7 +14,6 @@ from functools import lru_cache
 import numpy as np
 
 from .format import (
-    MAX_SINK_TOKENS,
     FormatError,
     LayerFormat,
     code_bytes,
@@ -539,7 +538,7 @@ def _hadamard_matrix(d: int) -> np.ndarray:
 
 
 __all__ = [
-    "MAX_SINK_TOKENS", "EncodedKV", "LayerQuantizer", "LayerTables", "PagedPool",
+    "EncodedKV", "LayerQuantizer", "LayerTables", "PagedPool",
     "codebook_boundaries", "dequantize_turbo", "dequantize_uniform", "gaussian_mse", "hadamard",
     "lloyd_max_codebook", "ordered_sum", "pack_codes", "quantize_turbo", "quantize_uniform",
     "reference_attention", "rotate", "rotation_signs", "rsqrt_d", "unpack_codes", "unrotate",
