@@ -25,8 +25,12 @@ def tiny_llama(seed: int = 0, layers: int = 2, kv_heads: int = 2, heads: int = 4
                       num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv_heads, head_dim=64, max_position_embeddings=512,
                       bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    m = LlamaForCausalLM(cfg)
-    # larger random weights so attention is not uniform and quantization error is visible
+    return sharpen(LlamaForCausalLM(cfg))
+
+
+def sharpen(m):
+    """Larger random projection weights, so attention is not uniform and quantization error is
+    visible; eval mode, sdpa attention."""
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "proj" in name:

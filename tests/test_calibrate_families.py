@@ -12,6 +12,8 @@ from turboquant_trt.cache import TurboQuantCache
 from turboquant_trt.calibrate import build_table, run_calibration
 from turboquant_trt.model_loading import ModelError, load_model, model_identity
 
+from test_cache import sharpen
+
 
 def _tiny(family: str):
     import transformers as tf
@@ -24,14 +26,7 @@ def _tiny(family: str):
            "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
            "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM)}[family]
     torch.manual_seed(0)
-    m = cls[1](cls[0](**common))
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "proj" in name:
-                p.mul_(3.0)
-    m.eval()
-    m.set_attn_implementation("sdpa")
-    return m
+    return sharpen(cls[1](cls[0](**common)))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
