@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_KINDS = ("turbo", "uniform")
 MAX_SINK_TOKENS = 16
 MAX_TOKENS_PER_BLOCK = 128
+TILE_TOKENS = 32  # the pool stores codes in tiles of 32 consecutive token slots (docs/format.md §5)
+SUPPORTED_TOKENS_PER_BLOCK = (32, 64, 128)
 ALIGN = 16  # every array in a block starts at a multiple of 16 bytes (one 16-byte vector load)
 DEFAULT_REF_TOKENS = 1024  # tokens of one sequence that sink copies and tables are spread over
 
@@ -180,9 +182,10 @@ class LayerFormat:
 
     def block_layout(self, tokens_per_block: int) -> BlockLayout:
         t = tokens_per_block
-        if t < 1 or t > MAX_TOKENS_PER_BLOCK or t & (t - 1):
-            raise FormatError(f"tokens_per_block={t} must be a power of two from 1 to "
-                              f"{MAX_TOKENS_PER_BLOCK}")
+        if t not in SUPPORTED_TOKENS_PER_BLOCK:
+            raise FormatError(f"tokens_per_block={t} is not supported; allowed: "
+                              f"{', '.join(map(str, SUPPORTED_TOKENS_PER_BLOCK))} (codes are stored "
+                              f"in tiles of {TILE_TOKENS} tokens)")
         d, mb = self.head_dim, self.meta_bytes
         off = 0
         kc, vc, km, vm = [], [], [], []

@@ -14,6 +14,8 @@ from functools import lru_cache
 import numpy as np
 
 from .format import (
+    SUPPORTED_BITS,
+    TILE_TOKENS,
     FormatError,
     LayerFormat,
     code_bytes,
@@ -71,25 +73,63 @@ def _inv_upper_tail(q: float) -> float:
 
 
 def lloyd_max_codebook(bits: int) -> np.ndarray:
-    """Lloyd-Max levels of N(0, 1) with 2**bits entries, ascending, as fp32 (docs/format.md §3.1)."""
+    """Lloyd-Max levels LM_b of N(0, 1) with 2**bits entries, ascending, as fp32.
+
+    Version 2 of the format quantizes with :func:`codebook` (LM_b rounded to an int8 grid); LM_b
+    stays for documentation and :func:`gaussian_mse`.
+    """
     return np.asarray(_lloyd_max_f64(bits), dtype=np.float32)
 
 
+@lru_cache(maxsize=None)
+def _codebook_int8(bits: int) -> tuple[tuple[int, ...], float]:
+    if bits not in SUPPORTED_BITS:
+        raise FormatError(f"no codebook for {bits} bits; allowed: {SUPPORTED_BITS}")
+    if bits == 8:
+        return tuple(range(-128, 128)), 32.0
+    lm = np.asarray(_lloyd_max_f64(bits), dtype=np.float64)
+    lam = 127.0 / lm[-1]                     # float64
+    e = np.round(lm * lam)                   # numpy rounds half to even
+    return tuple(int(x) for x in e), float(np.float32(lam))
+
+
+def codebook_int8(bits: int) -> tuple[np.ndarray, np.float32]:
+    """(e_b as int8 [2**bits], lambda_b as fp32) of docs/format.md §3.1: c_b = e_b / lambda_b."""
+    e, lam = _codebook_int8(bits)
+    return np.array(e, dtype=np.int8), np.float32(lam)
+
+
+def codebook(bits: int) -> np.ndarray:
+    """The codebook c_b[m] = fp32(e_b[m]) / fp32(lambda_b) (fp32 division), ascending, fp32."""
+    e, lam = codebook_int8(bits)
+    return e.astype(np.float32) / lam
+
+
 def codebook_boundaries(bits: int) -> np.ndarray:
-    """Decision boundaries between consecutive levels, fp32 midpoints of the fp32 levels."""
-    c = lloyd_max_codebook(bits)
+    """Decision boundaries between consecutive levels of :func:`codebook`, fp32 midpoints."""
+    c = codebook(bits)
     return ((c[:-1] + c[1:]) * np.float32(0.5)).astype(np.float32)
 
 
-def gaussian_mse(bits: int) -> float:
-    """Expected squared error per coordinate of the codebook on N(0, 1) (the Lloyd-Max distortion)."""
-    c = np.asarray(_lloyd_max_f64(bits))
+def _gaussian_distortion(levels) -> float:
+    """E[(X - q(X))^2] for X ~ N(0, 1), q = nearest of the ascending levels (midpoint boundaries)."""
+    c = np.asarray(levels, dtype=np.float64)
     a = np.concatenate([[-_TAIL], 0.5 * (c[:-1] + c[1:])])
     b = np.concatenate([0.5 * (c[:-1] + c[1:]), [_TAIL]])
     mass = _upper_tail(a) - _upper_tail(b)
     # E[(X - c)^2 ; a < X < b] = (1 + c^2) P - 2c (phi(a) - phi(b)) + a phi(a) - b phi(b)
     return float(np.sum((1 + c * c) * mass - 2 * c * (_phi(a) - _phi(b))
                         + a * _phi(a) - b * _phi(b)))
+
+
+def gaussian_mse(bits: int) -> float:
+    """Expected squared error per coordinate of LM_b on N(0, 1) (the Lloyd-Max distortion)."""
+    return _gaussian_distortion(_lloyd_max_f64(bits))
+
+
+def codebook_mse(bits: int) -> float:
+    """Expected squared error per coordinate of the format's codebook c_b on N(0, 1)."""
+    return _gaussian_distortion(codebook(bits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +226,132 @@ def unpack_codes(packed: np.ndarray, bits: int, head_dim: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# The pool's tile layout (docs/format.md §5.1): 32 token slots of codes in MMA fragment order
+# ---------------------------------------------------------------------------------------------
+
+def _check_which(which: str) -> None:
+    if which not in ("k", "v"):
+        raise FormatError(f"which={which!r} must be 'k' or 'v'")
+
+
+def tile_position(which: str, slot, channel, head_dim: int):
+    """Where code (slot tau of a tile, channel c) lives: (lane L, unit U, selector j, nibble n).
+
+    Works on Python ints and on numpy integer arrays (broadcast). docs/format.md §5.1.
+    """
+    _check_which(which)
+    d = head_dim
+    tau, c = slot, channel
+    if which == "k":
+        g, i = tau % 8, tau // 8
+        s, h, t, y = c // 32, (c % 32) // 16, (c % 16) // 4, c % 4
+        rho = (i * (d // 32) + s) * 2 + h
+    else:
+        m, rh, g = c // 16, (c % 16) // 8, c % 8
+        kh, t, y = tau // 16, (tau % 16) // 4, tau % 4
+        rho = 4 * m + 2 * kh + rh
+    return 4 * g + t, rho // 8, (rho % 8) // 2, 4 * (rho % 2) + y
+
+
+def _unit_bit(bits: int, j, n, k):
+    """(word w, bit kb of the word) of code bit k at position (j, n) of a unit (broadcasts)."""
+    if bits == 2:
+        return j // 2, 4 * n + 2 * (j % 2) + k
+    if bits == 3:
+        hi = j == 3
+        return np.where(hi, k, j), np.where(hi, 4 * n + 3, 4 * n + k)
+    if bits == 4:
+        return j, 4 * n + k
+    if bits == 8:
+        return 2 * j + n // 4, 8 * (n % 4) + k
+    raise FormatError(f"no tile layout for {bits}-bit codes; allowed: {SUPPORTED_BITS}")
+
+
+def tile_bytes(head_dim: int, bits: int) -> int:
+    """Bytes of one tile: TILE_TOKENS slots of ``head_dim`` ``bits``-bit codes."""
+    return TILE_TOKENS * code_bytes(head_dim, bits)
+
+
+@lru_cache(maxsize=None)
+def _tile_bitmap(which: str, head_dim: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """byte index and bit index (in that byte) of every code bit: two int arrays [32, d, bits]."""
+    _check_which(which)
+    if head_dim % 32 or head_dim < 32:
+        raise FormatError(f"head_dim={head_dim} must be a multiple of 32 for the tile layout")
+    tau = np.arange(TILE_TOKENS)[:, None, None]
+    c = np.arange(head_dim)[None, :, None]
+    k = np.arange(bits)[None, None, :]
+    lane, unit, j, n = tile_position(which, tau, c, head_dim)
+    w, kb = _unit_bit(bits, j, n, k)
+    byte = lane * code_bytes(head_dim, bits) + unit * 4 * bits + 4 * w + kb // 8
+    byte, bit = np.broadcast_arrays(byte, kb % 8)
+    byte, bit = byte.astype(np.int64), bit.astype(np.uint8)
+    byte.setflags(write=False)
+    bit.setflags(write=False)
+    return byte, bit
+
+
+def _tile_head_dim(tile: np.ndarray, bits: int, head_dim: int | None) -> int:
+    d = tile.shape[-1] * 8 // (TILE_TOKENS * bits)
+    if head_dim is not None and d != head_dim or tile.shape[-1] != tile_bytes(d, bits):
+        raise FormatError(f"{tile.shape[-1]} bytes are not one tile of {TILE_TOKENS} x "
+                          f"{head_dim if head_dim is not None else 'd'} {bits}-bit codes")
+    return d
+
+
+def pack_tile(codes: np.ndarray, bits: int, which: str) -> np.ndarray:
+    """Codes [32, d] (slot, channel) -> one tile, uint8 [32*d*bits/8] (docs/format.md §5.1)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.ndim != 2 or codes.shape[0] != TILE_TOKENS:
+        raise FormatError(f"a tile holds codes [{TILE_TOKENS}, d], not {list(codes.shape)}")
+    if codes.size and int(codes.max()) >> bits:
+        raise FormatError(f"a code does not fit in {bits} bits")
+    d = codes.shape[1]
+    byte, bit = _tile_bitmap(which, d, bits)
+    vals = ((codes[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1) << bit
+    out = np.zeros(tile_bytes(d, bits), np.uint8)
+    np.bitwise_or.at(out, byte.ravel(), vals.ravel())
+    return out
+
+
+def unpack_tile(tile: np.ndarray, bits: int, which: str, head_dim: int | None = None) -> np.ndarray:
+    """Inverse of :func:`pack_tile`: one tile -> codes [32, d]."""
+    tile = np.asarray(tile, dtype=np.uint8)
+    d = _tile_head_dim(tile, bits, head_dim)
+    byte, bit = _tile_bitmap(which, d, bits)
+    b = (tile[byte] >> bit) & 1  # [32, d, bits]
+    return np.sum(b.astype(np.uint16) << np.arange(bits, dtype=np.uint16), axis=-1).astype(np.uint8)
+
+
+def write_tile_slot(tile: np.ndarray, slot: int, codes: np.ndarray, bits: int, which: str) -> None:
+    """Write one slot's codes [d] into a tile in place; every other slot's bits stay as they are
+    (the CUDA writer's atomicAnd(~mask) then atomicOr(bits) per 32-bit word)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    d = _tile_head_dim(tile, bits, codes.shape[-1])
+    if codes.size and int(codes.max()) >> bits:
+        raise FormatError(f"a code does not fit in {bits} bits")
+    byte, bit = _tile_bitmap(which, d, bits)
+    byte, bit = byte[slot].ravel(), bit[slot].ravel()
+    vals = ((codes[:, None] >> np.arange(bits, dtype=np.uint8)) & 1).ravel() << bit
+    mask = np.zeros(tile.shape[-1], np.uint8)
+    np.bitwise_or.at(mask, byte, np.uint8(1) << bit)
+    put = np.zeros(tile.shape[-1], np.uint8)
+    np.bitwise_or.at(put, byte, vals)
+    tile &= ~mask
+    tile |= put
+
+
+def read_tile_slot(tile: np.ndarray, slot: int, bits: int, which: str,
+                   head_dim: int | None = None) -> np.ndarray:
+    """One slot's codes [d] from a tile."""
+    tile = np.asarray(tile, dtype=np.uint8)
+    d = _tile_head_dim(tile, bits, head_dim)
+    byte, bit = _tile_bitmap(which, d, bits)
+    b = (tile[byte[slot]] >> bit[slot]) & 1  # [d, bits]
+    return np.sum(b.astype(np.uint16) << np.arange(bits, dtype=np.uint16), axis=-1).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
 # Quantizers (docs/format.md §3)
 # ---------------------------------------------------------------------------------------------
 
@@ -220,7 +386,7 @@ def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
     x = np.asarray(x, dtype=np.float32)
     d = x.shape[-1]
     beta = codebook_boundaries(bits)
-    cb = lloyd_max_codebook(bits)
+    cb = codebook(bits)
     n = np.sqrt(ordered_sum(x * x), dtype=np.float32)
     gamma = np.asarray(clip, dtype=np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -230,14 +396,17 @@ def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
     if norm_correction:
         c = cb[codes]
         cn = np.sqrt(ordered_sum(c * c), dtype=np.float32)
-        scale = n / cn
+        # only the 8-bit codebook has a zero level: every code at it (a zero vector) gives scale 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(cn > 0, n / np.where(cn > 0, cn, np.float32(1)), np.float32(0))
+        scale = scale.astype(np.float32)
     else:
         scale = gamma * n / np.float32(math.sqrt(d))
     return codes, _to_fp16_bytes(scale)
 
 
 def dequantize_turbo(codes: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
-    cb = lloyd_max_codebook(bits)
+    cb = codebook(bits)
     return scale.astype(np.float32)[..., None] * cb[codes]
 
 
@@ -426,7 +595,12 @@ class LayerQuantizer:
 # ---------------------------------------------------------------------------------------------
 
 class PagedPool:
-    """A host copy of one layer's paged pool and sink pool, written by the reference."""
+    """A host copy of one layer's paged pool and sink pool, written by the reference.
+
+    Code arrays are in the tile layout of docs/format.md §5.1; metadata rows are plain rows.
+    Writing a token changes only that token's bits, so a reused block's other slots keep whatever
+    they held (as with the CUDA writer).
+    """
 
     def __init__(self, quantizer: LayerQuantizer, num_blocks: int, tokens_per_block: int,
                  num_slots: int, block_stride: int | None = None, layer_offset: int = 0,
@@ -449,9 +623,36 @@ class PagedPool:
         start = self.layer_offset + offset
         return self.pool[block, start: start + t * row_bytes].reshape(t, row_bytes)
 
+    def _bits(self, which: str, head: int) -> int:
+        fmt = self.q.fmt
+        return fmt.k_bits[head] if which == "k" else fmt.v_bits[head]
+
+    def tile(self, block: int, which: str, head: int, tile_index: int) -> np.ndarray:
+        """A writable view of one code tile (slots 32q..32q+31 of the block) of a head."""
+        fmt, lay = self.q.fmt, self.layout
+        _check_which(which)
+        tb = tile_bytes(fmt.head_dim, self._bits(which, head))
+        start = self.layer_offset + (lay.k_codes if which == "k" else lay.v_codes)[head] + tile_index * tb
+        return self.pool[block, start: start + tb]
+
+    def token_codes(self, block: int, row: int, which: str, head: int) -> np.ndarray:
+        """The codes [d] stored for block row ``row`` (token slot) of a head."""
+        return read_tile_slot(self.tile(block, which, head, row // TILE_TOKENS), row % TILE_TOKENS,
+                              self._bits(which, head), which, self.q.fmt.head_dim)
+
+    def block_codes(self, block: int, which: str, head: int) -> np.ndarray:
+        """Codes [T, d] of every slot of a block of a head (unwritten slots: whatever bits are there)."""
+        t = self.layout.tokens_per_block
+        bits = self._bits(which, head)
+        return np.concatenate([unpack_tile(self.tile(block, which, head, q), bits, which,
+                                           self.q.fmt.head_dim) for q in range(t // TILE_TOKENS)])
+
     def write(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray, block_table: np.ndarray,
               seq_index: np.ndarray, seq_slot: np.ndarray) -> None:
-        """Write tokens: k, v [tokens, H, d] original domain; position and sequence of each token."""
+        """Write tokens: k, v [tokens, H, d] original domain; position and sequence of each token.
+
+        Sink positions go to the sink pool (fp16, transformed) and, like every token, to the block.
+        """
         fmt, lay = self.q.fmt, self.layout
         d, t = fmt.head_dim, lay.tokens_per_block
         yk = self.q.transform(k, "k")
@@ -463,27 +664,27 @@ class PagedPool:
                 slot = seq_slot[s]
                 self.sinks[slot, :, 0, p] = yk[i].astype(np.float16)
                 self.sinks[slot, :, 1, p] = yv[i].astype(np.float16)
-                continue
             blk = block_table[s, p // t]
             r = p % t
             for h in range(fmt.kv_heads):
-                kcb, vcb = code_bytes(d, fmt.k_bits[h]), code_bytes(d, fmt.v_bits[h])
-                self._array(blk, lay.k_codes[h], kcb)[r] = ek.codes[h][i]
-                self._array(blk, lay.v_codes[h], vcb)[r] = ev.codes[h][i]
+                for which, enc in (("k", ek), ("v", ev)):
+                    bits = self._bits(which, h)
+                    write_tile_slot(self.tile(blk, which, h, r // TILE_TOKENS), r % TILE_TOKENS,
+                                    unpack_codes(enc.codes[h][i], bits, d), bits, which)
                 self._array(blk, lay.k_meta[h], fmt.meta_bytes)[r] = ek.meta[h][i]
                 self._array(blk, lay.v_meta[h], fmt.meta_bytes)[r] = ev.meta[h][i]
 
     def read(self, block_table_row: np.ndarray, length: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """Dequantized transformed-domain K and V [length, H, d] of one sequence."""
         fmt, lay = self.q.fmt, self.layout
-        d, t = fmt.head_dim, lay.tokens_per_block
+        t = lay.tokens_per_block
         kc = [[] for _ in range(fmt.kv_heads)]
         vc, km, vm = ([[] for _ in range(fmt.kv_heads)] for _ in range(3))
         for p in range(length):
             blk, r = block_table_row[p // t], p % t
             for h in range(fmt.kv_heads):
-                kc[h].append(self._array(blk, lay.k_codes[h], code_bytes(d, fmt.k_bits[h]))[r])
-                vc[h].append(self._array(blk, lay.v_codes[h], code_bytes(d, fmt.v_bits[h]))[r])
+                kc[h].append(pack_codes(self.token_codes(blk, r, "k", h), fmt.k_bits[h]))
+                vc[h].append(pack_codes(self.token_codes(blk, r, "v", h), fmt.v_bits[h]))
                 km[h].append(self._array(blk, lay.k_meta[h], fmt.meta_bytes)[r])
                 vm[h].append(self._array(blk, lay.v_meta[h], fmt.meta_bytes)[r])
         ks = self.q.decode_transformed(EncodedKV([np.array(a) for a in kc], [np.array(a) for a in km]), "k")
@@ -539,7 +740,9 @@ def _hadamard_matrix(d: int) -> np.ndarray:
 
 __all__ = [
     "EncodedKV", "LayerQuantizer", "LayerTables", "PagedPool",
-    "codebook_boundaries", "dequantize_turbo", "dequantize_uniform", "gaussian_mse", "hadamard",
-    "lloyd_max_codebook", "ordered_sum", "pack_codes", "quantize_turbo", "quantize_uniform",
-    "reference_attention", "rotate", "rotation_signs", "rsqrt_d", "unpack_codes", "unrotate",
+    "codebook", "codebook_boundaries", "codebook_int8", "dequantize_turbo", "dequantize_uniform",
+    "codebook_mse", "gaussian_mse", "hadamard", "lloyd_max_codebook", "ordered_sum", "pack_codes", "pack_tile",
+    "quantize_turbo", "quantize_uniform", "read_tile_slot", "reference_attention", "rotate",
+    "rotation_signs", "rsqrt_d", "tile_bytes", "tile_position", "unpack_codes", "unpack_tile",
+    "unrotate", "write_tile_slot",
 ]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..format import LayerFormat
-from ..reference import LayerTables, codebook_boundaries, lloyd_max_codebook
+from ..reference import LayerTables, codebook, codebook_boundaries
 
 FP16_MAX = 65504.0
 
@@ -82,7 +82,7 @@ class TorchTurbo:
 
 @lru_cache(maxsize=None)
 def _codebook(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.from_numpy(lloyd_max_codebook(bits)), torch.from_numpy(codebook_boundaries(bits)))
+    return (torch.from_numpy(codebook(bits)), torch.from_numpy(codebook_boundaries(bits)))
 
 
 def turbo_fake_quant(y: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0,
