@@ -10,15 +10,17 @@ from hypothesis import strategies as st
 
 from turboquant_trt.cli import cli
 from turboquant_trt.format import (
+    ALIGN,
+    FORMAT_VERSION,
     PRESETS,
     FormatError,
     KVFormat,
     LayerFormat,
     ModelFormat,
-    code_bytes,
     preset,
 )
-from turboquant_trt.reference import LayerQuantizer, PagedPool
+from turboquant_trt.reference import pack_codes, unpack_codes
+from turboquant_trt.reference import LayerQuantizer, PagedPool, pack_tile, tile_bytes, unpack_tile
 
 BITS = st.sampled_from([2, 3, 4, 8])
 DIMS = st.sampled_from([64, 128, 256])
@@ -47,9 +49,11 @@ def test_layer_format_validation():
     with pytest.raises(FormatError, match=r"k_bits\[1\]=5"):
         LayerFormat(64, (3, 5), (3, 3))
     lf = LayerFormat(64, (3, 2), (4, 3))
-    for t in (0, 3, 256):
-        with pytest.raises(FormatError, match="power of two"):
+    for t in (0, 1, 3, 8, 16, 48, 256):
+        with pytest.raises(FormatError, match=f"tokens_per_block={t} is not supported; allowed: 32, 64, 128"):
             lf.block_layout(t)
+    with pytest.raises(FormatError, match="allowed: 32, 64, 128"):
+        PagedPool(LayerQuantizer(lf), num_blocks=2, tokens_per_block=16, num_slots=1)
     with pytest.raises(FormatError, match="unknown preset"):
         preset("k5v5")
 
@@ -62,7 +66,7 @@ def test_presets_include_five_x():
 
 
 @settings(max_examples=60, deadline=None)
-@given(kb=st.lists(BITS, min_size=1, max_size=4), d=DIMS, t=st.sampled_from([1, 2, 4, 8, 16, 64, 128]),
+@given(kb=st.lists(BITS, min_size=1, max_size=4), d=DIMS, t=st.sampled_from([32, 64, 128]),
        kind=st.sampled_from(["turbo", "uniform"]), seed=st.integers(0, 2**31))
 def test_accounting_equals_real_bytes(kb, d, t, kind, seed):
     rng = np.random.default_rng(seed)
@@ -80,10 +84,39 @@ def test_accounting_equals_real_bytes(kb, d, t, kind, seed):
     lay = lf.block_layout(t)
     offsets = sorted(lay.k_codes + lay.v_codes + lay.k_meta + lay.v_meta)
     assert all(o % 16 == 0 for o in offsets) and lay.block_bytes % 16 == 0
-    if t * lf.meta_bytes % 16 == 0 and all(t * code_bytes(d, b) % 16 == 0 for b in kb + vb):
-        assert lay.block_bytes == t * lf.bytes_per_token(ref_tokens=0)  # no padding
-    else:
-        assert lay.block_bytes >= t * lf.bytes_per_token(ref_tokens=0)
+    assert lay.block_bytes == t * lf.bytes_per_token(ref_tokens=0)  # T >= 32: no padding
+
+
+def _v1_layout(lf: LayerFormat, t: int) -> tuple:
+    """Version 1's block offsets (docs/format.md §5 of v1), written out independently."""
+    off, heads = 0, []
+    pad = lambda n: -(-n // ALIGN) * ALIGN  # noqa: E731
+    for kb, vb in zip(lf.k_bits, lf.v_bits):
+        kc = off
+        vc = kc + pad(t * lf.head_dim * kb // 8)
+        km = vc + pad(t * lf.head_dim * vb // 8)
+        vm = km + pad(t * lf.meta_bytes)
+        off = vm + pad(t * lf.meta_bytes)
+        heads.append((kc, vc, km, vm))
+    return tuple(heads), off
+
+
+@pytest.mark.parametrize("t", [32, 64, 128])
+def test_block_layout_offsets_unchanged_from_v1(t):
+    rng = np.random.default_rng(t)
+    for _ in range(30):
+        h = int(rng.integers(1, 9))
+        d = int(rng.choice([64, 128, 256]))
+        kind = str(rng.choice(["turbo", "uniform"]))
+        lf = LayerFormat(d, tuple(rng.choice([2, 3, 4, 8], h)), tuple(rng.choice([2, 3, 4, 8], h)),
+                         kind=kind, group_size=0 if kind == "turbo" else 32)
+        lay = lf.block_layout(t)
+        heads, total = _v1_layout(lf, t)
+        assert tuple(zip(lay.k_codes, lay.v_codes, lay.k_meta, lay.v_meta)) == heads
+        assert lay.block_bytes == total
+        for i, (kb, vb) in enumerate(zip(lf.k_bits, lf.v_bits)):  # a head's codes are whole tiles
+            assert lay.v_codes[i] - lay.k_codes[i] == t // 32 * tile_bytes(d, kb)
+            assert lay.k_meta[i] - lay.v_codes[i] == t // 32 * tile_bytes(d, vb)
 
 
 def test_amortized_parts_counted():
@@ -96,34 +129,89 @@ def test_amortized_parts_counted():
     m = ModelFormat((LayerFormat(64, (8,), (8,)), LayerFormat(64, (2,), (2,))))
     assert m.bits_per_element(0) == pytest.approx((8.25 + 2.25) / 2)
     assert ModelFormat.from_dict(json.loads(m.to_json())) == m
-    with pytest.raises(FormatError, match="format_version"):
-        ModelFormat.from_dict({"format_version": 99, "layers": []})
+    assert FORMAT_VERSION == 2 and json.loads(m.to_json())["format_version"] == 2
+    for v in (1, 99):
+        with pytest.raises(FormatError, match=f"format_version {v} is not supported"):
+            ModelFormat.from_dict({"format_version": v, "layers": []})
 
 
-def test_paged_pool_rows_land_where_layout_says():
+def test_paged_pool_tokens_land_where_layout_says():
     rng = np.random.default_rng(7)
     lf = LayerFormat(64, (3, 8), (2, 4), sink_tokens=2)
     q = LayerQuantizer(lf, layer=3)
-    t, n = 4, 11
+    t, n = 32, 75
     pool = PagedPool(q, num_blocks=6, tokens_per_block=t, num_slots=3)
     bt = np.array([[5, 0, 2]])
     k = rng.standard_normal((n, 2, 64)).astype(np.float32)
     v = rng.standard_normal((n, 2, 64)).astype(np.float32)
     pool.write(k, v, np.arange(n), bt, np.zeros(n, int), np.array([2]))
-    ek = q.encode(k, "k")
+    ek, ev = q.encode(k, "k"), q.encode(v, "v")
     lay = pool.layout
-    # token 9 -> block table column 2 (block 2), row 1
-    cb = code_bytes(64, 8)
-    start = lay.k_codes[1] + 1 * cb
-    assert np.array_equal(pool.pool[2, start:start + cb], ek.codes[1][9])
+    # token 70 -> block table column 2 (block 2), row 6 of tile 0: K head 1 (8 bits) has its codes
+    # in the tile at the head's K codes offset
+    start = lay.k_codes[1]
+    tile = pool.pool[2, start:start + tile_bytes(64, 8)]
+    codes70 = unpack_tile(tile, 8, "k", 64)[6]
+    np.testing.assert_array_equal(codes70, ek.codes[1][70])  # 8-bit per-vector packing = codes
+    # token 40 -> block 0, row 8: V head 0 (2 bits); meta rows are plain rows
+    vt = unpack_tile(pool.pool[0, lay.v_codes[0]:lay.v_codes[0] + tile_bytes(64, 2)], 2, "v", 64)
+    np.testing.assert_array_equal(pool.token_codes(0, 8, "v", 0), vt[8])
+    np.testing.assert_array_equal(pack_codes(vt[8], 2), ev.codes[0][40])
+    np.testing.assert_array_equal(pool.pool[0, lay.v_meta[0] + 2 * 8: lay.v_meta[0] + 2 * 9], ev.meta[0][40])
     ks, vs = pool.read(bt[0], n, 2)
-    direct = q.decode_transformed(ek, "k")
-    np.testing.assert_array_equal(ks[2:], direct[2:])
-    # sinks are the fp16 transformed values, unquantized
+    np.testing.assert_array_equal(ks[2:], q.decode_transformed(ek, "k")[2:])
+    np.testing.assert_array_equal(vs[2:], q.decode_transformed(ev, "v")[2:])
+    # sinks are the fp16 transformed values, unquantized; their codes are in the block as well
     np.testing.assert_array_equal(ks[:2], q.transform(k, "k")[:2].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(pack_codes(pool.token_codes(5, 1, "k", 0), 3), ek.codes[0][1])
     untouched = np.ones(6, bool)
     untouched[[5, 0, 2]] = False
     assert np.all(pool.pool[untouched] == 0xA5)
+
+
+@pytest.mark.parametrize("t", [32, 64, 128])
+def test_paged_pool_partial_tiles_of_a_reused_block(t):
+    """Writes into a block full of garbage change only the written tokens' bits and rows."""
+    rng = np.random.default_rng(t + 1)
+    d = 64
+    lf = LayerFormat(d, (3, 4, 2), (8, 3, 2), sink_tokens=1)
+    q = LayerQuantizer(lf, layer=1)
+    pool = PagedPool(q, num_blocks=3, tokens_per_block=t, num_slots=1)
+    pool.pool[:] = rng.integers(0, 256, size=pool.pool.shape, dtype=np.uint8)
+    before = pool.pool.copy()
+    bt = np.array([[2, 0]])
+    m = t // 2 + 5  # block 2 full; block 0 holds m tokens (a partial tile, after full ones for T > 32)
+    n = t + m
+    k = rng.standard_normal((n, 3, d)).astype(np.float32)
+    v = rng.standard_normal((n, 3, d)).astype(np.float32)
+    order = rng.permutation(n)  # any order, in two calls
+    for part in (order[: n // 2], order[n // 2:]):
+        pool.write(k[part], v[part], part, bt, np.zeros(len(part), int), np.array([0]))
+    ks, vs = pool.read(bt[0], n, 0)
+    ek, ev = q.encode(k, "k"), q.encode(v, "v")
+    np.testing.assert_array_equal(ks[1:], q.decode_transformed(ek, "k")[1:])
+    np.testing.assert_array_equal(vs[1:], q.decode_transformed(ev, "v")[1:])
+    assert np.array_equal(pool.pool[1], before[1])
+    # block 0, expected bytes: the garbage's codes with rows 0..36 replaced, packed again
+    lay = pool.layout
+    for h in range(3):
+        for which, enc, bits, off in (("k", ek, lf.k_bits[h], lay.k_codes[h]),
+                                      ("v", ev, lf.v_bits[h], lay.v_codes[h])):
+            tb = tile_bytes(d, bits)
+            codes = np.concatenate([unpack_tile(before[0, off + i * tb: off + (i + 1) * tb], bits, which, d)
+                                    for i in range(t // 32)])
+            codes[:m] = unpack_codes(enc.codes[h][t:], bits, d)
+            want = np.concatenate([pack_tile(codes[i * 32:(i + 1) * 32], bits, which)
+                                   for i in range(t // 32)])
+            np.testing.assert_array_equal(pool.pool[0, off: off + t // 32 * tb], want)
+            np.testing.assert_array_equal(pool.block_codes(0, which, h), codes)
+            # block 2 is full, sink position 0 included
+            np.testing.assert_array_equal(pool.block_codes(2, which, h),
+                                          unpack_codes(enc.codes[h][:t], bits, d))
+        for off, enc in ((lay.k_meta[h], ek), (lay.v_meta[h], ev)):
+            rows = pool.pool[0, off: off + 2 * t].reshape(t, 2)
+            np.testing.assert_array_equal(rows[:m], enc.meta[h][t:])
+            np.testing.assert_array_equal(rows[m:], before[0, off + 2 * m: off + 2 * t].reshape(-1, 2))
 
 
 def test_formats_cli_table_and_json():

@@ -13,21 +13,31 @@ from turboquant_trt.cli import cli
 from turboquant_trt.format import FormatError, LayerFormat
 from turboquant_trt.reference import (
     LayerQuantizer,
+    _lloyd_max_f64,
     LayerTables,
+    codebook,
     codebook_boundaries,
+    codebook_int8,
+    codebook_mse,
     gaussian_mse,
     hadamard,
     lloyd_max_codebook,
     ordered_sum,
     pack_codes,
+    pack_tile,
     quantize_turbo,
     quantize_uniform,
     dequantize_uniform,
+    read_tile_slot,
     reference_attention,
     rotate,
     rotation_signs,
+    tile_bytes,
+    tile_position,
     unpack_codes,
+    unpack_tile,
     unrotate,
+    write_tile_slot,
 )
 
 BITS = st.sampled_from([2, 3, 4, 8])
@@ -79,7 +89,7 @@ def test_rotation_orthogonal_and_inverse(d, seed, layer):
     np.testing.assert_allclose(hadamard(x), x.astype(np.float64) @ h.T / math.sqrt(d), rtol=1e-5, atol=1e-4)
 
 
-def test_codebooks_match_published_lloyd_max_values():
+def test_lloyd_max_matches_published_values():
     np.testing.assert_allclose(lloyd_max_codebook(2)[2:], [0.4528, 1.5104], atol=2e-4)
     np.testing.assert_allclose(lloyd_max_codebook(3)[4:], [0.2451, 0.7560, 1.3440, 2.1520], atol=2e-4)
     assert gaussian_mse(2) == pytest.approx(0.1175, abs=2e-4)
@@ -89,20 +99,75 @@ def test_codebooks_match_published_lloyd_max_values():
         c = lloyd_max_codebook(b)
         assert c.dtype == np.float32 and len(c) == 1 << b and np.all(np.diff(c) > 0)
         np.testing.assert_array_equal(c, -c[::-1])
+
+
+def test_v2_codebooks_are_int8_tables_over_lambda():
+    e2, l2 = codebook_int8(2)
+    e3, l3 = codebook_int8(3)
+    e8, l8 = codebook_int8(8)
+    assert e3.dtype == np.int8 and isinstance(l3, np.float32)
+    assert e3.tolist() == [-127, -79, -45, -14, 14, 45, 79, 127]
+    assert e2.tolist() == [-127, -38, 38, 127]
+    assert e8.tolist() == [m - 128 for m in range(256)] and l8 == np.float32(32.0)
+    for b in (2, 3, 4):
+        lm = np.asarray(_lloyd_max_f64(b), np.float64)  # LM_b in float64
+        e, lam = codebook_int8(b)
+        lam64 = 127.0 / lm[-1]
+        assert lam == np.float32(lam64)
+        # e_b = round_half_even(LM_b * lambda_b) in float64 (no product is near a half here)
+        assert np.array_equal(e, np.rint(lm * lam64)) and np.all(np.abs(lm * lam64 % 1 - 0.5) > 0.01)
+        assert e[-1] == 127 and e[0] == -127 and np.array_equal(e, -e[::-1]) and np.all(np.diff(e) > 0)
         assert codebook_boundaries(b)[(1 << (b - 1)) - 1] == 0.0
+        # rounding to the int8 grid costs almost nothing against Lloyd-Max
+        assert gaussian_mse(b) < codebook_mse(b) < 1.003 * gaussian_mse(b)
+    assert codebook_int8(4)[0].tolist() == [-127, -96, -75, -58, -44, -31, -18, -6,
+                                            6, 18, 31, 44, 58, 75, 96, 127]
+    for b in (2, 3, 4, 8):
+        e, lam = codebook_int8(b)
+        c = codebook(b)
+        assert c.dtype == np.float32 and len(c) == 1 << b
+        # fp32 division, element by element
+        assert all(c[m] == np.float32(np.float32(int(e[m])) / lam) for m in range(len(c)))
+        beta = codebook_boundaries(b)
+        assert beta.dtype == np.float32
+        assert all(beta[j] == np.float32((c[j] + c[j + 1]) / np.float32(2)) for j in range(len(beta)))
+    c8 = codebook(8)
+    assert c8[0] == -4.0 and c8[-1] == 3.96875 and np.all(np.diff(c8) == np.float32(1 / 32))
+    with pytest.raises(FormatError, match="allowed"):
+        codebook_int8(5)
+
+
+def test_quantizer_uses_the_v2_codebook():
+    rng = np.random.default_rng(2)
+    y = rng.standard_normal((200, 64)).astype(np.float32)
+    for b in (2, 3, 4, 8):
+        codes, scale = quantize_turbo(y, b, norm_correction=False)
+        n = np.sqrt(np.sum(y.astype(np.float64) ** 2, -1))
+        u = y / n[:, None] * 8.0
+        # the nearest level of c_b (away from boundaries, where fp32 rounding could decide)
+        c = codebook(b).astype(np.float64)
+        near = np.argmin(np.abs(u[..., None] - c), axis=-1)
+        dist = np.abs(u[..., None] - c)
+        gap = np.sort(dist, -1)[..., 1] - np.sort(dist, -1)[..., 0]
+        clear = gap > 1e-4
+        assert clear.mean() > 0.9 and np.array_equal(codes[clear], near[clear])
+    # a zero vector: scale 0 for every width (8 bits has a zero level, 0/0 must not happen)
+    for b in (2, 3, 4, 8):
+        codes, scale = quantize_turbo(np.zeros((1, 64), np.float32), b)
+        assert scale[0] == 0 and np.isfinite(scale).all()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("d", [64, 128])
-def test_turbo_mse_follows_lloyd_max_theory(bits, d):
+def test_turbo_mse_follows_gaussian_theory(bits, d):
     rng = np.random.default_rng(bits * 1000 + d)
     x = rng.standard_normal((4000, d)).astype(np.float32)
     y = rotate(x, rotation_signs(d, 0))  # still i.i.d. Gaussian
     for nc in (False, True):
         codes, scale = quantize_turbo(y, bits, norm_correction=nc)
-        yq = scale.astype(np.float32)[:, None] * lloyd_max_codebook(bits)[codes]
+        yq = scale.astype(np.float32)[:, None] * codebook(bits)[codes]
         rel = np.sum((yq - y) ** 2) / np.sum(y ** 2)
-        theory = gaussian_mse(bits)
+        theory = codebook_mse(bits)
         # finite d and the per-vector norm move it a little; fp16 scales add ~1e-7
         assert 0.8 * theory < rel < 1.15 * theory + 2e-6, (nc, rel, theory)
 
@@ -121,7 +186,7 @@ def test_more_bits_less_error_and_inner_products():
         ipq = np.sum(q * kq, -1)
         ip_errs.append(np.mean((ipq - ip) ** 2))
         # q·k error variance ≈ |q|^2 |k|^2 D_b / d for rotated Gaussian data
-        expect = np.mean(np.sum(q * q, -1) * np.sum(k[:, 0] ** 2, -1)) * gaussian_mse(b) / d
+        expect = np.mean(np.sum(q * q, -1) * np.sum(k[:, 0] ** 2, -1)) * codebook_mse(b) / d
         assert 0.6 * expect < ip_errs[-1] < 1.6 * expect, (b, ip_errs[-1], expect)
         assert abs(np.mean(ipq - ip)) < 4 * math.sqrt(ip_errs[-1] / len(ip))  # no bias
     assert errs == sorted(errs, reverse=True) and ip_errs == sorted(ip_errs, reverse=True)
@@ -215,3 +280,150 @@ def test_ordered_sum_is_the_documented_order(d):
             s = f(f(f(r[0] + r[1]) + f(r[2] + r[3])) + f(f(r[4] + r[5]) + f(r[6] + r[7])))
             total = s if total is None else f(total + s)
         assert got == total
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool's tile layout (docs/format.md §5.1)
+# ---------------------------------------------------------------------------------------------
+
+def _unit_codes(words: np.ndarray, bits: int) -> np.ndarray:
+    """The 32 codes [j, n] of one unit given as little-endian uint32 words, as the format reads
+    them (written independently of the reference: word-level shifts and masks)."""
+    out = np.zeros((4, 8), np.uint32)
+    w = [int(x) for x in words]
+    for j in range(4):
+        for n in range(8):
+            if bits == 2:
+                v = (w[j // 2] >> (4 * n + 2 * (j % 2))) & 3
+            elif bits == 3:
+                v = (w[j] >> (4 * n)) & 7 if j < 3 else sum(((w[k] >> (4 * n + 3)) & 1) << k for k in range(3))
+            elif bits == 4:
+                v = (w[j] >> (4 * n)) & 15
+            else:
+                v = (w[2 * j + n // 4] >> (8 * (n % 4))) & 255
+            out[j, n] = v
+    return out
+
+
+def _kernel_view(tile: np.ndarray, which: str, d: int, bits: int) -> np.ndarray:
+    """Decode a tile the way the decode kernel's lanes see it: lane (g, t), register rho holds
+    codes y = 0..3 of unit rho // 8 at (j = (rho % 8) // 2, n = 4 * (rho % 2) + y); K register
+    rho = (i * d/32 + s) * 2 + h is (slot g + 8i, channels 32s + 16h + 4t + y); V register
+    rho = 4m + 2kh + rh is (channel 16m + 8rh + g, slots 16kh + 4t + y)."""
+    chunk = d * bits // 8
+    out = np.full((32, d), -1, np.int64)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        units = [_unit_codes(tile[lane * chunk + u * 4 * bits: lane * chunk + (u + 1) * 4 * bits]
+                             .view("<u4"), bits) for u in range(d // 32)]
+        for rho in range(d // 4):
+            for y in range(4):
+                code = units[rho // 8][(rho % 8) // 2, 4 * (rho % 2) + y]
+                if which == "k":
+                    i, rest = divmod(rho, 2 * (d // 32))
+                    s, h = divmod(rest, 2)
+                    slot, ch = g + 8 * i, 32 * s + 16 * h + 4 * t + y
+                else:
+                    m, rest = divmod(rho, 4)
+                    kh, rh = divmod(rest, 2)
+                    slot, ch = 16 * kh + 4 * t + y, 16 * m + 8 * rh + g
+                assert out[slot, ch] == -1, "a code is read twice"
+                out[slot, ch] = code
+    assert np.all(out >= 0), "a code is never read"
+    return out
+
+
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_tile_layout_is_a_bijection(which, d, bits):
+    # every (slot, channel) has its own position, and every bit of the tile belongs to one code
+    tau, c = np.meshgrid(np.arange(32), np.arange(d), indexing="ij")
+    lane, unit, j, n = tile_position(which, tau, c, d)
+    assert lane.min() == 0 and lane.max() == 31 and unit.max() == d // 32 - 1
+    assert j.max() == 3 and n.max() == 7
+    key = ((lane * (d // 32) + unit) * 4 + j) * 8 + n
+    assert len(np.unique(key)) == 32 * d
+    # give every code bit (slot, channel, k) a number 1..N and pack one bit of the numbers at a
+    # time: a tile bit then reads back the number of the one code bit stored there (0: none)
+    nbits = 32 * d * bits
+    ids = np.arange(1, nbits + 1).reshape(32, d, bits)
+    got = np.zeros(tile_bytes(d, bits) * 8, np.int64)
+    for r in range(int(nbits).bit_length()):
+        plane = (ids >> r) & 1
+        codes = np.sum(plane << np.arange(bits), axis=-1).astype(np.uint8)
+        got |= np.unpackbits(pack_tile(codes, bits, which), bitorder="little").astype(np.int64) << r
+    assert tile_bytes(d, bits) * 8 == nbits and sorted(got.tolist()) == list(range(1, nbits + 1))
+
+
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_tile_round_trip_and_kernel_view(which, d, bits):
+    rng = np.random.default_rng(bits * 7 + d + (which == "v"))
+    codes = rng.integers(0, 1 << bits, size=(32, d), dtype=np.uint8)
+    tile = pack_tile(codes, bits, which)
+    assert tile.dtype == np.uint8 and tile.shape == (32 * d * bits // 8,)
+    np.testing.assert_array_equal(unpack_tile(tile, bits, which, d), codes)
+    np.testing.assert_array_equal(_kernel_view(tile, which, d, bits), codes)
+    # every byte string is a tile
+    raw = rng.integers(0, 256, size=tile.shape, dtype=np.uint8)
+    np.testing.assert_array_equal(pack_tile(unpack_tile(raw, bits, which, d), bits, which), raw)
+    for slot in (0, 13, 31):
+        np.testing.assert_array_equal(read_tile_slot(tile, slot, bits, which, d), codes[slot])
+
+
+def test_tile_positions_by_hand():
+    # K, slot 9, channel 37, d = 128: g = 9 % 8 = 1, i = 1, s = 1, h = (37 % 32) // 16 = 0,
+    # t = (37 % 16) // 4 = 1, y = 1; rho = (1 * 4 + 1) * 2 + 0 = 10
+    # -> L = 4g + t = 5, U = 10 // 8 = 1, j = (10 % 8) // 2 = 1, n = 4 * 0 + 1 = 1
+    assert tile_position("k", 9, 37, 128) == (5, 1, 1, 1)
+    # V, slot 9, channel 37, d = 128: m = 2, rh = 0, g = 5, kh = 0, t = 2, y = 1; rho = 8
+    # -> L = 22, U = 1, j = 0, n = 1
+    assert tile_position("v", 9, 37, 128) == (22, 1, 0, 1)
+    # K, slot 2, channel 117, d = 128: g = 2, i = 0, s = 3, h = 1, t = 1, y = 1; rho = 7
+    # -> L = 9, U = 0, j = 3, n = 5 (the split selector of 3-bit codes)
+    assert tile_position("k", 2, 117, 128) == (9, 0, 3, 5)
+
+    def one(which, slot, ch, bits, code):
+        codes = np.zeros((32, 128), np.uint8)
+        codes[slot, ch] = code
+        t = pack_tile(codes, bits, which)
+        return {int(i): int(t[i]) for i in np.flatnonzero(t)}
+
+    # lane chunk 5 starts at 5 * 48 = 240, unit 1 at +12, word W1 at +4: bits 4..6 of byte 256
+    assert one("k", 9, 37, 3, 0b101) == {256: 0b101 << 4}
+    # j = 3: bit k of the code in bit 4n + 3 = 23 of word W_k (byte 2 of the word, bit 7)
+    # lane chunk 9 at 9 * 48 = 432, unit 0: words at 432, 436, 440
+    assert one("k", 2, 117, 3, 0b101) == {434: 0x80, 442: 0x80}
+    assert one("k", 2, 117, 3, 0b010) == {438: 0x80}
+    # 2 bits: lane 5 at 5 * 32 = 160, unit 1 at +8: W0 bits 4n + 2(j % 2) = 6..7 of byte 168
+    assert one("k", 9, 37, 2, 0b11) == {168: 0b11 << 6}
+    # 4 bits, V: lane 22 at 22 * 64 = 1408, unit 1 at +16, W0 bits 4..7 (high nibble)
+    assert one("v", 9, 37, 4, 0xC) == {1424: 0xC0}
+    # 8 bits: byte 8j + n = 9 of unit 1 of lane 5: 5 * 128 + 32 + 9
+    assert one("k", 9, 37, 8, 0xA7) == {681: 0xA7}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_writing_a_slot_keeps_every_other_slot(bits):
+    rng = np.random.default_rng(bits)
+    d = 64
+    for which in ("k", "v"):
+        garbage = rng.integers(0, 256, size=tile_bytes(d, bits), dtype=np.uint8)
+        tile = garbage.copy()
+        expect = unpack_tile(garbage, bits, which, d)
+        for slot in rng.permutation(32)[:11]:
+            new = rng.integers(0, 1 << bits, size=d, dtype=np.uint8)
+            write_tile_slot(tile, int(slot), new, bits, which)
+            expect[slot] = new
+            np.testing.assert_array_equal(unpack_tile(tile, bits, which, d), expect)
+        # the bytes are exactly the packing of old codes with the written slots replaced
+        np.testing.assert_array_equal(tile, pack_tile(expect, bits, which))
+    if bits < 8:
+        with pytest.raises(FormatError, match="does not fit"):
+            write_tile_slot(tile, 0, np.full(d, 1 << bits, np.uint8), bits, "k")
+    with pytest.raises(FormatError, match="not one tile"):
+        unpack_tile(np.zeros(10, np.uint8), bits, "k", d)
+    with pytest.raises(FormatError, match="'k' or 'v'"):
+        pack_tile(np.zeros((32, d), np.uint8), bits, "q")
