@@ -315,64 +315,7 @@ size_t alignWs(size_t n)
 
 using namespace detail;
 
-int32_t decodeNumSplits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t num_sms)
-{
-    int32_t splits = 1, len = 0;
-    planSplits(static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1), max_seq_len, resolveSms(num_sms), splits, len);
-    return splits;
-}
-
-size_t decodeWorkspaceBytes(
-    int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms)
-{
-    int32_t const s = decodeNumSplits(batch, num_kv_heads, max_seq_len, num_sms);
-    if (s == 1)
-    {
-        return 0;
-    }
-    size_t const rows = static_cast<size_t>(batch) * num_q_heads * s;
-    return alignWs(rows * 2 * sizeof(float)) + alignWs(rows * head_dim * sizeof(float));
-}
-
-cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t stream)
-{
-    if (checkCommon(p.layer, p.kv, p.tables, p.num_q_heads) != nullptr || p.q == nullptr || p.out == nullptr
-        || p.seq_lens == nullptr || p.batch < 0 || p.max_seq_len < 1)
-    {
-        return cudaErrorInvalidValue;
-    }
-    if (p.batch == 0)
-    {
-        return cudaSuccess;
-    }
-    static_assert(sizeof(AttnArgs) <= 4096, "kernel parameters must fit in 4 KB");
-    AttnArgs args;
-    std::memset(&args, 0, sizeof(args));
-    fillCommonArgs(args, p.layer, p.kv, p.tables, p.num_q_heads, p.softmax_scale, p.act);
-    args.q = p.q;
-    args.q_stride = p.q_token_stride;
-    args.out = p.out;
-    args.out_stride = p.out_token_stride;
-    args.cu_q = nullptr;
-    args.seq_lens = p.seq_lens;
-    args.batch = p.batch;
-    args.tq = 1;
-    args.tiles_per_seq = 1;
-    int32_t const sms = resolveSms(p.num_sms);
-    planSplits(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads, p.max_seq_len, sms, args.num_splits, args.split_len);
-    if (args.num_splits > 1)
-    {
-        size_t const need = decodeWorkspaceBytes(p.batch, p.num_q_heads, p.layer.num_kv_heads, p.layer.head_dim, p.max_seq_len, sms);
-        if (p.workspace == nullptr || p.workspace_bytes < need)
-        {
-            return cudaErrorInvalidValue;
-        }
-        size_t const rows = static_cast<size_t>(p.batch) * p.num_q_heads * args.num_splits;
-        args.ws_ml = static_cast<float*>(p.workspace);
-        args.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + alignWs(rows * 2 * sizeof(float)));
-    }
-    return runAttention(args, p.batch * (args.group > 8 ? 2 : 1), p.batch, stream);
-}
+// Decode attention (launchDecodeAttention, decodeNumSplits, decodeWorkspaceBytes) lives in decode.cu.
 
 namespace
 {

@@ -1,0 +1,316 @@
+// Decode attention over the quantized paged KV pool (docs/format.md, version 2): host side.
+//
+// decodeSplitKernel<D, KB, VB, NT> (decode_kernel.cuh): one warp per (sequence, KV head, split of
+// the key range), four splits per CTA sharing the query prologue. Both products run on int8 tensor
+// cores (mma.sync m16n8k32 s8.s8.s32) so that a code becomes its codebook value with one PRMT per
+// four codes and nothing else:
+//   - the query is smoothed, rotated and turned into 14-bit integers q = 128*hi + lo per head
+//     (hi in [-128, 127], lo in [0, 127]); hi and lo are two columns of the B operand, so one MMA
+//     gives both partial dot products of 4 query heads;
+//   - S^T = K Q^T with 16 pool slots as M and 32 channels as K; K codes come straight from the
+//     pool tile (each lane loads its own contiguous chunk) through expandUnit();
+//   - the per-vector K scale, 1/lambda and the softmax scale multiply the integer score once per
+//     (slot, head); the online softmax keeps a running maximum per head;
+//   - p' = p * v_scale is quantized to 14 bits against the largest V scale seen so far, split
+//     into hi/lo columns of P^T (through a small per-warp shared buffer), and O^T += V^T P^T
+//     accumulates in int32; the int32 accumulator is folded into fp32 whenever the running maximum
+//     or the V-scale bound grows, and at the end of the split.
+// Sink positions (fp16 in sink_pool) go through an exact fp32 path in the split that holds them.
+// decodeReduceKernel combines the splits and applies R^-1, the value smoothing and mean.
+#include "decode_kernel.cuh"
+#include "dispatch.cuh"
+#include "turboquant/kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace turboquant
+{
+namespace detail
+{
+
+TQ_EXTERN_DECODE(64, 2)
+TQ_EXTERN_DECODE(64, 3)
+TQ_EXTERN_DECODE(64, 4)
+TQ_EXTERN_DECODE(64, 8)
+TQ_EXTERN_DECODE(128, 2)
+TQ_EXTERN_DECODE(128, 3)
+TQ_EXTERN_DECODE(128, 4)
+TQ_EXTERN_DECODE(128, 8)
+
+namespace
+{
+
+constexpr int kDecCtasPerSm = 3; // __launch_bounds__ of the split kernel
+constexpr int kDecMinKeysPerSplit = 128;
+
+struct DecReduceArgs
+{
+    float const* ws_o;
+    float const* ws_ml;
+    void* out;
+    int64_t out_stride;
+    uint16_t const* v_mean;
+    uint16_t const* v_smooth;
+    uint16_t const* signs;
+    int32_t num_q_heads;
+    int32_t group;
+    int32_t num_splits;
+    float rsqrt_d;
+    int32_t bf16;
+};
+
+// One CTA of D threads per (sequence, query head): combines the splits, then R^-1, sv, mu_v.
+template <int D>
+__global__ void __launch_bounds__(D) decodeReduceKernel(DecReduceArgs const a)
+{
+    __shared__ float y[D];
+    int const b = blockIdx.x;
+    int const hq = blockIdx.y;
+    int const c = threadIdx.x;
+    int64_t const base = (static_cast<int64_t>(b) * a.num_q_heads + hq) * a.num_splits;
+    float mx = -INFINITY;
+    for (int s = 0; s < a.num_splits; ++s)
+    {
+        mx = fmaxf(mx, a.ws_ml[2 * (base + s)]);
+    }
+    float num = 0.F;
+    float den = 0.F;
+    for (int s = 0; s < a.num_splits; ++s)
+    {
+        float const ms = a.ws_ml[2 * (base + s)];
+        if (ms != -INFINITY)
+        {
+            float const w = exp2f(ms - mx);
+            den += w * a.ws_ml[2 * (base + s) + 1];
+            num += w * a.ws_o[(base + s) * D + c];
+        }
+    }
+    y[c] = den > 0.F ? num / den : 0.F;
+    __syncthreads();
+#pragma unroll
+    for (int len = 1; len < D; len <<= 1)
+    {
+        float x;
+        if ((c & len) == 0)
+        {
+            x = y[c] + y[c + len];
+        }
+        else
+        {
+            x = y[c - len] - y[c];
+        }
+        __syncthreads();
+        y[c] = x;
+        __syncthreads();
+    }
+    int const head = hq / a.group;
+    int64_t const hv = static_cast<int64_t>(head) * D + c;
+    float const outv = tableOr(a.v_smooth, hv, 1.F) * (y[c] * a.rsqrt_d * h2f(a.signs[c])) + tableOr(a.v_mean, hv, 0.F);
+    storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + c, outv, a.bf16 != 0);
+}
+
+int resolveSmCount(int32_t num_sms)
+{
+    if (num_sms > 0)
+    {
+        return num_sms;
+    }
+    int dev = 0;
+    int sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess
+        || sms <= 0)
+    {
+        (void) cudaGetLastError();
+        return 132;
+    }
+    return sms;
+}
+
+int hsubOf(int32_t num_q_heads, int32_t num_kv_heads)
+{
+    int const group = std::max(1, num_q_heads / std::max(num_kv_heads, 1));
+    return (group + kDecHeadsPerCta - 1) / kDecHeadsPerCta;
+}
+
+// Splits per (sequence, KV head, head subset): multiples of the four warps of a CTA, the fewest
+// that fill the resident CTA slots in whole waves to >= 90%, each at least kDecMinKeysPerSplit keys.
+void planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, int32_t& splits, int32_t& splitLen)
+{
+    int64_t const slots = static_cast<int64_t>(sms) * kDecCtasPerSm;
+    int32_t const keys = std::max<int32_t>(1, maxKeys);
+    int32_t const maxUseful
+        = std::max<int32_t>(1, std::min<int32_t>(kDecMaxSplits / kDecWarps, (keys + kDecWarps * kDecMinKeysPerSplit - 1) / (kDecWarps * kDecMinKeysPerSplit)));
+    int32_t best = 1;
+    double bestEff = -1.0;
+    for (int32_t c = 1; c <= maxUseful; ++c) // c CTAs (4c splits) per pair
+    {
+        int64_t const ctas = pairs * c;
+        int64_t const waves = (ctas + slots - 1) / slots;
+        double const eff = static_cast<double>(ctas) / static_cast<double>(waves * slots);
+        if (ctas >= slots && eff >= 0.9)
+        {
+            best = c;
+            break;
+        }
+        if (eff > bestEff + 1e-9)
+        {
+            bestEff = eff;
+            best = c;
+        }
+    }
+    int32_t const want = best * kDecWarps;
+    splitLen = ((keys + want - 1) / want + kDecTile - 1) / kDecTile * kDecTile;
+    splits = (keys + splitLen - 1) / splitLen;
+}
+
+size_t alignUp256(size_t n)
+{
+    return (n + 255) / 256 * 256;
+}
+
+char const* checkDecode(DecodeAttentionParams const& p)
+{
+    if (char const* why = tqCheckLayer(p.layer, p.num_q_heads))
+    {
+        return why;
+    }
+    KvLayerDesc copy = p.layer;
+    if (!tqComputeBlockLayout(copy) || std::memcmp(copy.k_codes_off, p.layer.k_codes_off, sizeof(copy.k_codes_off)) != 0
+        || copy.block_bytes != p.layer.block_bytes)
+    {
+        return "layer offsets are stale";
+    }
+    if (p.kv.pool == nullptr || p.kv.block_table == nullptr || (reinterpret_cast<uintptr_t>(p.kv.pool) % 16) != 0
+        || p.kv.block_stride % 16 != 0 || p.kv.layer_offset % 16 != 0
+        || p.kv.layer_offset + p.layer.block_bytes > p.kv.block_stride)
+    {
+        return "bad pool";
+    }
+    if (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr))
+    {
+        return "sinks need sink_pool and seq_slot";
+    }
+    if (p.tables.signs == nullptr || p.q == nullptr || p.out == nullptr || p.seq_lens == nullptr || p.batch < 0
+        || p.max_seq_len < 1)
+    {
+        return "missing pointer";
+    }
+    return nullptr;
+}
+
+} // namespace
+} // namespace detail
+
+using namespace detail;
+
+int32_t decodeNumSplits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t num_sms)
+{
+    // the KV-head count alone does not fix the query-head subsets; callers that need the exact
+    // plan for a GQA ratio above 8 get it from decodeWorkspaceBytes, which is an upper bound
+    int32_t splits = 1, len = 0;
+    planDecode(static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1), max_seq_len, resolveSmCount(num_sms), splits, len);
+    return splits;
+}
+
+size_t decodeWorkspaceBytes(
+    int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms)
+{
+    int32_t splits = 1, len = 0;
+    int64_t const pairs = static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
+    planDecode(pairs, max_seq_len, resolveSmCount(num_sms), splits, len);
+    size_t const rows = static_cast<size_t>(std::max(batch, 1)) * num_q_heads * splits;
+    return alignUp256(rows * 2 * sizeof(float)) + alignUp256(rows * head_dim * sizeof(float));
+}
+
+cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t stream)
+{
+    if (checkDecode(p) != nullptr)
+    {
+        return cudaErrorInvalidValue;
+    }
+    if (p.batch == 0)
+    {
+        return cudaSuccess;
+    }
+    static_assert(sizeof(DecodeArgs) <= 4096, "kernel parameters must fit in 4 KB");
+    DecodeArgs a;
+    std::memset(&a, 0, sizeof(a));
+    a.layer = p.layer;
+    a.kv = p.kv;
+    a.k_smooth = p.tables.k_smooth;
+    a.signs = p.tables.signs;
+    a.q = p.q;
+    a.q_stride = p.q_token_stride;
+    a.seq_lens = p.seq_lens;
+    a.batch = p.batch;
+    a.num_q_heads = p.num_q_heads;
+    a.group = p.num_q_heads / p.layer.num_kv_heads;
+    a.hsub = hsubOf(p.num_q_heads, p.layer.num_kv_heads);
+    float const sm = p.softmax_scale > 0.F ? p.softmax_scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.layer.head_dim)));
+    a.q_scale = sm * kLog2e;
+    a.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.layer.head_dim)));
+    a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
+    int32_t const sms = resolveSmCount(p.num_sms);
+    planDecode(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads * a.hsub, p.max_seq_len, sms, a.num_splits, a.split_len);
+    size_t const need = decodeWorkspaceBytes(p.batch, p.num_q_heads, p.layer.num_kv_heads, p.layer.head_dim, p.max_seq_len, sms);
+    if (p.workspace == nullptr || p.workspace_bytes < need || (reinterpret_cast<uintptr_t>(p.workspace) % 16) != 0)
+    {
+        return cudaErrorInvalidValue;
+    }
+    size_t const rows = static_cast<size_t>(p.batch) * p.num_q_heads * a.num_splits;
+    a.ws_ml = static_cast<float*>(p.workspace);
+    a.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + alignUp256(rows * 2 * sizeof(float)));
+
+    // one launch per (k_bits, v_bits) group of KV heads
+    bool done[kMaxKvHeads] = {};
+    int const nt = a.group > 4 ? 2 : 1;
+    for (int h0 = 0; h0 < p.layer.num_kv_heads; ++h0)
+    {
+        if (done[h0])
+        {
+            continue;
+        }
+        a.num_launch_heads = 0;
+        for (int h = h0; h < p.layer.num_kv_heads; ++h)
+        {
+            if (!done[h] && p.layer.k_bits[h] == p.layer.k_bits[h0] && p.layer.v_bits[h] == p.layer.v_bits[h0])
+            {
+                a.heads[a.num_launch_heads++] = static_cast<uint8_t>(h);
+                done[h] = true;
+            }
+        }
+        cudaError_t const err = dispatchAttention(p.layer.head_dim, p.layer.k_bits[h0], p.layer.v_bits[h0], [&](auto d, auto kb, auto vb) {
+            constexpr int D = decltype(d)::value;
+            constexpr int KB = decltype(kb)::value;
+            constexpr int VB = decltype(vb)::value;
+            return nt == 2 ? launchDecodeSplit<D, KB, VB, 2>(a, stream) : launchDecodeSplit<D, KB, VB, 1>(a, stream);
+        });
+        if (err != cudaSuccess)
+        {
+            return err;
+        }
+    }
+    DecReduceArgs r;
+    r.ws_o = a.ws_o;
+    r.ws_ml = a.ws_ml;
+    r.out = p.out;
+    r.out_stride = p.out_token_stride;
+    r.v_mean = p.tables.v_mean;
+    r.v_smooth = p.tables.v_smooth;
+    r.signs = p.tables.signs;
+    r.num_q_heads = p.num_q_heads;
+    r.group = a.group;
+    r.num_splits = a.num_splits;
+    r.rsqrt_d = a.rsqrt_d;
+    r.bf16 = a.bf16;
+    dim3 const grid(p.batch, p.num_q_heads);
+    return dispatchHeadDim(p.layer.head_dim, [&](auto d) {
+        constexpr int D = decltype(d)::value;
+        decodeReduceKernel<D><<<grid, D, 0, stream>>>(r);
+        return cudaGetLastError();
+    });
+}
+
+} // namespace turboquant

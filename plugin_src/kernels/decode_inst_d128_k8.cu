@@ -1,0 +1,10 @@
+// Instantiations of the decode kernel for head_dim 128, 8-bit keys, every value bit width.
+#include "decode_kernel.cuh"
+
+namespace turboquant
+{
+namespace detail
+{
+TQ_INSTANTIATE_DECODE(128, 8)
+} // namespace detail
+} // namespace turboquant

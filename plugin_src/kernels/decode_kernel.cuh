@@ -1,0 +1,681 @@
+// Decode attention over the version-2 tiled pool on int8 tensor cores (internal header).
+// decode.cu holds the host side and the design notes; decode_inst_*.cu instantiate the template.
+#pragma once
+
+#include "common.cuh"
+#include "turboquant/codebooks.h"
+#include "turboquant/kernels.h"
+
+#include <cstdint>
+
+namespace turboquant
+{
+namespace detail
+{
+
+constexpr int kDecWarps = 4;                 // warps per CTA, one split each
+constexpr int kDecThreads = 32 * kDecWarps;
+constexpr int kDecTile = 32;                 // tokens per warp step (one pool tile)
+constexpr int kDecMaxSplits = 256;
+constexpr int kDecHeadsPerCta = 8;           // query heads of one CTA (two n-tiles of 4)
+constexpr int kQMax = 16383;                 // |q| and p' are 14-bit integers: hi = x >> 7, lo = x & 127
+
+struct DecodeArgs
+{
+    KvLayerDesc layer;
+    PagedKvPool kv;
+    uint16_t const* k_smooth; // [H][d] fp16 or null
+    uint16_t const* signs;    // [d] fp16
+    void const* q;            // [batch][Hq][d]
+    int64_t q_stride;
+    int32_t const* seq_lens;  // [batch]
+    float* ws_o;              // [batch][Hq][splits][d]
+    float* ws_ml;             // [batch][Hq][splits][2]  (max in log2 units, sum)
+    int32_t batch;
+    int32_t num_q_heads;
+    int32_t group;            // g = Hq / H
+    int32_t hsub;             // CTAs per (sequence, KV head) along the query heads: ceil(g / 8)
+    int32_t num_splits;
+    int32_t split_len;        // keys per split, a multiple of kDecTile
+    float q_scale;            // softmax_scale * log2(e)
+    float rsqrt_d;
+    int32_t bf16;
+    int32_t num_launch_heads;
+    uint8_t heads[kMaxKvHeads];
+};
+
+template <int B>
+struct CodebookI8;
+template <>
+struct CodebookI8<2>
+{
+    static constexpr float lambda = kCodebookLambda2;
+};
+template <>
+struct CodebookI8<3>
+{
+    static constexpr float lambda = kCodebookLambda3;
+};
+template <>
+struct CodebookI8<4>
+{
+    static constexpr float lambda = kCodebookLambda4;
+};
+template <>
+struct CodebookI8<8>
+{
+    static constexpr float lambda = kCodebookLambda8;
+};
+
+// int8 codebook bytes as PRMT tables: t[0] = e[0..3], t[1] = e[4..7], t[2] = e[8..11], t[3] = e[12..15].
+template <int B>
+__host__ __device__ constexpr uint32_t lutWord(int w)
+{
+    signed char const* e = B == 2 ? kCodebookInt82 : B == 3 ? kCodebookInt83 : kCodebookInt84;
+    int const n = 1 << B;
+    uint32_t r = 0;
+    for (int i = 0; i < 4; ++i)
+    {
+        int const idx = (4 * w + i) % n; // 2-bit: the 4 entries repeat, so selector bit 2 is ignored
+        r |= static_cast<uint32_t>(static_cast<uint8_t>(e[idx])) << (8 * i);
+    }
+    return r;
+}
+
+// One unit (32 codes, 4*B bytes as B little-endian words) -> 8 registers of 4 int8 codebook values:
+// register k = 2j + hh holds positions (j, n = 4hh .. 4hh+3) (docs/format.md, tile layout).
+template <int B>
+__device__ __forceinline__ void expandUnit(uint32_t const* w, uint32_t (&r)[8])
+{
+    if constexpr (B == 8)
+    {
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+        {
+            r[k] = w[k] ^ 0x80808080u; // e = code - 128
+        }
+    }
+    else
+    {
+        uint32_t sel[4];
+        if constexpr (B == 2)
+        {
+            sel[0] = w[0] & 0x33333333u;
+            sel[1] = (w[0] >> 2) & 0x33333333u;
+            sel[2] = w[1] & 0x33333333u;
+            sel[3] = (w[1] >> 2) & 0x33333333u;
+        }
+        else if constexpr (B == 3)
+        {
+            sel[0] = w[0] & 0x77777777u;
+            sel[1] = w[1] & 0x77777777u;
+            sel[2] = w[2] & 0x77777777u;
+            sel[3] = ((w[0] >> 3) & 0x11111111u) | ((w[1] >> 2) & 0x22222222u) | ((w[2] >> 1) & 0x44444444u);
+        }
+        else
+        {
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+            {
+                sel[j] = w[j];
+            }
+        }
+        constexpr uint32_t t0 = lutWord<B>(0);
+        constexpr uint32_t t1 = lutWord<B>(1);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+        {
+            if constexpr (B == 4)
+            {
+                constexpr uint32_t t2 = lutWord<B>(2);
+                constexpr uint32_t t3 = lutWord<B>(3);
+                uint32_t const s7 = sel[j] & 0x77777777u;
+                // byte mask 0xFF where the code's bit 3 is set: PRMT sign-replicates byte 4 (0x80)
+                // for selector nibble 0xC and copies byte 0 (0x00) for nibble 0x0
+                uint32_t const s8 = sel[j] & 0x88888888u;
+                uint32_t const ms = s8 | (s8 >> 1);
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+                {
+                    uint32_t const lo = prmt(t0, t1, s7 >> (16 * hh));
+                    uint32_t const hi = prmt(t2, t3, s7 >> (16 * hh));
+                    uint32_t const m = prmt(0u, 0x80u, ms >> (16 * hh));
+                    r[2 * j + hh] = (hi & m) | (lo & ~m);
+                }
+            }
+            else
+            {
+                r[2 * j] = prmt(t0, t1, sel[j]);
+                r[2 * j + 1] = prmt(t0, t1, sel[j] >> 16);
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void mmaS8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Loads N 32-bit words from a 16-byte (N % 4 == 0) or 8-byte aligned address.
+template <int N>
+__device__ __forceinline__ void loadWords(uint32_t (&w)[N], uint8_t const* p)
+{
+    if constexpr (N % 4 == 0)
+    {
+#pragma unroll
+        for (int i = 0; i < N / 4; ++i)
+        {
+            uint4 const v = __ldg(reinterpret_cast<uint4 const*>(p) + i);
+            w[4 * i] = v.x;
+            w[4 * i + 1] = v.y;
+            w[4 * i + 2] = v.z;
+            w[4 * i + 3] = v.w;
+        }
+    }
+    else
+    {
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i)
+        {
+            uint2 const v = __ldg(reinterpret_cast<uint2 const*>(p) + i);
+            w[2 * i] = v.x;
+            w[2 * i + 1] = v.y;
+        }
+    }
+}
+
+template <int D>
+__host__ __device__ constexpr int decodeSmemBytes()
+{
+    // q (fp32) [8][D], q hi/lo bytes [2][8][D], per-head multipliers, per-warp P buffers [2][8][32] u16
+    return kDecHeadsPerCta * D * 4 + 2 * kDecHeadsPerCta * D + 2 * kDecHeadsPerCta * 4 + kDecWarps * 2 * 8 * 32 * 2;
+}
+
+// One warp per (sequence, KV head, split); a CTA holds four consecutive splits of one (sequence,
+// KV head, query-head subset) and shares the query prologue. NT n-tiles of 4 query heads.
+template <int D, int KB, int VB, int NT>
+__global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_constant__ DecodeArgs const a)
+{
+    constexpr int KCB = D * KB / 8; // bytes of one lane chunk (= one token row) of the K tile
+    constexpr int VCB = D * VB / 8;
+    constexpr int KW = KCB / 4;
+    constexpr int VW = VCB / 4;
+    constexpr int UNITS = D / 32;   // units per lane chunk
+    constexpr int KS = D / 32;      // k-steps of S^T = K Q^T
+    constexpr int MT = D / 16;      // m-tiles of O^T = V^T P^T
+    constexpr float kNegInf = -INFINITY;
+    constexpr float kInvLambdaK = 1.F / CodebookI8<KB>::lambda;
+    constexpr float kInvLambdaV = 1.F / CodebookI8<VB>::lambda;
+
+    extern __shared__ __align__(16) uint8_t smem[];
+    float* qf = reinterpret_cast<float*>(smem);                                   // [8][D]
+    int8_t* qh = reinterpret_cast<int8_t*>(qf + kDecHeadsPerCta * D);             // [8][D] hi bytes
+    int8_t* ql = qh + kDecHeadsPerCta * D;                                         // [8][D] lo bytes
+    float* qmulS = reinterpret_cast<float*>(ql + kDecHeadsPerCta * D);            // [8]
+    float* qmaxS = qmulS + kDecHeadsPerCta;                                        // [8]
+    uint16_t* pbufAll = reinterpret_cast<uint16_t*>(qmaxS + kDecHeadsPerCta);      // [warps][2][8][32]
+
+    KvLayerDesc const& L = a.layer;
+    int const head = a.heads[blockIdx.y];
+    int const b = blockIdx.z / a.hsub;
+    int const hs = blockIdx.z % a.hsub;
+    int const hq0 = head * a.group + hs * kDecHeadsPerCta;
+    int const nh = min(kDecHeadsPerCta, a.group - hs * kDecHeadsPerCta); // query heads of this CTA
+    int const seqLen = a.seq_lens[b];
+    int const T = L.tokens_per_block;
+    int const ns = L.sink_tokens;
+    bool const bf16 = a.bf16 != 0;
+
+    // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes) ------------------------
+    for (int i = threadIdx.x; i < kDecHeadsPerCta * D; i += kDecThreads)
+    {
+        int const r = i / D;
+        int const c = i % D;
+        float x = 0.F;
+        if (r < nh)
+        {
+            x = loadAct(a.q, static_cast<int64_t>(b) * a.q_stride + static_cast<int64_t>(hq0 + r) * D + c, bf16)
+                * tableOr(a.k_smooth, static_cast<int64_t>(head) * D + c, 1.F) * h2f(a.signs[c]);
+        }
+        qf[i] = x;
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int len = 1; len < D; len <<= 1)
+    {
+        for (int i = threadIdx.x; i < kDecHeadsPerCta * D / 2; i += kDecThreads)
+        {
+            int const r = i / (D / 2);
+            int const p = i % (D / 2);
+            int const lo = (p / len) * 2 * len + (p % len);
+            float const x0 = qf[r * D + lo];
+            float const x1 = qf[r * D + lo + len];
+            qf[r * D + lo] = x0 + x1;
+            qf[r * D + lo + len] = x0 - x1;
+        }
+        __syncthreads();
+    }
+    int const lane = threadIdx.x & 31;
+    int const warp = threadIdx.x >> 5;
+    {
+        // warp w: heads w and w + 4
+        for (int r = warp; r < kDecHeadsPerCta; r += kDecWarps)
+        {
+            float mx = 0.F;
+            for (int c = lane; c < D; c += 32)
+            {
+                qf[r * D + c] *= a.rsqrt_d;
+                mx = fmaxf(mx, fabsf(qf[r * D + c]));
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+            {
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            }
+            float const fq = mx > 0.F ? static_cast<float>(kQMax) / mx : 1.F;
+            for (int c = lane; c < D; c += 32)
+            {
+                int const v = __float2int_rn(qf[r * D + c] * fq);
+                qh[r * D + c] = static_cast<int8_t>(v >> 7);
+                ql[r * D + c] = static_cast<int8_t>(v & 127);
+            }
+            if (lane == 0)
+            {
+                qmulS[r] = a.q_scale * kInvLambdaK / fq;
+                qmaxS[r] = mx;
+            }
+        }
+    }
+    __syncthreads();
+
+    int const split = blockIdx.x * kDecWarps + warp;
+    int const g = lane >> 2;
+    int const t = lane & 3;
+    int const kb = split * a.split_len;
+    int const ke = min(kb + a.split_len, seqLen);
+
+    auto wsIndex = [&](int r) -> int64_t {
+        return (static_cast<int64_t>(b) * a.num_q_heads + hq0 + r) * a.num_splits + split;
+    };
+    if (split >= a.num_splits)
+    {
+        return;
+    }
+    if (kb >= ke)
+    {
+        if (lane < nh)
+        {
+            a.ws_ml[2 * wsIndex(lane)] = kNegInf;
+            a.ws_ml[2 * wsIndex(lane) + 1] = 0.F;
+        }
+        return;
+    }
+
+    // B fragments of Q^T: column g = (head 4nt + g/2, part g%2: 0 = hi, 1 = lo); rows = channels
+    uint32_t qB[KS][NT][2];
+    float qmul[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+    {
+        int const hh = 4 * nt + (g >> 1);
+        int8_t const* src = (g & 1) ? ql : qh;
+#pragma unroll
+        for (int s = 0; s < KS; ++s)
+        {
+            qB[s][nt][0] = *reinterpret_cast<uint32_t const*>(src + hh * D + 32 * s + 4 * t);
+            qB[s][nt][1] = *reinterpret_cast<uint32_t const*>(src + hh * D + 32 * s + 16 + 4 * t);
+        }
+        qmul[nt] = qmulS[4 * nt + t];
+    }
+
+    float mRun[NT];
+    float lRun[NT];
+    float oF[MT][NT][2]; // O^T in fp32: channels 16m + g (0) and 16m + 8 + g (1) of head 4nt + t
+    int accO[MT][NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+    {
+        mRun[nt] = kNegInf;
+        lRun[nt] = 0.F;
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+            oF[m][nt][0] = 0.F;
+            oF[m][nt][1] = 0.F;
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+            {
+                accO[m][nt][k] = 0;
+            }
+        }
+    }
+
+    uint16_t const* sinkBase = nullptr;
+    int64_t const sinkRow = static_cast<int64_t>(ns > 0 ? ns : 1) * D;
+    if (ns > 0)
+    {
+        sinkBase = a.kv.sink_pool + (static_cast<int64_t>(a.kv.seq_slot[b]) * L.num_kv_heads + head) * 2 * sinkRow;
+    }
+
+    // ---- sink tokens (fp16, transformed domain): exact fp32 path --------------------------------
+    if (ns > 0 && kb < ns)
+    {
+        int const pe = min(ns, ke);
+        for (int p = kb; p < pe; ++p)
+        {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+            {
+                int const hh = 4 * nt + t;
+                float part = 0.F;
+                for (int c = g; c < D; c += 8)
+                {
+                    part += qf[hh * D + c] * h2f(sinkBase[static_cast<int64_t>(p) * D + c]);
+                }
+                part += __shfl_xor_sync(0xffffffffu, part, 4);
+                part += __shfl_xor_sync(0xffffffffu, part, 8);
+                part += __shfl_xor_sync(0xffffffffu, part, 16);
+                float const s = hh < nh ? part * a.q_scale : kNegInf;
+                if (s > mRun[nt])
+                {
+                    float const alpha = exp2f(mRun[nt] - s);
+#pragma unroll
+                    for (int m = 0; m < MT; ++m)
+                    {
+                        oF[m][nt][0] *= alpha;
+                        oF[m][nt][1] *= alpha;
+                    }
+                    lRun[nt] *= alpha;
+                    mRun[nt] = s;
+                }
+                float const pw = exp2f(s - mRun[nt]);
+                if (g == 0)
+                {
+                    lRun[nt] += pw; // one lane per head counts the sink (lanes of a head are summed at the end)
+                }
+                uint16_t const* vrow = sinkBase + sinkRow + static_cast<int64_t>(p) * D;
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+                {
+                    oF[m][nt][0] += pw * h2f(vrow[16 * m + g]);
+                    oF[m][nt][1] += pw * h2f(vrow[16 * m + 8 + g]);
+                }
+            }
+        }
+    }
+
+    // ---- the quantized tiles ---------------------------------------------------------------------
+    uint8_t const* layerBase = a.kv.pool + a.kv.layer_offset;
+    int32_t const* btab = a.kv.block_table + static_cast<int64_t>(b) * a.kv.max_blocks_per_seq;
+    int const kOff = L.k_codes_off[head];
+    int const vOff = L.v_codes_off[head];
+    int const kmOff = L.k_meta_off[head];
+    int const vmOff = L.v_meta_off[head];
+    uint16_t* pbuf = pbufAll + warp * 2 * 8 * 32;
+
+    float vsMax = 0.F;     // V scales seen so far may reach this: p' = p * vs * pf <= kQMax
+    float pf = 0.F;        // p' scale
+    float oScale = 0.F;    // 1 / (pf * lambda_v)
+
+    auto flush = [&](int nt) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+            oF[m][nt][0] += (static_cast<float>(accO[m][nt][0]) * 128.F + static_cast<float>(accO[m][nt][1])) * oScale;
+            oF[m][nt][1] += (static_cast<float>(accO[m][nt][2]) * 128.F + static_cast<float>(accO[m][nt][3])) * oScale;
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+            {
+                accO[m][nt][k] = 0;
+            }
+        }
+    };
+
+    uint32_t kw[KW], vw[VW];
+    uint16_t ksRaw = 0, vsRaw = 0;
+    auto loadTile = [&](int pos0, uint32_t (&kwx)[KW], uint32_t (&vwx)[VW], uint16_t& ksx, uint16_t& vsx) {
+        int const blk = pos0 / T;
+        int const slot0 = pos0 - blk * T;
+        uint8_t const* base = layerBase + static_cast<int64_t>(__ldg(btab + blk)) * a.kv.block_stride;
+        loadWords<KW>(kwx, base + kOff + slot0 * KCB + lane * KCB);
+        loadWords<VW>(vwx, base + vOff + slot0 * VCB + lane * VCB);
+        ksx = __ldg(reinterpret_cast<unsigned short const*>(base + kmOff) + slot0 + lane);
+        vsx = __ldg(reinterpret_cast<unsigned short const*>(base + vmOff) + slot0 + lane);
+    };
+
+    int const pStart = kb;
+    loadTile(pStart, kw, vw, ksRaw, vsRaw);
+    int buf = 0;
+#pragma unroll 1
+    for (int pos0 = pStart; pos0 < ke; pos0 += kDecTile)
+    {
+        uint32_t kwc[KW], vwc[VW];
+#pragma unroll
+        for (int i = 0; i < KW; ++i)
+        {
+            kwc[i] = kw[i];
+        }
+#pragma unroll
+        for (int i = 0; i < VW; ++i)
+        {
+            vwc[i] = vw[i];
+        }
+        uint16_t const ksc = ksRaw;
+        uint16_t const vsc = vsRaw;
+        if (pos0 + kDecTile < ke)
+        {
+            loadTile(pos0 + kDecTile, kw, vw, ksRaw, vsRaw);
+        }
+
+        // slots of this tile that count: [max(pos0, ns), ke)
+        int const lo = max(pos0, ns) - pos0;
+        int const hi = ke - pos0;
+        bool const laneValid = lane >= lo && lane < hi;
+        float const ksL = h2f(ksc);
+        float const vsL = laneValid ? h2f(vsc) : 0.F;
+        float vmx = vsL;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+        {
+            vmx = fmaxf(vmx, __shfl_xor_sync(0xffffffffu, vmx, o));
+        }
+        if (vmx > vsMax)
+        {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+            {
+                flush(nt);
+            }
+            vsMax = vmx * 1.25F;
+            pf = static_cast<float>(kQMax) / vsMax;
+            oScale = kInvLambdaV / pf;
+        }
+
+        // S^T = K Q^T: m-tile mt holds slots 16mt + g (rows) and 16mt + 8 + g
+        int accS[2][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+        {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+            {
+#pragma unroll
+                for (int k = 0; k < 4; ++k)
+                {
+                    accS[mt][nt][k] = 0;
+                }
+            }
+            // registers rho = (i*KS + s)*2 + h for i = 2mt, 2mt+1: KS/2 units starting at unit mt*KS/2
+            uint32_t ra[4 * KS];
+#pragma unroll
+            for (int u = 0; u < KS / 2; ++u)
+            {
+                uint32_t r8[8];
+                expandUnit<KB>(kwc + (mt * KS / 2 + u) * KB, r8);
+#pragma unroll
+                for (int k = 0; k < 8; ++k)
+                {
+                    ra[8 * u + k] = r8[k];
+                }
+            }
+#pragma unroll
+            for (int s = 0; s < KS; ++s)
+            {
+                // row g: i = 2mt -> local rho (0*KS + s)*2 + h; row g+8: i = 2mt+1 -> (KS + s)*2 + h
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                {
+                    mmaS8(accS[mt][nt], ra[2 * s], ra[2 * (KS + s)], ra[2 * s + 1], ra[2 * (KS + s) + 1], qB[s][nt][0], qB[s][nt][1]);
+                }
+            }
+        }
+
+        // softmax on the 4 slots g + 8i of head 4nt + t held by this thread
+        float ksI[4];
+        float vsI[4];
+        bool okI[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+        {
+            int const slot = g + 8 * i;
+            ksI[i] = __shfl_sync(0xffffffffu, ksL, slot);
+            vsI[i] = __shfl_sync(0xffffffffu, vsL, slot);
+            okI[i] = slot >= lo && slot < hi;
+        }
+        uint16_t* pb = pbuf + buf * 8 * 32;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+        {
+            float sc[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+            {
+                int const* c = accS[i >> 1][nt];
+                int const sInt = (i & 1) ? c[2] * 128 + c[3] : c[0] * 128 + c[1];
+                sc[i] = okI[i] ? static_cast<float>(sInt) * ksI[i] * qmul[nt] : kNegInf;
+            }
+            float gm = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
+            gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 4));
+            gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 8));
+            gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 16));
+            if (gm > mRun[nt])
+            {
+                float const alpha = exp2f(mRun[nt] - gm);
+                flush(nt);
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+                {
+                    oF[m][nt][0] *= alpha;
+                    oF[m][nt][1] *= alpha;
+                }
+                lRun[nt] *= alpha;
+                mRun[nt] = gm;
+            }
+            bool const headOk = 4 * nt + t < nh;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+            {
+                float const p = okI[i] ? exp2f(sc[i] - mRun[nt]) : 0.F;
+                lRun[nt] += p;
+                int const pi = headOk ? __float2int_rn(p * vsI[i] * pf) : 0;
+                pb[(4 * nt + t) * 32 + g + 8 * i] = static_cast<uint16_t>(pi + (pi & ~127)); // (hi << 8) | lo
+            }
+        }
+        __syncwarp();
+        uint32_t pB[NT][2];
+        uint32_t const psel = (g & 1) ? 0x6420u : 0x7531u; // lo bytes or hi bytes of 4 u16
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+        {
+            uint16_t const* row = pb + (4 * nt + (g >> 1)) * 32;
+            uint2 const w0 = *reinterpret_cast<uint2 const*>(row + 4 * t);
+            uint2 const w1 = *reinterpret_cast<uint2 const*>(row + 16 + 4 * t);
+            pB[nt][0] = prmt(w0.x, w0.y, psel);
+            pB[nt][1] = prmt(w1.x, w1.y, psel);
+        }
+        buf ^= 1;
+
+        // O^T += V^T P^T: register rho = 4m + 2kh + rh of the V chunk; unit m/2
+#pragma unroll
+        for (int u = 0; u < UNITS; ++u)
+        {
+            uint32_t r8[8];
+            expandUnit<VB>(vwc + u * VB, r8);
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+            {
+                int const m = 2 * u + half;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                {
+                    mmaS8(accO[m][nt], r8[4 * half], r8[4 * half + 1], r8[4 * half + 2], r8[4 * half + 3], pB[nt][0], pB[nt][1]);
+                }
+            }
+        }
+    }
+
+    // ---- partial results of this split -------------------------------------------------------------
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+    {
+        flush(nt);
+        float l = lRun[nt];
+        l += __shfl_xor_sync(0xffffffffu, l, 4);
+        l += __shfl_xor_sync(0xffffffffu, l, 8);
+        l += __shfl_xor_sync(0xffffffffu, l, 16);
+        int const hh = 4 * nt + t;
+        if (hh < nh)
+        {
+            int64_t const wi = wsIndex(hh);
+            float* o = a.ws_o + wi * D;
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+            {
+                o[16 * m + g] = oF[m][nt][0];
+                o[16 * m + 8 + g] = oF[m][nt][1];
+            }
+            if (g == 0)
+            {
+                a.ws_ml[2 * wi] = mRun[nt];
+                a.ws_ml[2 * wi + 1] = l;
+            }
+        }
+    }
+}
+
+template <int D, int KB, int VB, int NT>
+cudaError_t launchDecodeSplit(DecodeArgs const& a, cudaStream_t stream)
+{
+    auto kern = decodeSplitKernel<D, KB, VB, NT>;
+    constexpr int smemBytes = decodeSmemBytes<D>();
+    dim3 const grid((a.num_splits + kDecWarps - 1) / kDecWarps, a.num_launch_heads, a.batch * a.hsub);
+    kern<<<grid, kDecThreads, smemBytes, stream>>>(a);
+    return cudaGetLastError();
+}
+
+#define TQ_INSTANTIATE_DECODE(D, KB)                                                                       \
+    template cudaError_t launchDecodeSplit<D, KB, 2, 1>(DecodeArgs const&, cudaStream_t);                  \
+    template cudaError_t launchDecodeSplit<D, KB, 3, 1>(DecodeArgs const&, cudaStream_t);                  \
+    template cudaError_t launchDecodeSplit<D, KB, 4, 1>(DecodeArgs const&, cudaStream_t);                  \
+    template cudaError_t launchDecodeSplit<D, KB, 8, 1>(DecodeArgs const&, cudaStream_t);                  \
+    template cudaError_t launchDecodeSplit<D, KB, 2, 2>(DecodeArgs const&, cudaStream_t);                  \
+    template cudaError_t launchDecodeSplit<D, KB, 3, 2>(DecodeArgs const&, cudaStream_t);                  \
+    template cudaError_t launchDecodeSplit<D, KB, 4, 2>(DecodeArgs const&, cudaStream_t);                  \
+    template cudaError_t launchDecodeSplit<D, KB, 8, 2>(DecodeArgs const&, cudaStream_t);
+
+#define TQ_EXTERN_DECODE(D, KB)                                                                            \
+    extern template cudaError_t launchDecodeSplit<D, KB, 2, 1>(DecodeArgs const&, cudaStream_t);           \
+    extern template cudaError_t launchDecodeSplit<D, KB, 3, 1>(DecodeArgs const&, cudaStream_t);           \
+    extern template cudaError_t launchDecodeSplit<D, KB, 4, 1>(DecodeArgs const&, cudaStream_t);           \
+    extern template cudaError_t launchDecodeSplit<D, KB, 8, 1>(DecodeArgs const&, cudaStream_t);           \
+    extern template cudaError_t launchDecodeSplit<D, KB, 2, 2>(DecodeArgs const&, cudaStream_t);           \
+    extern template cudaError_t launchDecodeSplit<D, KB, 3, 2>(DecodeArgs const&, cudaStream_t);           \
+    extern template cudaError_t launchDecodeSplit<D, KB, 4, 2>(DecodeArgs const&, cudaStream_t);           \
+    extern template cudaError_t launchDecodeSplit<D, KB, 8, 2>(DecodeArgs const&, cudaStream_t);
+
+} // namespace detail
+} // namespace turboquant
