@@ -52,7 +52,7 @@ def test_round_trip_and_manifest(tmp_path):
     st, js = t.save(str(tmp_path / "tab"))
     assert os.path.basename(st) == "tab.safetensors" and os.path.basename(js) == "tab.json"
     man = json.load(open(js))
-    assert man["kind"] == "turboquant-scale-table" and man["format_version"] == 1
+    assert man["kind"] == "turboquant-scale-table" and man["format_version"] == 2
     assert man["model"]["num_kv_heads"] == 4 and man["model"]["rope"] == {"rope_theta": 10000.0}
     assert len(man["format"]["layers"]) == 3 and man["recent_tokens"] == 4
     assert abs(man["bits_per_element"] - (t.format.bits_per_element() + 4 * 16 / 1024)) < 1e-5
