@@ -1,6 +1,8 @@
 """GPU tests of the CUDA kernels against the numpy reference (docs/format.md).
 
-Write kernel: the pool bytes equal turboquant_trt.reference.PagedPool's bytes.
+Write kernel: the pool bytes equal turboquant_trt.reference.PagedPool's bytes (format version 2:
+codes in 32-slot tiles, so the tokens of one tile share 32-bit words; pools start as reused
+blocks full of random bits, which the writers must keep in every slot they do not own).
 Attention: float64 reference attention over the same dequantized cache, relative error <= 1e-3
 (fp16 output). Every test draws fresh random data, poisons outputs, and uses block tables whose
 unused entries point far outside the pool. Skipped without a CUDA GPU.
@@ -28,7 +30,9 @@ from turboquant_trt.reference import (  # noqa: E402
     PagedPool,
     reference_attention,
     rotation_signs,
+    write_tile_slot,
 )
+from turboquant_trt.format import TILE_TOKENS  # noqa: E402
 
 BAD_BLOCK = 1 << 28  # unused block-table entries: any read through them faults
 REL_TOL = 1e-3
@@ -73,11 +77,18 @@ def _to_gpu(x, dtype=None):
     return torch.from_numpy(np.ascontiguousarray(x)).to("cuda", dtype=dtype)
 
 
+def _reused_pool(quant, num_blocks, t, num_slots, rng) -> PagedPool:
+    """A reference pool whose blocks hold random bits (a reused pool: stale tokens everywhere)."""
+    ref = PagedPool(quant, num_blocks, t, num_slots=num_slots)
+    ref.pool[:] = rng.integers(0, 256, ref.pool.shape, dtype=np.uint8)
+    return ref
+
+
 def _setup(fmt, tables, t, lens, rng, slots=None):
     """A reference pool holding random K/V for every position of every sequence, and its GPU twin."""
     bt, num_blocks = _block_tables(lens, t, rng)
     quant = LayerQuantizer(fmt, tables)
-    ref = PagedPool(quant, num_blocks, t, num_slots=len(lens))
+    ref = _reused_pool(quant, num_blocks, t, len(lens), rng)
     slots = np.arange(len(lens), dtype=np.int32) if slots is None else slots
     data = []
     for b, n in enumerate(lens):
@@ -103,13 +114,13 @@ def _rel(out, ref):
 
 WRITE_CASES = [
     # d, k_bits, v_bits, T, sinks, norm_correction
-    (128, (3,) * 4, (3,) * 4, 16, 0, True),
-    (128, (2,) * 4, (4,) * 4, 1, 4, True),
+    (128, (3,) * 4, (3,) * 4, 32, 0, True),
+    (128, (2,) * 4, (4,) * 4, 64, 4, True),
     (128, (4, 3, 2, 8), (8, 2, 3, 4), 128, 2, True),
     (64, (3,) * 3, (3,) * 3, 64, 4, False),
-    (64, (2, 8, 4), (4, 3, 8), 8, 0, True),
+    (64, (2, 8, 4), (4, 3, 8), 32, 0, True),
     (128, (8,) * 2, (8,) * 2, 32, 16, False),
-    (64, (3,) * 2, (2,) * 2, 2, 1, True),
+    (64, (3,) * 2, (2,) * 2, 128, 1, True),
 ]
 
 
@@ -119,14 +130,16 @@ def test_write_bytes_match_reference(d, kb, vb, t, ns, nc, act):
     rng = _rng()
     fmt = LayerFormat(d, kb, vb, sink_tokens=ns, norm_correction=nc)
     tables = _tables(fmt.kv_heads, d, rng)
-    lens = [int(x) for x in rng.integers(1, 90, 5)] + [ns + 1, 1]
+    lens = [int(x) for x in rng.integers(1, 300, 5)] + [ns + 1, 1, 2 * t + 1]
     bt, num_blocks = _block_tables(lens, t, rng)
     quant = LayerQuantizer(fmt, tables)
-    ref = PagedPool(quant, num_blocks, t, num_slots=len(lens))
+    ref = _reused_pool(quant, num_blocks, t, len(lens), rng)
     layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
+    layer.pool.copy_(_to_gpu(ref.pool))
     tdt = torch.float16 if act == "fp16" else torch.bfloat16
     slots = np.arange(len(lens), dtype=np.int32)
-    # prefill: all but the last token of each sequence in one call (cu_q_lens), then one decode step
+    # prefill: all but the last token of each sequence in one call (cu_q_lens; the 32 tokens of a
+    # tile are written by concurrent warps), then one decode step
     ks, vs = [], []
     for n in lens:
         ks.append(_kv(n, fmt.kv_heads, d, rng))
@@ -145,6 +158,7 @@ def test_write_bytes_match_reference(d, kb, vb, t, ns, nc, act):
         kr = torch.from_numpy(ks[b]).to(tdt).float().numpy()
         vr = torch.from_numpy(vs[b]).to(tdt).float().numpy()
         ref.write(kr, vr, np.arange(n), bt, np.full(n, b), slots)
+    torch.cuda.synchronize()
     got = layer.pool.cpu().numpy()
     diff = got != ref.pool
     n_vec = sum(lens) * fmt.kv_heads * 2
@@ -163,12 +177,12 @@ def test_write_bytes_match_reference(d, kb, vb, t, ns, nc, act):
 DECODE_CASES = [
     # d, H, g, bits (k, v), T, sinks, lens
     (128, 8, 4, (3, 3), 64, 0, [1, 17, 333, 1501]),
-    (128, 2, 4, (3, 3), 16, 4, [2, 63, 64, 65, 129, 700]),
+    (128, 2, 4, (3, 3), 32, 4, [2, 63, 64, 65, 129, 700]),
     (64, 3, 3, (3, 3), 32, 0, [5, 999, 257]),           # SmolLM2's heads
-    (128, 2, 1, (4, 2), 1, 2, [3, 40, 77]),
-    (128, 2, 8, (2, 4), 2, 0, [9, 300]),
-    (64, 1, 16, (8, 8), 4, 3, [11, 130, 1025]),
-    (64, 4, 4, (4, 4), 8, 16, [16, 17, 31, 500]),
+    (128, 2, 1, (4, 2), 64, 2, [3, 40, 77]),
+    (128, 2, 8, (2, 4), 128, 0, [9, 300]),
+    (64, 1, 16, (8, 8), 32, 3, [11, 130, 1025]),
+    (64, 4, 4, (4, 4), 64, 16, [16, 17, 31, 500]),
     (128, 2, 4, (8, 3), 128, 0, [127, 128, 129, 2050]),
     (64, 2, 8, (2, 2), 128, 1, [1, 2, 3, 4000]),
 ]
@@ -202,7 +216,7 @@ def test_decode_mixed_bits_per_head_and_bf16():
     fmt = LayerFormat(d, (3, 2, 4, 3), (3, 4, 2, 8), sink_tokens=2)
     tables = _tables(h, d, rng)
     lens = [7, 190, 801]
-    quant, ref, layer, bt, slots, _ = _setup(fmt, tables, 16, lens, rng)
+    quant, ref, layer, bt, slots, _ = _setup(fmt, tables, 32, lens, rng)
     q = rng.normal(0, 1, (len(lens), h * g, d)).astype(np.float16)
     want = np.concatenate([
         reference_attention(quant, q[b:b + 1].astype(np.float32), *ref.read(bt[b], n, slots[b]))
@@ -226,11 +240,15 @@ def test_decode_mixed_bits_per_head_and_bf16():
 
 CONTEXT_CASES = [
     # d, H, g, bits, T, sinks, prefix lens, new-token counts
-    (128, 2, 4, (3, 3), 16, 0, [0, 37, 300], [25, 1, 70]),
+    (128, 2, 4, (3, 3), 32, 0, [0, 37, 300], [25, 1, 70]),
     (64, 3, 3, (3, 3), 64, 4, [0, 100], [130, 9]),
-    (128, 1, 8, (4, 2), 1, 2, [5, 0], [3, 40]),
+    (128, 1, 8, (4, 2), 128, 2, [5, 0], [3, 40]),
     (64, 2, 1, (2, 8), 32, 0, [513, 0], [17, 200]),
     (128, 2, 16, (3, 4), 128, 16, [0, 3], [33, 64]),
+    (64, 4, 2, (8, 4), 32, 0, [31, 1, 64, 0], [33, 31, 1, 95]),
+    (128, 3, 5, (2, 3), 64, 3, [7, 0, 95], [1, 97, 40]),
+    (128, 1, 12, (4, 8), 32, 1, [40, 0], [50, 129]),
+    (64, 2, 4, (8, 2), 128, 0, [1000, 250], [300, 7]),
 ]
 
 
@@ -242,7 +260,7 @@ def test_context_chunked_prefill_matches_reference(d, h, g, bits, t, ns, prefix,
     lens = [p + n for p, n in zip(prefix, new)]
     bt, num_blocks = _block_tables(lens, t, rng)
     quant = LayerQuantizer(fmt, tables)
-    ref = PagedPool(quant, num_blocks, t, num_slots=len(lens))
+    ref = _reused_pool(quant, num_blocks, t, len(lens), rng)
     slots = np.arange(len(lens), dtype=np.int32)
     layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
     news_k, news_v = [], []
@@ -253,19 +271,21 @@ def test_context_chunked_prefill_matches_reference(d, h, g, bits, t, ns, prefix,
                   np.full(p + n, b), slots)
         news_k.append(k[p:])
         news_v.append(v[p:])
-    # the GPU pool starts as the reference's bytes with the new tokens' rows scrubbed, so the
-    # kernel must write them itself (0x5A poison; NaN in the sink pool)
-    pool_np = ref.pool.copy()
+    # the GPU pool starts as the reference's bytes with the new tokens' slots scrubbed (random
+    # codes in their tile bits, 0x5A scales; NaN in the sink pool), so the kernel must write them
+    scrub = PagedPool(quant, num_blocks, t, num_slots=len(lens))
+    scrub.pool = ref.pool.copy()
     lay = fmt.block_layout(t)
     for b, (p, n) in enumerate(zip(prefix, new)):
         for pos in range(p, p + n):
-            if pos < ns:
-                continue
             blk, r = bt[b, pos // t], pos % t
             for hh in range(h):
-                for off, rb in ((lay.k_codes[hh], d * fmt.k_bits[hh] // 8), (lay.v_codes[hh], d * fmt.v_bits[hh] // 8),
-                                (lay.k_meta[hh], 2), (lay.v_meta[hh], 2)):
-                    pool_np[blk, off + r * rb: off + (r + 1) * rb] = 0x5A
+                for which, nb in (("k", fmt.k_bits[hh]), ("v", fmt.v_bits[hh])):
+                    write_tile_slot(scrub.tile(blk, which, hh, r // TILE_TOKENS), r % TILE_TOKENS,
+                                    rng.integers(0, 1 << nb, d).astype(np.uint8), nb, which)
+                for off in (lay.k_meta[hh], lay.v_meta[hh]):
+                    scrub.pool[blk, off + 2 * r: off + 2 * r + 2] = 0x5A
+    pool_np = scrub.pool
     layer.pool.copy_(_to_gpu(pool_np))
     sinks_np = ref.sinks.copy()
     for b, (p, n) in enumerate(zip(prefix, new)):
@@ -291,12 +311,17 @@ def test_context_chunked_prefill_matches_reference(d, h, g, bits, t, ns, prefix,
     assert err <= REL_TOL
 
 
-def test_dequantize_matches_reference_read():
+@pytest.mark.parametrize("d,kb,vb,t,ns,lens", [
+    (128, (3, 4), (2, 8), 32, 3, [5, 77, 300]),
+    (64, (8, 2, 3), (4, 3, 2), 64, 0, [1, 64, 65, 191]),
+    (128, (2,), (4,), 128, 16, [16, 17, 129, 400]),
+])
+def test_dequantize_matches_reference_read(d, kb, vb, t, ns, lens):
     rng = _rng()
-    fmt = LayerFormat(128, (3, 4), (2, 8), sink_tokens=3)
-    lens = [5, 77, 300]
-    quant, ref, layer, bt, slots, _ = _setup(fmt, _tables(2, 128, rng), 16, lens, rng)
+    fmt = LayerFormat(d, kb, vb, sink_tokens=ns)
+    quant, ref, layer, bt, slots, _ = _setup(fmt, _tables(len(kb), d, rng), t, lens, rng)
     ko, vo = K.dequantize_kv(layer, bt, lens, max(lens))
+    torch.cuda.synchronize()
     for b, n in enumerate(lens):
         kr, vr = ref.read(bt[b], n, slots[b])
         kg = ko[b, :, :n].transpose(0, 1).float().cpu().numpy()
@@ -307,7 +332,12 @@ def test_dequantize_matches_reference_read():
 
 def test_bad_arguments_raise_clear_errors():
     fmt = LayerFormat(128, (3,), (3,))
-    layer = K.KernelLayer.allocate(fmt, 4, 16, 1)
+    layer = K.KernelLayer.allocate(fmt, 4, 32, 1)
     with pytest.raises(K.KernelError, match="query heads"):
         K.decode_attention(layer, torch.zeros((1, 17, 128), dtype=torch.float16, device="cuda"),
                            np.zeros((1, 2), np.int32), [1], 1)
+    # format version 2 stores codes in tiles of 32 slots: other block sizes are refused
+    layer.tokens_per_block = 16
+    k = torch.zeros((1, 1, 128), dtype=torch.float16, device="cuda")
+    with pytest.raises(K.KernelError, match="tokens_per_block"):
+        K.quantize_kv(layer, k, k, np.zeros((1, 2), np.int32), [1])

@@ -8,8 +8,9 @@ prefill beside generation requests) and more decode steps.
 
 This file builds the case (random fp16 q/k/v, random calibrated-looking scale tables, a shuffled
 block table, a pool shared with another layer) and checks, against turboquant_trt.reference:
-  * the pool bytes the plugin wrote equal the reference quantizer's bytes (rows of every
-    non-sink position), and nothing outside this layer's part of each block was touched;
+  * the pool bytes the plugin wrote equal the reference quantizer's bytes (every position's
+    codes in the 32-slot tiles and its scales; format version 2), and nothing outside this
+    layer's part of each block was touched;
   * the sink copies equal the reference's fp16 transformed values;
   * every step's attention output matches float64 attention over the same dequantized cache
     (relative error <= 2e-3; the output itself is fp16), and differs from unquantized attention
@@ -98,7 +99,7 @@ CASES = [
     # SmolLM2-135M's attention shape: 9 query / 3 KV heads, d=64; mixed bits; 4 sink tokens;
     # max_seq_len 4096 makes decode split the key range (256 keys per split at least), so short
     # requests leave splits empty and the long one spans several.
-    Case("smollm2_d64", 64, 9, (4, 3, 3), (3, 2, 4), 16, 4, (37, 5, 700), 3, 9, max_seq_len=4096),
+    Case("smollm2_d64", 64, 9, (4, 3, 3), (3, 2, 4), 32, 4, (37, 5, 700), 3, 9, max_seq_len=4096),
     # d=128, GQA 4, 8 KV heads, every bit width, T=64 (partial blocks), no sinks.
     Case("gqa4_d128", 128, 32, (2, 3, 4, 8, 3, 3, 2, 4), (3, 2, 8, 4, 3, 2, 3, 4), 64, 0, (200, 1, 129, 64), 3, 17),
 ]
@@ -131,13 +132,13 @@ def _tensor_line(kind: str, name: str, arr: np.ndarray, fname: str) -> str:
 
 
 def _rows(pool: PagedPool, fmt: LayerFormat, blk: int, r: int) -> bytes:
-    """Every byte of token row r of block blk (all heads, codes and metadata)."""
-    lay, d = pool.layout, fmt.head_dim
+    """Everything stored for slot r of block blk (all heads: K and V codes from their tiles, scales)."""
+    lay = pool.layout
     out = b""
     for h in range(fmt.kv_heads):
-        for off, width in ((lay.k_codes[h], d * fmt.k_bits[h] // 8), (lay.v_codes[h], d * fmt.v_bits[h] // 8),
-                           (lay.k_meta[h], fmt.meta_bytes), (lay.v_meta[h], fmt.meta_bytes)):
-            out += pool._array(blk, off, width)[r].tobytes()
+        out += pool.token_codes(blk, r, "k", h).tobytes() + pool.token_codes(blk, r, "v", h).tobytes()
+        for off in (lay.k_meta[h], lay.v_meta[h]):
+            out += pool._array(blk, off, fmt.meta_bytes)[r].tobytes()
     return out
 
 
@@ -190,7 +191,7 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
     case_dir.mkdir()
     out_dir.mkdir()
     lines = [f"plugin {' '.join(PLUGIN)}"]
-    fields = [("format_version", "int32", [1]), ("layer_index", "int32", [case.layer]),
+    fields = [("format_version", "int32", [2]), ("layer_index", "int32", [case.layer]),
               ("num_q_heads", "int32", [hq]), ("num_kv_heads", "int32", [h]), ("head_dim", "int32", [d]),
               ("tokens_per_block", "int32", [t]), ("k_bits", "int32", list(case.k_bits)),
               ("v_bits", "int32", list(case.v_bits)), ("sink_tokens", "int32", [ns]),
@@ -233,7 +234,7 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
     assert run.returncode == 0, f"harness failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
     assert "field round trip" in run.stdout and "HARNESS OK" in run.stdout
 
-    # ---- pool bytes: every non-sink row equals the reference's; nothing else was touched ------
+    # ---- pool bytes: every position's slot equals the reference's; nothing else was touched ----
     got_pool = np.fromfile(out_dir / "kv_pool.bin", np.uint8).reshape(num_blocks, block_stride)
     got_sink = np.fromfile(out_dir / "sink_pool.bin", np.float16).reshape(sink0.shape)
     mine = PagedPool(quant, num_blocks, t, num_slots, block_stride=block_stride, layer_offset=layer_offset)
@@ -244,7 +245,7 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
     assert np.array_equal(got_pool[:, outside], pool0[:, outside]), "plugin wrote outside its layer's block part"
     rows = mismatched = 0
     for i in range(b):
-        for p in range(ns, final_lens[i]):
+        for p in range(final_lens[i]):  # sink positions are written to the block too
             blk, r = block_table[i, p // t], p % t
             rows += 1
             mismatched += _rows(mine, fmt, blk, r) != _rows(ref, fmt, blk, r)

@@ -52,6 +52,10 @@ char const* toViews(TqLayerC const* c, turboquant::KvLayerDesc& d, turboquant::P
     {
         return why;
     }
+    if (!tqTokensPerBlockValid(d.tokens_per_block))
+    {
+        return "tokens_per_block must be 32, 64 or 128 (format version 2 stores codes in tiles of 32 slots)";
+    }
     if (!tqComputeBlockLayout(d))
     {
         return "invalid block layout";
@@ -148,7 +152,7 @@ int32_t tq_block_layout(TqLayerC const* layer, int32_t* offsets, int32_t* block_
     }
     if (!turboquant::tqComputeBlockLayout(d))
     {
-        return fail("tokens_per_block must be a power of two from 1 to 128");
+        return fail("tokens_per_block must be 32, 64 or 128 (format version 2 stores codes in tiles of 32 slots)");
     }
     int const H = d.num_kv_heads;
     for (int h = 0; h < H; ++h)

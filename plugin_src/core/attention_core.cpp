@@ -86,7 +86,7 @@ std::vector<FieldSpec> const& fieldSpecs()
         {"num_q_heads", FieldType::kINT32, 1, true, "query heads Hq"},
         {"num_kv_heads", FieldType::kINT32, 1, true, "KV heads H; Hq is a multiple of H"},
         {"head_dim", FieldType::kINT32, 1, true, "d: 64, 128 or 256"},
-        {"tokens_per_block", FieldType::kINT32, 1, true, "T: tokens per pool block, a power of two 1..128"},
+        {"tokens_per_block", FieldType::kINT32, 1, true, "T: tokens per pool block, 32, 64 or 128"},
         {"k_bits", FieldType::kINT32, -1, true, "bits per K code, one per KV head: 2, 3, 4 or 8"},
         {"v_bits", FieldType::kINT32, -1, true, "bits per V code, one per KV head: 2, 3, 4 or 8"},
         {"kind", FieldType::kINT32, 1, false, "0 = turbo (default), 1 = uniform (reference only)"},
@@ -285,10 +285,10 @@ void validate(AttentionConfig const& c)
             + "kernels support " + supportedCombinationsText());
     }
     int32_t const t = c.tokens_per_block;
-    if (t < 1 || t > kMaxTokensPerBlock || (t & (t - 1)) != 0)
+    if (!::turboquant::tqTokensPerBlockValid(t))
     {
-        fail("tokens_per_block=" + std::to_string(t) + " must be a power of two from 1 to "
-            + std::to_string(kMaxTokensPerBlock));
+        fail("tokens_per_block=" + std::to_string(t) + " must be 32, 64 or 128 (format version "
+            + std::to_string(kFormatVersion) + " stores codes in tiles of 32 token slots)");
     }
     if (static_cast<int32_t>(c.k_bits.size()) != c.num_kv_heads || static_cast<int32_t>(c.v_bits.size()) != c.num_kv_heads)
     {

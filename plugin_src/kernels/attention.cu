@@ -1,21 +1,21 @@
-// Decode and context attention over the quantized paged KV pool (docs/format.md): host side.
+// Context (prefill, chunked prefill) attention over the quantized paged KV pool (docs/format.md):
+// host side. Decode has its own kernel (decode.cu).
 //
 // attentionSplitKernel<D, KB, VB> (attention_kernel.cuh): one CTA of four warps per (row tile, KV
 // head, split of the key range). A row tile is up to 8 (query token, query head) rows of one KV
-// head's GQA group; decode has one query token per sequence, so the tile holds the g query heads
-// and every K/V byte is read once per step (groups of more than 8 heads take two CTAs). Each warp
-// streams its own 16-token tiles through a four-stage shared-memory pipeline (bulk copies on an
-// mbarrier per stage on sm_90+, cp.async before), dequantizes them in registers (dequant.cuh) and
-// runs both products on tensor cores (mma m16n8k16, fp16 inputs, fp32 accumulation) with tokens as
-// the M dimension: S^T = K Q_t^T, then O^T += V^T P^T, P^T coming from S^T's accumulators through
-// an 8x8 register transpose (movmatrix). The query is smoothed, rotated and scaled in the
-// prologue. Partial (max, sum, O) per split go to the workspace and attentionReduceKernel<D>
-// combines them and applies R^-1, smoothing and mean; with a single split the kernel does that
-// itself.
+// head's GQA group (groups of more than 8 heads take two CTAs). Each warp streams its own 32-slot
+// pool tiles (format version 2) through a shared-memory pipeline of 2 or 3 stages (bulk copies on
+// an mbarrier per stage on sm_90+, cp.async before); a lane reads its own lane chunk of the tile,
+// which holds exactly the codes of its tensor-core fragments, and expands them in registers
+// (dequant.cuh). Both products run on tensor cores (mma m16n8k16, fp16 inputs, fp32 accumulation)
+// with tokens as the M dimension, two 16-token steps per tile: S^T = K Q_t^T, then O^T += V^T P^T,
+// P^T coming from S^T's accumulators through an 8x8 register transpose (movmatrix) and four quad
+// shuffles. The query is smoothed, rotated and scaled in the prologue. Partial (max, sum, O) per
+// split go to the workspace and attentionReduceKernel<D> combines them and applies R^-1,
+// smoothing and mean; with a single split the kernel does that itself.
 //
-// Channel order: thread t of a quad holds channels [t*D/4, (t+1)*D/4) of a K row, in the order the
-// dequantizer produces (Dequant<KB,16>::perm); the query fragment uses the same order. V rows of
-// thread group gq cover channels gq*D/8 + Dequant<VB,D/8>::perm(j).
+// Channel order (the tile layout's): K k-step kk of thread t of a quad covers channels
+// 16kk + 4t + 0..3; V m-tile mt covers channels 16mt + g and 16mt + 8 + g for lane group g.
 #include "attention_kernel.cuh"
 #include "dispatch.cuh"
 #include "turboquant/kernels.h"

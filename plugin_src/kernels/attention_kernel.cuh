@@ -20,8 +20,9 @@ namespace detail
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 64;   // split boundaries are multiples of this
-constexpr int kTile = 16;    // tokens per warp step and per pipeline stage
-constexpr int kWarpStages = 4; // per-warp pipeline depth
+constexpr int kTile = 16;    // tokens per warp step (two steps per staged pool tile)
+constexpr int kStageTokens = kTileTokens; // tokens per pipeline stage: one 32-slot pool tile
+constexpr int kMaxWarpStages = 3;          // per-warp pipeline depth (2 or 3, see warpStages)
 constexpr int kMaxSplits = 128;
 #ifndef TQ_CTAS_PER_SM
 #define TQ_CTAS_PER_SM 4
@@ -60,34 +61,30 @@ struct AttnArgs
     uint8_t heads[kMaxKvHeads]; // KV heads of this launch (all share k_bits/v_bits)
 };
 
-// One warp's stage: the four arrays of a 16-token tile, in pieces of min(T, 16) rows (one piece
-// per page), each piece padded to 16 bytes as in the pool.
+// One warp's stage: the four arrays of one 32-slot pool tile of a head, as in the pool: K codes
+// (32 * KCB bytes, tile layout), V codes (32 * VCB), K scales (64 bytes), V scales (64 bytes).
 struct StageLayout
 {
-    int tp;            // tokens per piece: min(T, kTile)
-    int pbK, pbV, pbM; // padded bytes of one piece of each array
     int offV, offKM, offVM, bytes;
 };
 
-__host__ __device__ inline StageLayout stageLayout(int T, int kcb, int vcb)
+__host__ __device__ constexpr StageLayout stageLayout(int kcb, int vcb)
 {
-    StageLayout s;
-    s.tp = T < kTile ? T : kTile;
-    int const pieces = kTile / s.tp;
-    s.pbK = tqAlignUp(s.tp * kcb);
-    s.pbV = tqAlignUp(s.tp * vcb);
-    s.pbM = tqAlignUp(s.tp * kTurboMetaBytes);
-    s.offV = pieces * s.pbK;
-    s.offKM = s.offV + pieces * s.pbV;
-    s.offVM = s.offKM + pieces * s.pbM;
-    s.bytes = s.offVM + pieces * s.pbM;
-    return s;
+    return StageLayout{kStageTokens * kcb, kStageTokens * (kcb + vcb), kStageTokens * (kcb + vcb) + 2 * kStageTokens,
+        kStageTokens * (kcb + vcb) + 4 * kStageTokens};
+}
+
+// Pipeline depth per warp: 3 stages when four CTAs of the kernel still fit in shared memory.
+template <int D, int KB, int VB>
+__host__ __device__ constexpr int warpStages()
+{
+    return 16 * D * 4 + kWarps * (3 * stageLayout(D * KB / 8, D * VB / 8).bytes + 3 * 8) <= 56 * 1024 ? 3 : 2;
 }
 
 template <int D>
 __host__ __device__ constexpr int prologueBytes()
 {
-    return 16 * D * 4 + 256 * 2 + kWarps * kWarpStages * 8; // query rows, 8-bit table, mbarriers
+    return 16 * D * 4 + kWarps * kMaxWarpStages * 8; // query rows, mbarriers
 }
 
 template <int D>
@@ -124,65 +121,57 @@ __device__ __forceinline__ void mbarWait(uint64_t* bar, uint32_t phase)
 #endif
 }
 
-// Starts the copy of one 16-token tile (positions pos0..pos0+15, those below keyEnd) of one head's
-// four arrays into a warp's stage. sm_90+: bulk copies (one per array and page) completing on the
-// stage's mbarrier; older GPUs: 16-byte cp.async by every lane, one commit group per tile.
+// Starts the copy of the 32-slot pool tile at positions pos0..pos0+31 (pos0 a multiple of 32 below
+// the sequence length, so its block exists) of one head's four arrays into a warp's stage. sm_90+:
+// four bulk copies completing on the stage's mbarrier; older GPUs: 16-byte cp.async by every
+// lane, one commit group per tile.
 __device__ __forceinline__ void issueTile(AttnArgs const& a, StageLayout const& sl, uint8_t* stage, uint64_t* bar,
-    int b, int head, int pos0, int keyEnd, int kcb, int vcb, int lane)
+    int b, int head, int pos0, int kcb, int vcb, int lane)
 {
     KvLayerDesc const& L = a.layer;
     int const T = L.tokens_per_block;
     int const tShift = 31 - __clz(T);
-    int const pieces = kTile / sl.tp;
-    int const valid = min(pieces, (keyEnd - pos0 + sl.tp - 1) / sl.tp);
-    int const offs[4] = {L.k_codes_off[head], L.v_codes_off[head], L.k_meta_off[head], L.v_meta_off[head]};
-    int const rowb[4] = {kcb, vcb, kTurboMetaBytes, kTurboMetaBytes};
-    int const pb[4] = {sl.pbK, sl.pbV, sl.pbM, sl.pbM};
-    int const soff[4] = {0, sl.offV, sl.offKM, sl.offVM};
-    int32_t const* bt = a.kv.block_table + static_cast<int64_t>(b) * a.kv.max_blocks_per_seq;
-    uint8_t const* pool = a.kv.pool + a.kv.layer_offset;
+    int const q = (pos0 & (T - 1)) >> 5; // tile of the block
+    int64_t const blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + (pos0 >> tShift)];
+    uint8_t const* base = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride;
     __syncwarp(); // every lane is done reading this stage
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (lane == 0)
     {
-        uint32_t const bytes = static_cast<uint32_t>(valid * (sl.pbK + sl.pbV + 2 * sl.pbM));
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smemAddr(bar)), "r"(bytes)
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smemAddr(bar)),
+                     "r"(static_cast<uint32_t>(sl.bytes))
                      : "memory");
     }
     __syncwarp();
-    for (int i = lane; i < 4 * valid; i += 32)
+    if (lane < 4)
     {
-        int const arr = i & 3;
-        int const piece = i >> 2;
-        // select instead of indexing the small arrays (keeps them in registers)
-        int const off = arr == 0 ? offs[0] : arr == 1 ? offs[1] : arr == 2 ? offs[2] : offs[3];
-        int const rb = arr == 0 ? rowb[0] : arr == 1 ? rowb[1] : kTurboMetaBytes;
-        int const pbA = arr == 0 ? pb[0] : arr == 1 ? pb[1] : pb[2];
-        int const so = arr == 0 ? soff[0] : arr == 1 ? soff[1] : arr == 2 ? soff[2] : soff[3];
-        int const p0 = pos0 + piece * sl.tp;
-        int64_t const blk = bt[p0 >> tShift];
-        uint8_t const* src = pool + blk * a.kv.block_stride + off + (p0 & (T - 1)) * rb;
+        int const src = lane == 0 ? L.k_codes_off[head] + q * kStageTokens * kcb
+            : lane == 1           ? L.v_codes_off[head] + q * kStageTokens * vcb
+            : lane == 2           ? L.k_meta_off[head] + q * kStageTokens * kTurboMetaBytes
+                                  : L.v_meta_off[head] + q * kStageTokens * kTurboMetaBytes;
+        int const dst = lane == 0 ? 0 : lane == 1 ? sl.offV : lane == 2 ? sl.offKM : sl.offVM;
+        int const bytes = lane == 0 ? kStageTokens * kcb
+            : lane == 1             ? kStageTokens * vcb
+                                    : kStageTokens * kTurboMetaBytes;
         asm volatile(
             "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                smemAddr(stage + so + piece * pbA)),
-            "l"(src), "r"(pbA), "r"(smemAddr(bar))
+                smemAddr(stage + dst)),
+            "l"(base + src), "r"(bytes), "r"(smemAddr(bar))
             : "memory");
     }
 #else
     (void) bar;
+    int const srcs[4] = {L.k_codes_off[head] + q * kStageTokens * kcb, L.v_codes_off[head] + q * kStageTokens * vcb,
+        L.k_meta_off[head] + q * kStageTokens * kTurboMetaBytes, L.v_meta_off[head] + q * kStageTokens * kTurboMetaBytes};
+    int const dsts[4] = {0, sl.offV, sl.offKM, sl.offVM};
+    int const lens[4] = {kStageTokens * kcb, kStageTokens * vcb, kStageTokens * kTurboMetaBytes, kStageTokens * kTurboMetaBytes};
 #pragma unroll
     for (int arr = 0; arr < 4; ++arr)
     {
-        int const units = pb[arr] / 16;
-        for (int u = lane; u < valid * units; u += 32)
+        for (int u = lane; u < lens[arr] / 16; u += 32)
         {
-            int const piece = u / units;
-            int const within = u - piece * units;
-            int const p0 = pos0 + piece * sl.tp;
-            int64_t const blk = bt[p0 >> tShift];
-            uint8_t const* src = pool + blk * a.kv.block_stride + offs[arr] + (p0 & (T - 1)) * rowb[arr] + within * 16;
-            cpAsync16(stage + soff[arr] + piece * pb[arr] + within * 16, src);
+            cpAsync16(stage + dsts[arr] + u * 16, base + srcs[arr] + u * 16);
         }
     }
     cpAsyncCommit();
@@ -196,30 +185,57 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x)
     return r;
 }
 
-// Layout of one 16-token tile in a warp (lane = 4 * r + t):
-//   S^T = K Q^T (m16n8k16): A = K rows (tokens r, r+8; channel pairs of thread t's range),
-//        B = Q^T (channel pairs of thread t; query row r), C = (tokens r, r+8; query rows 2t, 2t+1)
-//   O^T += V^T P^T: A = V^T (channels of thread group r; tokens 2t, 2t+1, 2t+8, 2t+9),
-//        B = P^T from C by an 8x8 transpose (movmatrix), C = O^T (channels; query rows 2t, 2t+1)
+// V unit words a step needs (kh: the step's half of the tile): j = kh and j = 2 + kh.
+template <int B>
+__device__ __forceinline__ void loadUnitV(uint8_t const* p, int kh, uint32_t (&W)[B])
+{
+    if constexpr (B == 4)
+    {
+        W[kh] = reinterpret_cast<uint32_t const*>(p)[kh];
+        W[2 + kh] = reinterpret_cast<uint32_t const*>(p)[2 + kh];
+    }
+    else if constexpr (B == 8)
+    {
+        uint2 const a = reinterpret_cast<uint2 const*>(p)[kh];
+        uint2 const b = reinterpret_cast<uint2 const*>(p)[2 + kh];
+        W[2 * kh] = a.x;
+        W[2 * kh + 1] = a.y;
+        W[4 + 2 * kh] = b.x;
+        W[5 + 2 * kh] = b.y;
+    }
+    else
+    {
+        loadUnit<B>(p, W);
+    }
+}
+
+// Layout of one 16-token step in a warp (lane = 4 * g + t), tokens 16 * kh + r of a 32-slot tile:
+//   S^T = K Q^T (m16n8k16): A = K rows (tokens g, g + 8 of the step = slots g + 8 * i, i = 2kh,
+//        2kh + 1, which lane g's own tile chunk holds), k-slots 2t, 2t+1 | 2t+8, 2t+9 of k-step kk
+//        = channels 16kk + 4t + 0, 1 | 2, 3; B = Q^T (same channels, query row g);
+//        C = (tokens g, g+8; query rows 2t, 2t+1)
+//   O^T += V^T P^T: A = V^T (rows: channels 16mt + g, 16mt + 8 + g; k-slots 2t, 2t+1 | 2t+8, 2t+9
+//        = tokens 4t, 4t+1 | 4t+2, 4t+3, which lane (g, t)'s tile chunk holds),
+//        B = P^T: C transposed by 8x8 movmatrix, then tokens 4t..4t+3 fetched from the quad by four
+//        shuffles; C = O^T (channels 16mt + g, 16mt + 8 + g; query rows 2t, 2t+1)
 template <int D, int KB, int VB>
 __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKernel(__grid_constant__ AttnArgs const a)
 {
     constexpr int KCB = D * KB / 8;
     constexpr int VCB = D * VB / 8;
     constexpr int KPAIRS = D / 8; // half2 of one K row per thread (D/4 codes)
-    constexpr int NV = D / 8;     // V channels per thread group
     constexpr int MT = D / 16;    // m-tiles of O^T
-    constexpr int KGROUPS = D / 64;
+    constexpr int KU = D / 64;    // K units of a lane chunk per step
     constexpr int kRows = 8;      // query rows per CTA
-    using DK = Dequant<KB, 16>;
-    using DV = Dequant<VB, NV>;
+    constexpr int kStages = warpStages<D, KB, VB>();
     constexpr float kNegInf = -INFINITY;
     constexpr float kSlack = 3.F; // P * v_scale must stay finite in fp16: P <= 8
+    using CK = CtxCodes<KB>;
+    using CV = CtxCodes<VB>;
 
     extern __shared__ __align__(16) uint8_t smem[];
     float* qs = reinterpret_cast<float*>(smem);                     // [16][D] (8 used)
-    uint16_t* tab8 = reinterpret_cast<uint16_t*>(qs + 16 * D);      // [256]
-    uint64_t* bars = reinterpret_cast<uint64_t*>(tab8 + 256);       // [kWarps][kWarpStages]
+    uint64_t* bars = reinterpret_cast<uint64_t*>(qs + 16 * D);      // [kWarps][kMaxWarpStages]
     uint8_t* stages = smem + prologueBytes<D>();
 
     KvLayerDesc const& L = a.layer;
@@ -291,14 +307,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         }
         qs[i] = x;
     }
-    if constexpr (KB == 8 || VB == 8)
-    {
-        for (int i = threadIdx.x; i < 256; i += kThreads)
-        {
-            tab8[i] = __half_as_ushort(__float2half_rn(kDevCodebook8[i]));
-        }
-    }
-    if (threadIdx.x < kWarps * kWarpStages)
+    if (threadIdx.x < kWarps * kMaxWarpStages)
     {
         mbarInit(&bars[threadIdx.x]);
     }
@@ -321,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         }
         __syncthreads();
     }
-    uint32_t qb[D / 16][2]; // B = Q^T: query row gq, channel pairs 2kk, 2kk+1 of thread t4
+    uint32_t qb[D / 16][2]; // B = Q^T: query row gq, channels 16kk + 4t4 + {0,1} and {2,3}
     {
         float const qmul = a.rsqrt_d * a.q_scale;
 #pragma unroll
@@ -330,11 +339,8 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 #pragma unroll
             for (int half = 0; half < 2; ++half)
             {
-                int const P = 2 * kk + half;
-                int const base = t4 * (D / 4) + 16 * (P / 8);
-                int const c0 = base + DK::perm(2 * (P % 8));
-                int const c1 = base + DK::perm(2 * (P % 8) + 1);
-                qb[kk][half] = packHalf2(qs[gq * D + c0] * qmul, qs[gq * D + c1] * qmul);
+                int const c0 = 16 * kk + 4 * t4 + 2 * half;
+                qb[kk][half] = packHalf2(qs[gq * D + c0] * qmul, qs[gq * D + c0 + 1] * qmul);
             }
         }
     }
@@ -347,11 +353,8 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         qpos[c] = r < nrows ? posBase + tok0 + r / rh : -1;
     }
 
-    DeqCtx kctx, vctx;
-    kctx.t = makeByteTable<(KB == 8 ? 2 : KB)>();
-    kctx.table8 = tab8;
-    vctx.t = makeByteTable<(VB == 8 ? 2 : VB)>();
-    vctx.table8 = tab8;
+    ByteTable const ktab = ctxByteTable<(KB == 8 ? 2 : KB)>();
+    ByteTable const vtab = ctxByteTable<(VB == 8 ? 2 : VB)>();
 
     float o[MT][4];
 #pragma unroll
@@ -362,8 +365,12 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     float m[2] = {kNegInf, kNegInf};
     float l[2] = {0.F, 0.F};
 
-    // One 16-token tile. kf[j][P]: K pairs of token r + 8j; va[mt][4]: V^T A fragments;
-    // ks/vs: scales of tokens r, r+8; keys at pos0 + token in [lo, hi) are valid.
+    // Lanes of the quad that hold P^T for this thread's V tokens 4t4, 4t4+1 and 4t4+2, 4t4+3.
+    int const pSrc0 = (lane & ~3) | (2 * (t4 & 1));
+    int const pSrc1 = pSrc0 + 1;
+
+    // One 16-token step. kf[j][2kk | 2kk+1]: K of token g + 8j; va[mt][4]: V^T A fragments;
+    // ks/vs: scales of tokens g, g+8; keys at pos0 + token in [lo, hi) are valid.
     auto tileStep = [&](uint32_t (&kf)[2][KPAIRS], uint32_t (&va)[MT][4], float const (&ks)[2], float const (&vs)[2],
                         int pos0, int lo, int hi) {
         // four independent accumulator chains, summed at the end
@@ -394,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         }
         // The reference maximum m only moves when a score exceeds it by more than kSlack (log2
         // units): probabilities then stay below 2^kSlack, and the exact max reduction (shuffles)
-        // and the rescale of O run only on those rare tiles.
+        // and the rescale of O run only on those rare steps.
         if (__any_sync(0xffffffffu, tmax[0] > m[0] + kSlack || tmax[1] > m[1] + kSlack))
         {
 #pragma unroll
@@ -431,13 +438,19 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             l[c] += p;
             pv[e] = p != 0.F ? p * vs[e >> 1] : 0.F;
         }
-        // P^T as the B operand: transpose (tokens x rows) 8x8 blocks
-        uint32_t const pb0 = transpose8x8(packHalf2(pv[0], pv[1]));
-        uint32_t const pb1 = transpose8x8(packHalf2(pv[2], pv[3]));
+        // P^T: transpose the (tokens x rows) 8x8 blocks, then gather tokens 4t4..4t4+3
+        uint32_t const pb0 = transpose8x8(packHalf2(pv[0], pv[1])); // tokens 2t4, 2t4+1
+        uint32_t const pb1 = transpose8x8(packHalf2(pv[2], pv[3])); // tokens 8+2t4, 8+2t4+1
+        uint32_t const x0 = __shfl_sync(0xffffffffu, pb0, pSrc0);
+        uint32_t const y0 = __shfl_sync(0xffffffffu, pb1, pSrc0);
+        uint32_t const x1 = __shfl_sync(0xffffffffu, pb0, pSrc1);
+        uint32_t const y1 = __shfl_sync(0xffffffffu, pb1, pSrc1);
+        uint32_t const b0 = t4 < 2 ? x0 : y0;
+        uint32_t const b1 = t4 < 2 ? x1 : y1;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
         {
-            mma16816(o[mt], va[mt], pb0, pb1);
+            mma16816(o[mt], va[mt], b0, b1);
         }
     };
 
@@ -449,72 +462,49 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         int64_t const slot = a.kv.seq_slot[b];
         uint16_t const* kS = a.kv.sink_pool + ((slot * L.num_kv_heads + head) * 2 + 0) * ns * D;
         uint16_t const* vS = kS + static_cast<int64_t>(ns) * D;
+        auto pair = [&](uint16_t const* base, int t0, int c0, int dt, int dc) -> uint32_t {
+            uint32_t const x0 = t0 < hi ? base[t0 * D + c0] : 0u;
+            uint32_t const x1 = t0 + dt < hi ? base[(t0 + dt) * D + c0 + dc] : 0u;
+            return x0 | (x1 << 16);
+        };
         uint32_t kf[2][KPAIRS];
         uint32_t va[MT][4];
 #pragma unroll
         for (int j = 0; j < 2; ++j)
         {
-            int const tk = 8 * j + gq;
 #pragma unroll
-            for (int P = 0; P < KPAIRS; ++P)
+            for (int kk = 0; kk < D / 16; ++kk)
             {
-                int const base = t4 * (D / 4) + 16 * (P / 8);
-                int const c0 = base + DK::perm(2 * (P % 8));
-                int const c1 = base + DK::perm(2 * (P % 8) + 1);
-                kf[j][P] = tk < hi ? (static_cast<uint32_t>(kS[tk * D + c0]) | (static_cast<uint32_t>(kS[tk * D + c1]) << 16)) : 0u;
+                kf[j][2 * kk] = pair(kS, gq + 8 * j, 16 * kk + 4 * t4, 0, 1);
+                kf[j][2 * kk + 1] = pair(kS, gq + 8 * j, 16 * kk + 4 * t4 + 2, 0, 1);
             }
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
         {
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-            {
-                int const c = gq * NV + DV::perm(2 * mt + (e & 1));
-                int const t0 = 2 * t4 + 8 * (e >> 1);
-                uint32_t const x0 = t0 < hi ? vS[t0 * D + c] : 0u;
-                uint32_t const x1 = t0 + 1 < hi ? vS[(t0 + 1) * D + c] : 0u;
-                va[mt][e] = x0 | (x1 << 16);
-            }
+            va[mt][0] = pair(vS, 4 * t4, 16 * mt + gq, 1, 0);
+            va[mt][1] = pair(vS, 4 * t4, 16 * mt + 8 + gq, 1, 0);
+            va[mt][2] = pair(vS, 4 * t4 + 2, 16 * mt + gq, 1, 0);
+            va[mt][3] = pair(vS, 4 * t4 + 2, 16 * mt + 8 + gq, 1, 0);
         }
         float const one[2] = {1.F, 1.F};
         tileStep(kf, va, one, one, 0, 0, hi);
     }
 
-    // ---- quantized keys: each warp streams its own 16-token tiles (tiles warp, warp+4, ...) ----
-    StageLayout const sl = stageLayout(L.tokens_per_block, KCB, VCB);
-    auto stageOff = [&](int off, int pb, int rowBytes, int tok) {
-        return off + (tok / sl.tp) * pb + (tok % sl.tp) * rowBytes;
-    };
-    // byte offsets within a stage of this thread's rows (the same for every tile)
-    int kRowOff[2], vRowOff[4], kMetaOff[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-    {
-        kRowOff[j] = stageOff(0, sl.pbK, KCB, 8 * j + gq);
-        kMetaOff[j] = stageOff(sl.offKM, sl.pbM, kTurboMetaBytes, 8 * j + gq);
-    }
-    {
-        int const vt[4] = {2 * t4, 2 * t4 + 1, 2 * t4 + 8, 2 * t4 + 9};
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-        {
-            vRowOff[i] = stageOff(sl.offV, sl.pbV, VCB, vt[i]);
-        }
-    }
-    int const vMetaDelta = sl.offVM - sl.offKM;
+    // ---- quantized keys: each warp streams its own 32-slot pool tiles (warp, warp+4, ...) -------
+    constexpr StageLayout sl = stageLayout(KCB, VCB);
     int const lo = max(kb, ns);
-    int const ntiles = (ke - kb + kTile - 1) / kTile;
+    int const ntiles = (ke - kb + kStageTokens - 1) / kStageTokens;
     int const nMine = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
-    uint8_t* myStages = stages + warp * kWarpStages * sl.bytes;
-    uint64_t* myBars = bars + warp * kWarpStages;
-    auto tilePos = [&](int i) { return kb + kTile * (warp + kWarps * i); };
+    uint8_t* myStages = stages + warp * kStages * sl.bytes;
+    uint64_t* myBars = bars + warp * kMaxWarpStages;
+    auto tilePos = [&](int i) { return kb + kStageTokens * (warp + kWarps * i); };
 #pragma unroll
-    for (int i = 0; i < kWarpStages - 1; ++i)
+    for (int i = 0; i < kStages - 1; ++i)
     {
         if (i < nMine)
         {
-            issueTile(a, sl, myStages + i * sl.bytes, &myBars[i], b, head, tilePos(i), ke, KCB, VCB, lane);
+            issueTile(a, sl, myStages + i * sl.bytes, &myBars[i], b, head, tilePos(i), KCB, VCB, lane);
         }
 #if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
         else
@@ -526,64 +516,79 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 #pragma unroll 1
     for (int i = 0; i < nMine; ++i)
     {
-        int const ni = i + kWarpStages - 1;
+        int const ni = i + kStages - 1;
         if (ni < nMine)
         {
-            issueTile(a, sl, myStages + (ni % kWarpStages) * sl.bytes, &myBars[ni % kWarpStages], b, head, tilePos(ni),
-                ke, KCB, VCB, lane);
+            issueTile(a, sl, myStages + (ni % kStages) * sl.bytes, &myBars[ni % kStages], b, head, tilePos(ni), KCB,
+                VCB, lane);
         }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        mbarWait(&myBars[i % kWarpStages], static_cast<uint32_t>((i / kWarpStages) & 1));
+        mbarWait(&myBars[i % kStages], static_cast<uint32_t>((i / kStages) & 1));
 #else
         else
         {
             cpAsyncCommit();
         }
-        cpAsyncWait<kWarpStages - 1>();
+        cpAsyncWait<kStages - 1>();
         __syncwarp();
 #endif
-        uint8_t const* st = myStages + (i % kWarpStages) * sl.bytes;
-        int const pos0 = tilePos(i);
-        if (pos0 + kTile <= lo)
-        {
-            continue;
-        }
-        uint32_t kf[2][KPAIRS];
-        float ks[2], vs[2];
+        uint8_t const* st = myStages + (i % kStages) * sl.bytes;
+        uint8_t const* kChunkPtr = st + lane * KCB;
+        uint8_t const* vChunkPtr = st + sl.offV + lane * VCB;
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int kh = 0; kh < 2; ++kh)
         {
-            uint8_t const* row = st + kRowOff[j];
-#pragma unroll
-            for (int G = 0; G < KGROUPS; ++G)
+            int const pos0 = tilePos(i) + kTile * kh;
+            if (pos0 + kTile <= lo || pos0 >= ke)
             {
-                uint32_t tmp[8];
-                DK::run(kctx, row, t4 * (D / 4) + 16 * G, D, tmp);
+                continue;
+            }
+            // K: rows i = 2kh + j, registers rho = i * D/16 + kk -> units kh*KU .. kh*KU + KU - 1
+            uint32_t kf[2][KPAIRS];
+            {
+                uint32_t W[KU][KB];
 #pragma unroll
-                for (int q = 0; q < 8; ++q)
+                for (int u = 0; u < KU; ++u)
                 {
-                    kf[j][8 * G + q] = tmp[q];
+                    loadUnit<KB>(kChunkPtr + (kh * KU + u) * 4 * KB, W[u]);
+                }
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                {
+#pragma unroll
+                    for (int kk = 0; kk < D / 16; ++kk)
+                    {
+                        int const lr = j * (D / 16) + kk; // register within the step's units
+                        CK::reg(ktab, W[lr / 8], lr % 8, kf[j][2 * kk], kf[j][2 * kk + 1]);
+                    }
                 }
             }
-            ks[j] = h2f(*reinterpret_cast<uint16_t const*>(st + kMetaOff[j]));
-            vs[j] = h2f(*reinterpret_cast<uint16_t const*>(st + kMetaOff[j] + vMetaDelta));
-        }
-        uint32_t vf[4][NV / 2];
+            // V: registers rho = 4m + 2kh + rh, unit m / 2
+            uint32_t va[MT][4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
-        {
-            DV::run(vctx, st + vRowOff[q], gq * NV, D, vf[q]);
-        }
-        uint32_t va[MT][4];
+            for (int u = 0; u < D / 32; ++u)
+            {
+                uint32_t W[VB];
+                loadUnitV<VB>(vChunkPtr + u * 4 * VB, kh, W);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-        {
-            va[mt][0] = prmt(vf[0][mt], vf[1][mt], 0x5410);
-            va[mt][1] = prmt(vf[0][mt], vf[1][mt], 0x7632);
-            va[mt][2] = prmt(vf[2][mt], vf[3][mt], 0x5410);
-            va[mt][3] = prmt(vf[2][mt], vf[3][mt], 0x7632);
+                for (int mm = 0; mm < 2; ++mm)
+                {
+                    int const mt = 2 * u + mm;
+                    int const r8 = 4 * mm + 2 * kh;
+                    CV::reg(vtab, W, r8, va[mt][0], va[mt][2]);     // channel 16mt + g
+                    CV::reg(vtab, W, r8 + 1, va[mt][1], va[mt][3]); // channel 16mt + 8 + g
+                }
+            }
+            float ks[2], vs[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+            {
+                int const slot = kTile * kh + 8 * j + gq;
+                ks[j] = h2f(*reinterpret_cast<uint16_t const*>(st + sl.offKM + 2 * slot)) * CK::kScale;
+                vs[j] = h2f(*reinterpret_cast<uint16_t const*>(st + sl.offVM + 2 * slot)) * CV::kScale;
+            }
+            tileStep(kf, va, ks, vs, pos0, lo, ke);
         }
-        tileStep(kf, va, ks, vs, pos0, lo, ke);
     }
 #if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
     cpAsyncWait<0>();
@@ -603,8 +608,8 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
     {
-        int const chA = gq * NV + DV::perm(2 * mt);
-        int const chB = gq * NV + DV::perm(2 * mt + 1);
+        int const chA = 16 * mt + gq;
+        int const chB = 16 * mt + 8 + gq;
         comb[(warp * kRows + 2 * t4) * D + chA] = o[mt][0];
         comb[(warp * kRows + 2 * t4 + 1) * D + chA] = o[mt][1];
         comb[(warp * kRows + 2 * t4) * D + chB] = o[mt][2];
@@ -695,8 +700,8 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 template <int D, int KB, int VB>
 cudaError_t launchSplit(AttnArgs const& args, int gridZ, cudaStream_t stream)
 {
-    StageLayout const sl = stageLayout(args.layer.tokens_per_block, D * KB / 8, D * VB / 8);
-    int const smem = prologueBytes<D>() + std::max(kWarps * kWarpStages * sl.bytes, combineBytes<D>());
+    constexpr StageLayout sl = stageLayout(D * KB / 8, D * VB / 8);
+    int const smem = prologueBytes<D>() + std::max(kWarps * warpStages<D, KB, VB>() * sl.bytes, combineBytes<D>());
     auto kernel = attentionSplitKernel<D, KB, VB>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess)

@@ -1,12 +1,14 @@
-// Codes -> fp16 codebook values in registers (internal header).
+// Tile codes -> fp16 values in registers, for the context attention kernel (internal header).
 //
-// For 2, 3 and 4 bits the codebook's fp16 values sit in four registers (low bytes and high bytes of
-// up to 8 entries) and a byte permute (PRMT) looks four codes up at once; codes are first spread
-// into 4-bit selector nibbles with a few shifts and masks. 8-bit codes look up a 256-entry fp16
-// table in shared memory. A group of N codes (N = 8 or 16, consecutive channels of one vector)
-// becomes N/2 half2 registers; Dequant<B, N>::perm(j) says which channel of the group lands in
-// half j/2 (low half for even j). Query and output fragments use the same permutation, so the
-// order never has to be undone.
+// A lane reads its own lane chunk of a 32-slot tile (docs/format.md §5). Register rho of the chunk
+// (unit rho / 8, selector j = (rho % 8) / 2, nibbles 4 * (rho % 2) .. +3) holds 4 codes y = 0..3
+// that become two half2: (y0, y1) and (y2, y3). The fp16 values are e_b[code] / 32, exact for
+// every int8 e; the factor 32 / lambda_b goes into the token's fp32 scale (CtxCodes<B>::kScale),
+// so value * scale is the format's scale16 * c_b[code] up to fp32 rounding.
+//   2, 3 bits: selector nibbles index byte tables of the fp16 values with PRMT (4 codes per
+//              two PRMTs plus two to interleave);
+//   4 bits:    the same on the positive half of the symmetric table, the sign from bit 3;
+//   8 bits:    the code byte becomes the mantissa of 1024 + code, one HFMA2 gives (code - 128) / 32.
 #pragma once
 
 #include "common.cuh"
@@ -18,221 +20,178 @@ namespace detail
 {
 
 template <int B>
-struct CodebookOf;
-template <>
-struct CodebookOf<2>
+__host__ __device__ constexpr int ctxE(int i)
 {
-    static __device__ __forceinline__ float at(int i) { return kDevCodebook2[i]; }
-};
-template <>
-struct CodebookOf<3>
-{
-    static __device__ __forceinline__ float at(int i) { return kDevCodebook3[i]; }
-};
-template <>
-struct CodebookOf<4>
-{
-    static __device__ __forceinline__ float at(int i) { return kDevCodebook4[i]; }
-};
-template <>
-struct CodebookOf<8>
-{
-    static __device__ __forceinline__ float at(int i) { return kDevCodebook8[i]; }
-};
+    return B == 2 ? kCodebookInt82[i] : B == 3 ? kCodebookInt83[i] : B == 4 ? kCodebookInt84[i] : kCodebookInt88[i];
+}
 
-// Low and high bytes of up to 8 fp16 codebook entries, for PRMT lookups.
+template <int B>
+__host__ __device__ constexpr float ctxLambda()
+{
+    return B == 2 ? kCodebookLambda2 : B == 3 ? kCodebookLambda3 : B == 4 ? kCodebookLambda4 : kCodebookLambda8;
+}
+
+// fp16 bits of e / 32 for an integer |e| <= 128 (exact).
+__host__ __device__ constexpr uint32_t halfBitsOf32th(int e)
+{
+    if (e == 0)
+    {
+        return 0u;
+    }
+    uint32_t const sign = e < 0 ? 0x8000u : 0u;
+    int const a = e < 0 ? -e : e;
+    int p = 0;
+    while ((a >> (p + 1)) != 0)
+    {
+        ++p;
+    }
+    return sign | (static_cast<uint32_t>(p + 10) << 10) | (static_cast<uint32_t>(a << (10 - p)) & 0x3FFu);
+}
+
+// Low and high bytes of up to 8 fp16 table entries, for PRMT lookups.
 struct ByteTable
 {
     uint32_t lo0, lo1, hi0, hi1;
 };
 
-// What a dequantizer needs: the byte table (2-4 bits) or the shared-memory fp16 table (8 bits).
-struct DeqCtx
-{
-    ByteTable t;
-    uint16_t const* table8; // [256] fp16 bits in shared memory (8-bit codes only)
-};
-
-// B = 2, 3: entries c[0..2^B); B = 4: the positive half c[8..16) (the sign comes from bit 3).
+// word w of the byte table: 0 lo0, 1 lo1, 2 hi0, 3 hi1. B = 2, 3: entries e[0..2^B); B = 4: the
+// positive half e[8..16) (the table is symmetric: e[15 - m] = -e[m]).
 template <int B>
-__device__ __forceinline__ ByteTable makeByteTable()
+__host__ __device__ constexpr uint32_t ctxTableWord(int w)
 {
-    ByteTable t{0, 0, 0, 0};
-    constexpr int n = B == 4 ? 8 : (1 << B);
-    constexpr int first = B == 4 ? 8 : 0;
-#pragma unroll
-    for (int e = 0; e < n; ++e)
+    int const n = B == 4 ? 8 : (1 << B);
+    int const first = B == 4 ? 8 : 0;
+    uint32_t r = 0;
+    for (int e = 0; e < 4; ++e)
     {
-        uint32_t h = __half_as_ushort(__float2half_rn(CodebookOf<B>::at(first + e)));
-        uint32_t lo = h & 0xFFu;
-        uint32_t hi = h >> 8;
-        if (e < 4)
+        int const idx = (w & 1) * 4 + e;
+        if (idx < n)
         {
-            t.lo0 |= lo << (8 * e);
-            t.hi0 |= hi << (8 * e);
-        }
-        else
-        {
-            t.lo1 |= lo << (8 * (e - 4));
-            t.hi1 |= hi << (8 * (e - 4));
+            uint32_t const h = halfBitsOf32th(ctxE<B>(first + idx));
+            r |= (w < 2 ? (h & 0xFFu) : (h >> 8)) << (8 * e);
         }
     }
-    return t;
+    return r;
+}
+
+template <int B>
+__device__ __forceinline__ ByteTable ctxByteTable()
+{
+    constexpr uint32_t w0 = ctxTableWord<B>(0);
+    constexpr uint32_t w1 = ctxTableWord<B>(1);
+    constexpr uint32_t w2 = ctxTableWord<B>(2);
+    constexpr uint32_t w3 = ctxTableWord<B>(3);
+    return ByteTable{w0, w1, w2, w3};
 }
 
 // Four selector nibbles (low 16 bits of sel) -> two half2: (nib0, nib1), (nib2, nib3).
 __device__ __forceinline__ void lookup4(ByteTable const& t, uint32_t sel, uint32_t& h01, uint32_t& h23)
 {
-    uint32_t l = prmt(t.lo0, t.lo1, sel);
-    uint32_t h = prmt(t.hi0, t.hi1, sel);
+    uint32_t const l = prmt(t.lo0, t.lo1, sel);
+    uint32_t const h = prmt(t.hi0, t.hi1, sel);
     h01 = prmt(l, h, 0x5140);
     h23 = prmt(l, h, 0x7362);
 }
 
-__device__ __forceinline__ void lookup4Signed(
-    ByteTable const& t, uint32_t sel, uint32_t signBytes, uint32_t& h01, uint32_t& h23)
+// 4-bit codes: nibbles 0..3 of x (low 16 bits) -> two half2 via the positive half and the sign.
+__device__ __forceinline__ void lookup4Bit4(ByteTable const& t, uint32_t x, uint32_t& h01, uint32_t& h23)
 {
-    uint32_t l = prmt(t.lo0, t.lo1, sel);
-    uint32_t h = prmt(t.hi0, t.hi1, sel) | signBytes;
+    uint32_t const nx = ~x & 0x8888u;                        // bit 3 of each nibble: 1 = negative level
+    uint32_t const sel = (x ^ ((nx >> 3) * 7u)) & 0x7777u;   // index into e[8..16)
+    uint32_t const ya = prmt(nx, 0u, 0x1100);
+    uint32_t const sa = ((ya << 4) & 0x00800080u) | (ya & 0x80008000u); // sign bits of the 4 halves
+    uint32_t const l = prmt(t.lo0, t.lo1, sel);
+    uint32_t const h = prmt(t.hi0, t.hi1, sel) | sa;
     h01 = prmt(l, h, 0x5140);
     h23 = prmt(l, h, 0x7362);
 }
 
-// Spread bit i of the low 16 bits to bit 2i.
-__device__ __forceinline__ uint32_t morton16(uint32_t m)
+// The unit of B words of a lane chunk: W[w] = little-endian word w.
+template <int B>
+__device__ __forceinline__ void loadUnit(uint8_t const* p, uint32_t (&W)[B])
 {
-    m &= 0xFFFFu;
-    m = (m | (m << 8)) & 0x00FF00FFu;
-    m = (m | (m << 4)) & 0x0F0F0F0Fu;
-    m = (m | (m << 2)) & 0x33333333u;
-    m = (m | (m << 1)) & 0x55555555u;
-    return m;
-}
-
-// Selector words (8 nibbles each) of 16 two-bit codes, plus optional third bits: even codes in
-// `se`, odd codes in `so`, nibble k = code 2k (resp. 2k + 1).
-__device__ __forceinline__ void selectors16(uint32_t low, uint32_t high, bool three, uint32_t& se, uint32_t& so)
-{
-    se = low & 0x33333333u;
-    so = (low >> 2) & 0x33333333u;
-    if (three)
+    if constexpr (B == 2)
     {
-        uint32_t m = morton16(high);
-        se |= (m << 2) & 0x44444444u;
-        so |= m & 0x44444444u;
+        uint2 const v = *reinterpret_cast<uint2 const*>(p);
+        W[0] = v.x;
+        W[1] = v.y;
     }
-}
-
-template <int B, int N>
-struct Dequant;
-
-// ---- 2 and 3 bits: perm = even codes first, then odd codes, in pairs ------------------------
-template <int B, int N>
-struct DequantLow
-{
-    static_assert(N == 8 || N == 16, "groups of 8 or 16 codes");
-    // channel of the group in half j/2 (low half for even j)
-    static __host__ __device__ constexpr int perm(int j)
+    else if constexpr (B == 4)
     {
-        return (j / 2) < N / 4 ? 4 * (j / 2) + 2 * (j % 2) : 4 * (j / 2 - N / 4) + 2 * (j % 2) + 1;
+        uint4 const v = *reinterpret_cast<uint4 const*>(p);
+        W[0] = v.x;
+        W[1] = v.y;
+        W[2] = v.z;
+        W[3] = v.w;
     }
-    // row: the vector's packed codes; c0: first code of the group (multiple of N); d: head_dim.
-    static __device__ __forceinline__ void run(
-        DeqCtx const& ctx, uint8_t const* row, int c0, int d, uint32_t (&out)[N / 2])
+    else if constexpr (B == 8)
     {
-        ByteTable const& t = ctx.t;
-        constexpr bool three = B == 3;
-        if constexpr (N == 16)
+        uint4 const v = *reinterpret_cast<uint4 const*>(p);
+        uint4 const u = *reinterpret_cast<uint4 const*>(p + 16);
+        W[0] = v.x;
+        W[1] = v.y;
+        W[2] = v.z;
+        W[3] = v.w;
+        W[4] = u.x;
+        W[5] = u.y;
+        W[6] = u.z;
+        W[7] = u.w;
+    }
+    else
+    {
+#pragma unroll
+        for (int w = 0; w < B; ++w)
         {
-            uint32_t low = *reinterpret_cast<uint32_t const*>(row + c0 / 4);
-            uint32_t high = three ? *reinterpret_cast<uint16_t const*>(row + d / 4 + c0 / 8) : 0u;
-            uint32_t se, so;
-            selectors16(low, high, three, se, so);
-            lookup4(t, se, out[0], out[1]);
-            lookup4(t, se >> 16, out[2], out[3]);
-            lookup4(t, so, out[4], out[5]);
-            lookup4(t, so >> 16, out[6], out[7]);
+            W[w] = reinterpret_cast<uint32_t const*>(p)[w];
+        }
+    }
+}
+
+template <int B>
+struct CtxCodes
+{
+    static constexpr float kScale = 32.F / ctxLambda<B>(); // fp32, applied to the token's scale
+
+    // Register r8 (= rho % 8) of a unit -> (y0, y1), (y2, y3) as half2 of e / 32.
+    static __device__ __forceinline__ void reg(ByteTable const& t, uint32_t const (&W)[B], int r8, uint32_t& h01, uint32_t& h23)
+    {
+        int const j = r8 >> 1;
+        int const sh = 16 * (r8 & 1);
+        if constexpr (B == 8)
+        {
+            uint32_t const x = W[r8];
+            uint32_t const a = prmt(x, 0x64646464u, 0x4140); // (1024 + code) as fp16, y0 y1
+            uint32_t const b = prmt(x, 0x64646464u, 0x4342); // y2 y3
+            __half2 const k = __floats2half2_rn(1.F / 32.F, 1.F / 32.F);
+            __half2 const o = __floats2half2_rn(-36.F, -36.F);
+            __half2 const ra = __hfma2(*reinterpret_cast<__half2 const*>(&a), k, o);
+            __half2 const rb = __hfma2(*reinterpret_cast<__half2 const*>(&b), k, o);
+            h01 = *reinterpret_cast<uint32_t const*>(&ra);
+            h23 = *reinterpret_cast<uint32_t const*>(&rb);
         }
         else
         {
-            uint32_t low = *reinterpret_cast<uint16_t const*>(row + c0 / 4);
-            uint32_t high = three ? row[d / 4 + c0 / 8] : 0u;
-            // even codes -> nibbles 0..3, odd codes -> nibbles 4..7
-            uint32_t sel = (low & 0x3333u) | ((low << 14) & 0x33330000u);
-            if (three)
+            uint32_t s;
+            if constexpr (B == 2)
             {
-                uint32_t m = morton16(high); // bit i -> 2i: h_{2k} at 4k, h_{2k+1} at 4k + 2
-                sel |= ((m << 2) & 0x4444u) | ((m << 16) & 0x44440000u);
+                s = (W[j >> 1] >> (2 * (j & 1))) & 0x33333333u;
             }
-            lookup4(t, sel, out[0], out[1]);
-            lookup4(t, sel >> 16, out[2], out[3]);
-        }
-    }
-};
-
-template <int N>
-struct Dequant<2, N> : DequantLow<2, N>
-{
-};
-template <int N>
-struct Dequant<3, N> : DequantLow<3, N>
-{
-};
-
-// ---- 4 bits: natural order; magnitude from the positive half, sign from bit 3 ---------------
-template <int N>
-struct Dequant<4, N>
-{
-    static __host__ __device__ constexpr int perm(int j) { return j; }
-    static __device__ __forceinline__ void word8(ByteTable const& t, uint32_t x, uint32_t* out)
-    {
-        uint32_t nx = ~x & 0x88888888u;                  // bit 3 of each nibble: 1 = negative level
-        uint32_t sel = (x ^ ((nx >> 3) * 7u)) & 0x77777777u; // index into c[8..16)
-        uint32_t ya = prmt(nx, 0u, 0x1100);
-        uint32_t yb = prmt(nx, 0u, 0x3322);
-        uint32_t sa = ((ya << 4) & 0x00800080u) | (ya & 0x80008000u);
-        uint32_t sb = ((yb << 4) & 0x00800080u) | (yb & 0x80008000u);
-        lookup4Signed(t, sel, sa, out[0], out[1]);
-        lookup4Signed(t, sel >> 16, sb, out[2], out[3]);
-    }
-    static __device__ __forceinline__ void run(
-        DeqCtx const& ctx, uint8_t const* row, int c0, int /*d*/, uint32_t (&out)[N / 2])
-    {
-        ByteTable const& t = ctx.t;
-        if constexpr (N == 16)
-        {
-            uint2 w = *reinterpret_cast<uint2 const*>(row + c0 / 2);
-            word8(t, w.x, &out[0]);
-            word8(t, w.y, &out[4]);
-        }
-        else
-        {
-            word8(t, *reinterpret_cast<uint32_t const*>(row + c0 / 2), &out[0]);
-        }
-    }
-};
-
-// ---- 8 bits: shared-memory table, natural order -------------------------------------------
-template <int N>
-struct Dequant<8, N>
-{
-    static __host__ __device__ constexpr int perm(int j) { return j; }
-    static __device__ __forceinline__ void run(
-        DeqCtx const& ctx, uint8_t const* row, int c0, int /*d*/, uint32_t (&out)[N / 2])
-    {
-        uint16_t const* table = ctx.table8;
-#pragma unroll
-        for (int w = 0; w < N / 8; ++w)
-        {
-            uint2 x = *reinterpret_cast<uint2 const*>(row + c0 + 8 * w);
-#pragma unroll
-            for (int k = 0; k < 4; ++k)
+            else if constexpr (B == 3)
             {
-                uint32_t word = k < 2 ? x.x : x.y;
-                int sh = (k % 2) * 16;
-                uint32_t a = table[(word >> sh) & 0xFFu];
-                uint32_t b = table[(word >> (sh + 8)) & 0xFFu];
-                out[4 * w + k] = a | (b << 16);
+                s = j < 3 ? (W[j] & 0x77777777u)
+                          : (((W[0] >> 3) & 0x11111111u) | ((W[1] >> 2) & 0x22222222u) | ((W[2] >> 1) & 0x44444444u));
+            }
+            else
+            {
+                s = W[j];
+            }
+            if constexpr (B == 4)
+            {
+                lookup4Bit4(t, s >> sh, h01, h23);
+            }
+            else
+            {
+                lookup4(t, s >> sh, h01, h23);
             }
         }
     }

@@ -1,7 +1,9 @@
 // Write path: transform, quantize and pack new K/V into the paged pool (docs/format.md §2-§5),
 // and the inverse (pool -> fp16, transformed domain) for tests and debugging.
 //
-// One warp per (new token, KV head); each lane holds D/32 consecutive channels. All arithmetic
+// One warp per (new token, KV head, K or V); each lane holds D/32 consecutive channels. Codes go
+// into the block's 32-slot tiles (format version 2) with per-word atomics, so the tokens of one
+// tile can be written by concurrent warps; sink positions go to sink_pool and to the block. All arithmetic
 // is fp32 in the order docs/format.md fixes (IEEE add/mul/div/sqrt, no fused multiply-add, the
 // Hadamard butterflies in the reference order, sums in numpy's pairwise order), so the bytes equal
 // turboquant_trt.reference's bytes.
@@ -86,6 +88,106 @@ __device__ __forceinline__ float warpNumpySum(float const* v, int lane)
         total = h == 0 ? r : __fadd_rn(total, r);
     }
     return total;
+}
+
+// Writes the codes[D] of slot tau into a tile (docs/format.md §5): lane by lane over the 32-bit
+// words the slot can touch (K: the 4 lane chunks of group tau % 8; V: the 8 chunks of t =
+// (tau % 16) / 4), each word's mask and bits gathered from the positions it holds. Words owned
+// entirely by this slot are stored; shared words get atomicAnd(~mask) then atomicOr(bits), so
+// slots of one tile may be written concurrently and stale bits of other slots stay.
+template <int D>
+__device__ __forceinline__ void writeTileSlot(
+    uint8_t* tile, bool isV, int tau, int bits, uint8_t const* codes, int lane)
+{
+    int const wordsPerChunk = D * bits / 32;
+    int const nChunks = isV ? 8 : 4;
+    for (int w = lane; w < nChunks * wordsPerChunk; w += 32)
+    {
+        int const ci = w / wordsPerChunk;
+        int const wc = w - ci * wordsPerChunk;
+        int const L = isV ? 4 * ci + (tau % 16) / 4 : 4 * (tau % 8) + ci;
+        int const g = L / 4;
+        int const t = L % 4;
+        int const U = wc / bits;
+        int const k = wc - U * bits; // word k of unit U
+        uint32_t mask = 0;
+        uint32_t val = 0;
+        // positions (j, n) held by word k, with the code bits (lo.. lo+width-1) stored at `bit`
+        auto take = [&](int j, int n, int bit, int lo, int width) {
+            int const rho = 8 * U + 2 * j + n / 4;
+            int const y = n % 4;
+            int slot, c;
+            if (isV)
+            {
+                int const rh = rho % 2;
+                int const kh = (rho / 2) % 2;
+                int const m = rho / 4;
+                c = 16 * m + 8 * rh + g;
+                slot = 16 * kh + 4 * t + y;
+            }
+            else
+            {
+                int const hh = rho % 2;
+                int const rest = rho / 2;
+                int const i = rest / (D / 32);
+                int const s = rest % (D / 32);
+                c = 32 * s + 16 * hh + 4 * t + y;
+                slot = g + 8 * i;
+            }
+            if (slot == tau)
+            {
+                uint32_t const fm = (1u << width) - 1u;
+                mask |= fm << bit;
+                val |= ((static_cast<uint32_t>(codes[c]) >> lo) & fm) << bit;
+            }
+        };
+        if (bits == 2)
+        {
+            for (int jj = 0; jj < 2; ++jj)
+            {
+                for (int n = 0; n < 8; ++n)
+                {
+                    take(2 * k + jj, n, 4 * n + 2 * jj, 0, 2);
+                }
+            }
+        }
+        else if (bits == 3)
+        {
+            for (int n = 0; n < 8; ++n)
+            {
+                take(k, n, 4 * n, 0, 3);   // j = k < 3: the whole code
+                take(3, n, 4 * n + 3, k, 1); // j = 3: code bit k
+            }
+        }
+        else if (bits == 4)
+        {
+            for (int n = 0; n < 8; ++n)
+            {
+                take(k, n, 4 * n, 0, 4);
+            }
+        }
+        else
+        {
+            for (int q = 0; q < 4; ++q)
+            {
+                take(k / 2, 4 * (k % 2) + q, 8 * q, 0, 8);
+            }
+        }
+        if (mask == 0)
+        {
+            continue;
+        }
+        uint32_t* word = reinterpret_cast<uint32_t*>(tile + tqTileUnitOffset(D, bits, L, U)) + k;
+        if (mask == 0xFFFFFFFFu)
+        {
+            *word = val; // no other slot has bits here
+        }
+        else
+        {
+            atomicAnd(word, ~mask);
+            atomicOr(word, val);
+        }
+    }
 }
 
 template <int D>
@@ -202,7 +304,7 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
             {
                 dst[lane * E + e] = __half_as_ushort(__float2half_rn(x[e]));
             }
-            return;
+            // and quantized into the block like every other token (readers use the fp16 copy)
         }
 
         int const bits = which == 0 ? L.k_bits[h] : L.v_bits[h];
@@ -234,44 +336,14 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
         __syncwarp();
         float const cn = __fsqrt_rn(warpNumpySum<D>(sq[warp], lane));
         float const scale = L.norm_correction ? __fdiv_rn(n, cn) : __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
-        // block and row
+        // block, slot and tile
         int const T = L.tokens_per_block;
         int64_t const blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + pos / T];
         int const r = pos % T;
         uint8_t* block = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride;
-        int const cb = D * bits / 8;
-        uint8_t* dst = block + (which == 0 ? L.k_codes_off[h] : L.v_codes_off[h]) + r * cb;
-        uint8_t const* cw = codes[warp];
-        for (int j = lane; j < cb; j += 32)
-        {
-            uint32_t byte = 0;
-            if (bits == 8)
-            {
-                byte = cw[j];
-            }
-            else if (bits == 4)
-            {
-                byte = cw[2 * j] | (cw[2 * j + 1] << 4);
-            }
-            else if (bits == 2)
-            {
-                byte = cw[4 * j] | (cw[4 * j + 1] << 2) | (cw[4 * j + 2] << 4) | (cw[4 * j + 3] << 6);
-            }
-            else if (j < D / 4)
-            {
-                byte = (cw[4 * j] & 3) | ((cw[4 * j + 1] & 3) << 2) | ((cw[4 * j + 2] & 3) << 4) | ((cw[4 * j + 3] & 3) << 6);
-            }
-            else
-            {
-                int const k = j - D / 4;
-#pragma unroll
-                for (int bit = 0; bit < 8; ++bit)
-                {
-                    byte |= static_cast<uint32_t>(cw[8 * k + bit] >> 2) << bit;
-                }
-            }
-            dst[j] = static_cast<uint8_t>(byte);
-        }
+        __syncwarp();
+        writeTileSlot<D>(block + (which == 0 ? L.k_codes_off[h] : L.v_codes_off[h]) + (r / kTileTokens) * kTileTokens * (D * bits / 8),
+            which != 0, r % kTileTokens, bits, codes[warp], lane);
         if (lane == 0)
         {
             uint16_t const s16 = __half_as_ushort(__float2half_rn(fminf(scale, 65504.F)));
@@ -327,28 +399,21 @@ __global__ void __launch_bounds__(128) dequantizeKvKernel(__grid_constant__ Dequ
         int64_t const blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + pos / T];
         int const r = pos % T;
         uint8_t const* block = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride;
-        int const cb = D * bits / 8;
-        uint8_t const* codes = block + (which == 0 ? L.k_codes_off[h] : L.v_codes_off[h]) + r * cb;
+        uint8_t const* tile = block + (which == 0 ? L.k_codes_off[h] : L.v_codes_off[h])
+            + (r / kTileTokens) * kTileTokens * (D * bits / 8);
+        int const tau = r % kTileTokens;
         uint8_t const* meta = block + (which == 0 ? L.k_meta_off[h] : L.v_meta_off[h]) + r * kTurboMetaBytes;
         float const scale = h2f(static_cast<uint16_t>(meta[0] | (meta[1] << 8)));
         for (int c = lane; c < D; c += 32)
         {
-            int code;
-            if (bits == 8)
+            TqTilePos const tp = tqTilePos(which != 0, tau, c, D);
+            uint32_t const* unit = reinterpret_cast<uint32_t const*>(tile + tqTileUnitOffset(D, bits, tp.lane, tp.unit));
+            int code = 0;
+            for (int k = 0; k < bits; ++k)
             {
-                code = codes[c];
-            }
-            else if (bits == 4)
-            {
-                code = (codes[c / 2] >> (4 * (c % 2))) & 15;
-            }
-            else if (bits == 2)
-            {
-                code = (codes[c / 4] >> (2 * (c % 4))) & 3;
-            }
-            else
-            {
-                code = ((codes[c / 4] >> (2 * (c % 4))) & 3) | (((codes[D / 4 + c / 8] >> (c % 8)) & 1) << 2);
+                int w = 0, bit = 0;
+                tqUnitBit(bits, tp.sel, tp.nib, k, w, bit);
+                code |= static_cast<int>((unit[w] >> bit) & 1u) << k;
             }
             o[c] = __half_as_ushort(__float2half_rn(__fmul_rn(scale, codebookAt(bits, code))));
         }
@@ -361,8 +426,8 @@ using namespace detail;
 
 cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
 {
-    if (tqCheckLayer(p.layer, p.layer.num_kv_heads) != nullptr || p.kv.pool == nullptr || p.kv.block_table == nullptr
-        || p.k == nullptr || p.v == nullptr || p.seq_lens == nullptr || p.tables.signs == nullptr || p.batch < 0
+    if (tqCheckLayer(p.layer, p.layer.num_kv_heads) != nullptr || !tqTokensPerBlockValid(p.layer.tokens_per_block)
+        || p.kv.pool == nullptr || p.kv.block_table == nullptr || p.k == nullptr || p.v == nullptr || p.seq_lens == nullptr || p.tables.signs == nullptr || p.batch < 0
         || (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr))
         || (p.cu_q_lens != nullptr && p.max_q_len < 0))
     {
@@ -399,8 +464,8 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
 
 cudaError_t launchDequantizeKv(DequantizeKvParams const& p, cudaStream_t stream)
 {
-    if (tqCheckLayer(p.layer, p.layer.num_kv_heads) != nullptr || p.kv.pool == nullptr || p.kv.block_table == nullptr
-        || p.seq_lens == nullptr || p.k_out == nullptr || p.v_out == nullptr || p.batch < 0 || p.max_seq_len < 0
+    if (tqCheckLayer(p.layer, p.layer.num_kv_heads) != nullptr || !tqTokensPerBlockValid(p.layer.tokens_per_block)
+        || p.kv.pool == nullptr || p.kv.block_table == nullptr || p.seq_lens == nullptr || p.k_out == nullptr || p.v_out == nullptr || p.batch < 0 || p.max_seq_len < 0
         || (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr)))
     {
         return cudaErrorInvalidValue;

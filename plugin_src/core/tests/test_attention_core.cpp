@@ -92,7 +92,7 @@ AttentionConfig baseConfig()
     c.num_q_heads = 32;
     c.num_kv_heads = 8;
     c.head_dim = 128;
-    c.tokens_per_block = 16;
+    c.tokens_per_block = 32;
     c.k_bits.assign(8, 3);
     c.v_bits.assign(8, 2);
     c.k_bits[1] = 4;
@@ -113,7 +113,7 @@ AttentionConfig randomConfig(std::mt19937& rng)
     c.num_kv_heads = 1 + static_cast<int32_t>(rng() % 12);
     c.num_q_heads = c.num_kv_heads * groups[rng() % 6];
     c.head_dim = dims[rng() % 2];
-    c.tokens_per_block = 1 << (rng() % 8);
+    c.tokens_per_block = 32 << (rng() % 3);
     for (int32_t h = 0; h < c.num_kv_heads; ++h)
     {
         c.k_bits.push_back(bits[rng() % 4]);
@@ -324,7 +324,8 @@ TEST(validation_rejects_each_invalid_value)
         CHECK_THROWS(parseFields(f.data(), f.size()), needle);
     };
     expect([](AttentionConfig& c) { c.head_dim = 96; }, "head_dim=96");
-    expect([](AttentionConfig& c) { c.tokens_per_block = 24; }, "tokens_per_block=24 must be a power of two");
+    expect([](AttentionConfig& c) { c.tokens_per_block = 24; }, "tokens_per_block=24 must be 32, 64 or 128");
+    expect([](AttentionConfig& c) { c.tokens_per_block = 16; }, "tokens_per_block=16 must be 32, 64 or 128");
     expect([](AttentionConfig& c) { c.tokens_per_block = 256; }, "tokens_per_block=256");
     expect([](AttentionConfig& c) { c.tokens_per_block = 0; }, "tokens_per_block=0");
     expect([](AttentionConfig& c) { c.k_bits[5] = 5; }, "k_bits[5]=5");
@@ -333,7 +334,8 @@ TEST(validation_rejects_each_invalid_value)
     expect([](AttentionConfig& c) { c.sink_tokens = 17; }, "sink_tokens=17");
     expect([](AttentionConfig& c) { c.max_seq_len = 0; }, "max_seq_len=0");
     expect([](AttentionConfig& c) { c.layer_offset = 8; }, "layer_offset=8");
-    expect([](AttentionConfig& c) { c.format_version = 2; }, "format_version=2");
+    expect([](AttentionConfig& c) { c.format_version = 1; }, "format_version=1");
+    expect([](AttentionConfig& c) { c.format_version = 3; }, "format_version=3");
     expect([](AttentionConfig& c) { c.group_size = 32; }, "group_size=32 with kind turbo");
     expect([](AttentionConfig& c) { c.norm_correction = 2; }, "norm_correction=2");
     expect([](AttentionConfig& c) { c.softmax_scale = -1.F; }, "softmax_scale");
@@ -413,7 +415,7 @@ TEST(workspace_layout)
 
 TEST(block_layout_matches_format_doc)
 {
-    // docs/format.md §5 by hand: d=128, T=16, H=2, K 3 bits / V 2 bits, turbo (2-byte meta).
+    // docs/format.md §5 by hand: d=128, T=32, H=2, K 3 bits / V 2 bits, turbo (2-byte meta).
     AttentionConfig c = baseConfig();
     c.num_q_heads = 4;
     c.num_kv_heads = 2;
@@ -421,22 +423,22 @@ TEST(block_layout_matches_format_doc)
     c.v_bits = {2, 8};
     BlockLayout l = blockLayout(c);
     CHECK_EQ(l.k_codes[0], 0);
-    CHECK_EQ(l.v_codes[0], 16 * 48);
-    CHECK_EQ(l.k_meta[0], 16 * 48 + 16 * 32);
-    CHECK_EQ(l.v_meta[0], 16 * 48 + 16 * 32 + 32);
-    int64_t const s0 = 16 * 48 + 16 * 32 + 64;
+    CHECK_EQ(l.v_codes[0], 32 * 48);
+    CHECK_EQ(l.k_meta[0], 32 * 48 + 32 * 32);
+    CHECK_EQ(l.v_meta[0], 32 * 48 + 32 * 32 + 64);
+    int64_t const s0 = 32 * 48 + 32 * 32 + 128;
     CHECK_EQ(l.k_codes[1], s0);
-    CHECK_EQ(l.v_codes[1], s0 + 16 * 64);
-    CHECK_EQ(l.block_bytes, s0 + 16 * 64 + 16 * 128 + 64);
-    // T=1 pads every array to 16 bytes: d=64, 2 bits -> 16 code bytes, meta 2 -> 16.
+    CHECK_EQ(l.v_codes[1], s0 + 32 * 64);
+    CHECK_EQ(l.block_bytes, s0 + 32 * 64 + 32 * 128 + 128);
+    // d=64, T=64: 2-bit codes 16 bytes a token, 3-bit 24, no padding needed (T >= 32).
     c.head_dim = 64;
-    c.tokens_per_block = 1;
+    c.tokens_per_block = 64;
     c.k_bits = {2, 2};
     c.v_bits = {3, 2};
     l = blockLayout(c);
-    CHECK_EQ(l.v_codes[0], 16);
-    CHECK_EQ(l.k_meta[0], 16 + 32); // 24 bytes of 3-bit codes padded to 32
-    CHECK_EQ(l.block_bytes, (16 + 32 + 16 + 16) + (16 + 16 + 16 + 16));
+    CHECK_EQ(l.v_codes[0], 64 * 16);
+    CHECK_EQ(l.k_meta[0], 64 * 16 + 64 * 24);
+    CHECK_EQ(l.block_bytes, (64 * 16 + 64 * 24 + 128 + 128) + (64 * 16 + 64 * 16 + 128 + 128));
     for (int64_t off : l.v_meta) CHECK_EQ(off % 16, 0);
 }
 

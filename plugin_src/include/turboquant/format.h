@@ -17,10 +17,11 @@
 namespace turboquant
 {
 
-constexpr int32_t kFormatVersion = 1;
+constexpr int32_t kFormatVersion = 2;
 constexpr int32_t kMaxKvHeads = 128;        // KV heads of one layer the params structs can describe
 constexpr int32_t kMaxSinkTokens = 16;      // n_s
 constexpr int32_t kMaxTokensPerBlock = 128; // T
+constexpr int32_t kTileTokens = 32;         // codes are stored in tiles of 32 token slots (docs/format.md §5)
 constexpr int32_t kMaxHeadDim = 256;        // largest head_dim of the format (kernels: see isSupported)
 constexpr int32_t kArrayAlign = 16;         // every array of a block starts at a multiple of 16 bytes
 constexpr int32_t kTurboMetaBytes = 2;      // one fp16 scale per vector
@@ -56,7 +57,7 @@ struct KvLayerDesc
     // --- the format (docs/format.md §1-§3) ---
     int32_t head_dim;          // d: 64, 128 or 256
     int32_t num_kv_heads;      // H, at most kMaxKvHeads
-    int32_t tokens_per_block;  // T: power of two, 1..128
+    int32_t tokens_per_block;  // T: 32, 64 or 128 (whole tiles of kTileTokens slots)
     int32_t sink_tokens;       // n_s: 0..16 first positions kept in fp16 in sink_pool
     QuantKind kind;            // kernels: kTurbo only
     int32_t rotation;          // 1: randomized Hadamard rotation (kernels: required)
@@ -64,20 +65,26 @@ struct KvLayerDesc
     uint8_t k_bits[kMaxKvHeads]; // [num_kv_heads] bits of K codes per KV head: 2, 3, 4 or 8
     uint8_t v_bits[kMaxKvHeads]; // [num_kv_heads] bits of V codes per KV head
     // --- derived by tqComputeBlockLayout(): byte offsets from the start of the layer's block ---
-    int32_t k_codes_off[kMaxKvHeads]; // K codes  [T][d*kb/8] uint8
-    int32_t v_codes_off[kMaxKvHeads]; // V codes  [T][d*vb/8] uint8
+    int32_t k_codes_off[kMaxKvHeads]; // K codes  [T/32] tiles of 32*d*kb/8 bytes (tile layout, see below)
+    int32_t v_codes_off[kMaxKvHeads]; // V codes  [T/32] tiles of 32*d*vb/8 bytes
     int32_t k_meta_off[kMaxKvHeads];  // K scales [T] fp16
     int32_t v_meta_off[kMaxKvHeads];  // V scales [T] fp16
     int32_t block_bytes;              // bytes of the layer's block (multiple of 16)
 };
 
+TQ_HOST_DEVICE constexpr bool tqTokensPerBlockValid(int32_t t)
+{
+    return t == 32 || t == 64 || t == 128;
+}
+
 // Fills the offsets and block_bytes of `desc` (turbo: 2 metadata bytes per vector). Returns
-// false when a field is out of range (then nothing is guaranteed about the offsets).
+// false when a field is out of range (T must be 32, 64 or 128; then nothing is guaranteed about
+// the offsets).
 inline bool tqComputeBlockLayout(KvLayerDesc& desc)
 {
     int32_t const t = desc.tokens_per_block;
-    if (desc.num_kv_heads < 1 || desc.num_kv_heads > kMaxKvHeads || t < 1 || t > kMaxTokensPerBlock
-        || (t & (t - 1)) != 0 || desc.kind != QuantKind::kTurbo)
+    if (desc.num_kv_heads < 1 || desc.num_kv_heads > kMaxKvHeads || !tqTokensPerBlockValid(t)
+        || desc.kind != QuantKind::kTurbo)
     {
         return false;
     }
@@ -97,12 +104,77 @@ inline bool tqComputeBlockLayout(KvLayerDesc& desc)
     return true;
 }
 
+// ---- the tile layout of the code arrays (docs/format.md §5) ------------------------------------
+// A code array of a head holds T/32 tiles; tile q holds slots 32q..32q+31 and is 32 lane chunks
+// of d*b/8 bytes; a lane chunk is d/32 units of 4*b bytes; a unit holds 32 codes at positions
+// (selector j = 0..3, nibble n = 0..7).
+struct TqTilePos
+{
+    int32_t lane; // L: lane chunk 0..31
+    int32_t unit; // U: unit of the lane chunk, 0..d/32-1
+    int32_t sel;  // j: 0..3
+    int32_t nib;  // n: 0..7
+};
+
+// Position of the code of (slot tau of the tile, channel c) of a K (is_v false) or V code array.
+TQ_HOST_DEVICE constexpr TqTilePos tqTilePos(bool is_v, int32_t tau, int32_t c, int32_t d)
+{
+    int32_t g = 0, t = 0, y = 0, rho = 0;
+    if (!is_v)
+    {
+        g = tau % 8;
+        t = (c % 16) / 4;
+        y = c % 4;
+        rho = ((tau / 8) * (d / 32) + c / 32) * 2 + (c % 32) / 16;
+    }
+    else
+    {
+        g = c % 8;
+        t = (tau % 16) / 4;
+        y = tau % 4;
+        rho = 4 * (c / 16) + 2 * (tau / 16) + (c % 16) / 8;
+    }
+    return TqTilePos{4 * g + t, rho / 8, (rho % 8) / 2, 4 * (rho % 2) + y};
+}
+
+// Word (little-endian uint32 of the unit) and bit of code bit k (0..bits-1) at position (j, n).
+TQ_HOST_DEVICE constexpr void tqUnitBit(int32_t bits, int32_t j, int32_t n, int32_t k, int32_t& word, int32_t& bit)
+{
+    if (bits == 2)
+    {
+        word = j / 2;
+        bit = 4 * n + 2 * (j % 2) + k;
+    }
+    else if (bits == 3)
+    {
+        word = j < 3 ? j : k;
+        bit = j < 3 ? 4 * n + k : 4 * n + 3;
+    }
+    else if (bits == 4)
+    {
+        word = j;
+        bit = 4 * n + k;
+    }
+    else
+    {
+        word = 2 * j + n / 4;
+        bit = 8 * (n % 4) + k;
+    }
+}
+
+// Byte offset of unit `unit` of lane chunk `lane` from the start of its tile.
+TQ_HOST_DEVICE constexpr int32_t tqTileUnitOffset(int32_t d, int32_t bits, int32_t lane, int32_t unit)
+{
+    return lane * tqCodeBytes(d, bits) + unit * 4 * bits;
+}
+
 // The paged quantized KV pool of one layer, as the kernels see it (docs/format.md §5).
 //
 //   block n of the layer starts at  pool + layer_offset + n * block_stride
 //   token at position p of sequence b lives in block block_table[b * max_blocks_per_seq + p / T],
-//   row p % T of each of its head sections' four arrays; positions p < sink_tokens live instead
-//   (transformed, unquantized) in sink_pool[seq_slot[b]][h][0 = K, 1 = V][p][:].
+//   slot r = p % T: codes in tile r / 32 (slot r % 32, see tqTilePos), scales in row r of the
+//   meta arrays. Positions p < sink_tokens are also kept (transformed, unquantized) in
+//   sink_pool[seq_slot[b]][h][0 = K, 1 = V][p][:], which is what the readers use for them.
 //
 // Invariants (checked by the launchers): pool, block_stride and layer_offset are multiples of 16;
 // layer_offset + block_bytes <= block_stride; sink_pool and seq_slot are non-null when
