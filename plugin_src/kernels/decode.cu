@@ -61,54 +61,116 @@ struct DecReduceArgs
     int32_t bf16;
 };
 
-// One CTA of D threads per (sequence, query head): combines the splits, then R^-1, sv, mu_v.
+constexpr int kReduceParts = 4; // thread groups of D threads, each summing every 4th split
+
+// One CTA of 4*D threads per (sequence, query head): combines the splits, then R^-1, sv, mu_v.
 template <int D>
-__global__ void __launch_bounds__(D) decodeReduceKernel(DecReduceArgs const a)
+__global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(DecReduceArgs const a)
 {
+    __shared__ float w[kDecMaxSplits];
+    __shared__ float part[kReduceParts][D];
     __shared__ float y[D];
+    __shared__ float stat[2];
     int const b = blockIdx.x;
     int const hq = blockIdx.y;
-    int const c = threadIdx.x;
+    int const tid = threadIdx.x;
+    int const c = tid % D;
+    int const pi = tid / D;
     int64_t const base = (static_cast<int64_t>(b) * a.num_q_heads + hq) * a.num_splits;
-    float mx = -INFINITY;
-    for (int s = 0; s < a.num_splits; ++s)
+    float const ms = tid < a.num_splits ? a.ws_ml[2 * (base + tid)] : -INFINITY;
+    float const ls = tid < a.num_splits ? a.ws_ml[2 * (base + tid) + 1] : 0.F;
+    if (tid < kDecMaxSplits)
     {
-        mx = fmaxf(mx, a.ws_ml[2 * (base + s)]);
+        w[tid] = ms;
     }
-    float num = 0.F;
-    float den = 0.F;
-    for (int s = 0; s < a.num_splits; ++s)
+    __syncthreads();
+    if (tid < 32)
     {
-        float const ms = a.ws_ml[2 * (base + s)];
-        if (ms != -INFINITY)
+        float mx = -INFINITY;
+        for (int s = tid; s < a.num_splits; s += 32)
         {
-            float const w = exp2f(ms - mx);
-            den += w * a.ws_ml[2 * (base + s) + 1];
-            num += w * a.ws_o[(base + s) * D + c];
+            mx = fmaxf(mx, w[s]);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+        {
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        }
+        if (tid == 0)
+        {
+            stat[0] = mx;
         }
     }
-    y[c] = den > 0.F ? num / den : 0.F;
+    __syncthreads();
+    float const mx = stat[0];
+    float const ws = (tid < a.num_splits && ms != -INFINITY) ? exp2f(ms - mx) : 0.F;
+    __syncthreads();
+    if (tid < kDecMaxSplits)
+    {
+        w[tid] = ws;
+    }
+    // den = sum of ws * ls (warp sums, then one lane per warp)
+    float d = ws * ls;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        d += __shfl_xor_sync(0xffffffffu, d, o);
+    }
+    if (tid == 0)
+    {
+        stat[1] = 0.F;
+    }
+    __syncthreads();
+    if ((tid & 31) == 0 && d != 0.F)
+    {
+        atomicAdd(&stat[1], d);
+    }
+    float num = 0.F;
+#pragma unroll 4
+    for (int s = pi; s < a.num_splits; s += kReduceParts)
+    {
+        float const ww = w[s];
+        if (ww != 0.F)
+        {
+            num += ww * a.ws_o[(base + s) * D + c];
+        }
+    }
+    part[pi][c] = num;
+    __syncthreads();
+    if (pi == 0)
+    {
+        float acc = 0.F;
+#pragma unroll
+        for (int k = 0; k < kReduceParts; ++k)
+        {
+            acc += part[k][c];
+        }
+        float const den = stat[1];
+        y[c] = den > 0.F ? acc / den : 0.F;
+    }
     __syncthreads();
 #pragma unroll
     for (int len = 1; len < D; len <<= 1)
     {
-        float x;
-        if ((c & len) == 0)
+        float x = 0.F;
+        if (pi == 0)
         {
-            x = y[c] + y[c + len];
-        }
-        else
-        {
-            x = y[c - len] - y[c];
+            x = (c & len) == 0 ? y[c] + y[c + len] : y[c - len] - y[c];
         }
         __syncthreads();
-        y[c] = x;
+        if (pi == 0)
+        {
+            y[c] = x;
+        }
         __syncthreads();
     }
-    int const head = hq / a.group;
-    int64_t const hv = static_cast<int64_t>(head) * D + c;
-    float const outv = tableOr(a.v_smooth, hv, 1.F) * (y[c] * a.rsqrt_d * h2f(a.signs[c])) + tableOr(a.v_mean, hv, 0.F);
-    storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + c, outv, a.bf16 != 0);
+    if (pi == 0)
+    {
+        int const head = hq / a.group;
+        int64_t const hv = static_cast<int64_t>(head) * D + c;
+        float const outv = tableOr(a.v_smooth, hv, 1.F) * (y[c] * a.rsqrt_d * h2f(a.signs[c])) + tableOr(a.v_mean, hv, 0.F);
+        storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + c, outv, a.bf16 != 0);
+    }
 }
 
 int resolveSmCount(int32_t num_sms)
@@ -142,9 +204,11 @@ void planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, int32_t& splits, in
     int32_t const keys = std::max<int32_t>(1, maxKeys);
     int32_t const maxUseful
         = std::max<int32_t>(1, std::min<int32_t>(kDecMaxSplits / kDecWarps, (keys + kDecWarps * kDecMinKeysPerSplit - 1) / (kDecWarps * kDecMinKeysPerSplit)));
-    int32_t best = 1;
+    // at least enough splits that none exceeds kMaxSplitKeys
+    int32_t const minC = (keys + kDecWarps * kMaxSplitKeys - 1) / (kDecWarps * kMaxSplitKeys);
+    int32_t best = minC;
     double bestEff = -1.0;
-    for (int32_t c = 1; c <= maxUseful; ++c) // c CTAs (4c splits) per pair
+    for (int32_t c = minC; c <= std::max(minC, maxUseful); ++c) // c CTAs (4c splits) per pair
     {
         int64_t const ctas = pairs * c;
         int64_t const waves = (ctas + slots - 1) / slots;
@@ -308,7 +372,7 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     dim3 const grid(p.batch, p.num_q_heads);
     return dispatchHeadDim(p.layer.head_dim, [&](auto d) {
         constexpr int D = decltype(d)::value;
-        decodeReduceKernel<D><<<grid, D, 0, stream>>>(r);
+        decodeReduceKernel<D><<<grid, D * kReduceParts, 0, stream>>>(r);
         return cudaGetLastError();
     });
 }

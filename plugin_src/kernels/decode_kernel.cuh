@@ -18,7 +18,10 @@ constexpr int kDecThreads = 32 * kDecWarps;
 constexpr int kDecTile = 32;                 // tokens per warp step (one pool tile)
 constexpr int kDecMaxSplits = 256;
 constexpr int kDecHeadsPerCta = 8;           // query heads of one CTA (two n-tiles of 4)
-constexpr int kQMax = 16383;                 // |q| and p' are 14-bit integers: hi = x >> 7, lo = x & 127
+constexpr int kQMax = 16383;                 // |q| is a 14-bit integer: hi = q >> 7 (s8), lo = q & 127
+constexpr float kPMax = 65535.F;             // p' is a 16-bit unsigned integer: hi, lo = its two bytes (u8)
+constexpr float kMaxSlack = 3.F;             // the running maximum moves only when a score exceeds it by 3 (log2): p <= 8
+constexpr int kMaxSplitKeys = 32768;         // int32 accumulators of O cannot overflow within a split
 
 struct DecodeArgs
 {
@@ -152,6 +155,14 @@ __device__ __forceinline__ void expandUnit(uint32_t const* w, uint32_t (&r)[8])
     }
 }
 
+__device__ __forceinline__ void mmaS8U8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ void mmaS8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
 {
     asm volatile(
@@ -160,16 +171,51 @@ __device__ __forceinline__ void mmaS8(int (&d)[4], uint32_t a0, uint32_t a1, uin
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Loads N 32-bit words from a 16-byte (N % 4 == 0) or 8-byte aligned address.
+__device__ __forceinline__ void decCpAsync(void* smem, void const* gmem, int bytes16)
+{
+    uint32_t const s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    if (bytes16)
+    {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+    }
+    else
+    {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+    }
+}
+
+__device__ __forceinline__ void decCpCommit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
 template <int N>
-__device__ __forceinline__ void loadWords(uint32_t (&w)[N], uint8_t const* p)
+__device__ __forceinline__ void decCpWait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// One pipeline stage of a warp: the K tile, the V tile, then 32 K scales and 32 V scales (fp16).
+template <int D, int KB, int VB>
+struct DecStage
+{
+    static constexpr int kTile = 32 * D * KB / 8;
+    static constexpr int vTile = 32 * D * VB / 8;
+    static constexpr int bytes = kTile + vTile + 128;
+    // as many stages (2..4) as fit in ~14 KB per warp
+    static constexpr int stages = bytes * 4 <= 14336 ? 4 : bytes * 3 <= 14336 ? 3 : 2;
+};
+
+// Loads N 32-bit words of shared memory from a 16-byte (N % 4 == 0) or 8-byte aligned address.
+template <int N>
+__device__ __forceinline__ void loadWordsShared(uint32_t (&w)[N], uint8_t const* p)
 {
     if constexpr (N % 4 == 0)
     {
 #pragma unroll
         for (int i = 0; i < N / 4; ++i)
         {
-            uint4 const v = __ldg(reinterpret_cast<uint4 const*>(p) + i);
+            uint4 const v = reinterpret_cast<uint4 const*>(p)[i];
             w[4 * i] = v.x;
             w[4 * i + 1] = v.y;
             w[4 * i + 2] = v.z;
@@ -181,7 +227,7 @@ __device__ __forceinline__ void loadWords(uint32_t (&w)[N], uint8_t const* p)
 #pragma unroll
         for (int i = 0; i < N / 2; ++i)
         {
-            uint2 const v = __ldg(reinterpret_cast<uint2 const*>(p) + i);
+            uint2 const v = reinterpret_cast<uint2 const*>(p)[i];
             w[2 * i] = v.x;
             w[2 * i + 1] = v.y;
         }
@@ -189,10 +235,17 @@ __device__ __forceinline__ void loadWords(uint32_t (&w)[N], uint8_t const* p)
 }
 
 template <int D>
-__host__ __device__ constexpr int decodeSmemBytes()
+__host__ __device__ constexpr int decodePrologueBytes()
 {
     // q (fp32) [8][D], q hi/lo bytes [2][8][D], per-head multipliers, per-warp P buffers [2][8][32] u16
     return kDecHeadsPerCta * D * 4 + 2 * kDecHeadsPerCta * D + 2 * kDecHeadsPerCta * 4 + kDecWarps * 2 * 8 * 32 * 2;
+}
+
+template <int D, int KB, int VB>
+__host__ __device__ constexpr int decodeSmemBytes()
+{
+    using S = DecStage<D, KB, VB>;
+    return decodePrologueBytes<D>() + kDecWarps * S::stages * S::bytes;
 }
 
 // One warp per (sequence, KV head, split); a CTA holds four consecutive splits of one (sequence,
@@ -230,46 +283,56 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
     int const ns = L.sink_tokens;
     bool const bf16 = a.bf16 != 0;
 
-    // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes) ------------------------
-    for (int i = threadIdx.x; i < kDecHeadsPerCta * D; i += kDecThreads)
-    {
-        int const r = i / D;
-        int const c = i % D;
-        float x = 0.F;
-        if (r < nh)
-        {
-            x = loadAct(a.q, static_cast<int64_t>(b) * a.q_stride + static_cast<int64_t>(hq0 + r) * D + c, bf16)
-                * tableOr(a.k_smooth, static_cast<int64_t>(head) * D + c, 1.F) * h2f(a.signs[c]);
-        }
-        qf[i] = x;
-    }
-    __syncthreads();
-#pragma unroll 1
-    for (int len = 1; len < D; len <<= 1)
-    {
-        for (int i = threadIdx.x; i < kDecHeadsPerCta * D / 2; i += kDecThreads)
-        {
-            int const r = i / (D / 2);
-            int const p = i % (D / 2);
-            int const lo = (p / len) * 2 * len + (p % len);
-            float const x0 = qf[r * D + lo];
-            float const x1 = qf[r * D + lo + len];
-            qf[r * D + lo] = x0 + x1;
-            qf[r * D + lo + len] = x0 - x1;
-        }
-        __syncthreads();
-    }
+    // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes); warp w: heads w, w+4 --
     int const lane = threadIdx.x & 31;
     int const warp = threadIdx.x >> 5;
     {
-        // warp w: heads w and w + 4
+        constexpr int PER = D / 32; // channels per lane: PER*lane .. PER*lane + PER-1
+#pragma unroll 1
         for (int r = warp; r < kDecHeadsPerCta; r += kDecWarps)
         {
-            float mx = 0.F;
-            for (int c = lane; c < D; c += 32)
+            float x[PER];
+#pragma unroll
+            for (int e = 0; e < PER; ++e)
             {
-                qf[r * D + c] *= a.rsqrt_d;
-                mx = fmaxf(mx, fabsf(qf[r * D + c]));
+                int const c = PER * lane + e;
+                x[e] = r < nh ? loadAct(a.q, static_cast<int64_t>(b) * a.q_stride + static_cast<int64_t>(hq0 + r) * D + c, bf16)
+                        * tableOr(a.k_smooth, static_cast<int64_t>(head) * D + c, 1.F) * h2f(a.signs[c])
+                              : 0.F;
+            }
+            // fast WHT in the order of docs/format.md: lower index a + b, upper a - b
+#pragma unroll
+            for (int len = 1; len < PER; len <<= 1)
+            {
+#pragma unroll
+                for (int e = 0; e < PER; ++e)
+                {
+                    if ((e & len) == 0)
+                    {
+                        float const u = x[e];
+                        float const v = x[e + len];
+                        x[e] = u + v;
+                        x[e + len] = u - v;
+                    }
+                }
+            }
+#pragma unroll
+            for (int lm = 1; lm < 32; lm <<= 1)
+            {
+                bool const upper = (lane & lm) != 0;
+#pragma unroll
+                for (int e = 0; e < PER; ++e)
+                {
+                    float const o = __shfl_xor_sync(0xffffffffu, x[e], lm);
+                    x[e] = upper ? o - x[e] : x[e] + o;
+                }
+            }
+            float mx = 0.F;
+#pragma unroll
+            for (int e = 0; e < PER; ++e)
+            {
+                x[e] *= a.rsqrt_d;
+                mx = fmaxf(mx, fabsf(x[e]));
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1)
@@ -277,9 +340,12 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
             }
             float const fq = mx > 0.F ? static_cast<float>(kQMax) / mx : 1.F;
-            for (int c = lane; c < D; c += 32)
+#pragma unroll
+            for (int e = 0; e < PER; ++e)
             {
-                int const v = __float2int_rn(qf[r * D + c] * fq);
+                int const c = PER * lane + e;
+                int const v = __float2int_rn(x[e] * fq);
+                qf[r * D + c] = x[e];
                 qh[r * D + c] = static_cast<int8_t>(v >> 7);
                 ql[r * D + c] = static_cast<int8_t>(v & 127);
             }
@@ -425,8 +491,8 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
 #pragma unroll
         for (int m = 0; m < MT; ++m)
         {
-            oF[m][nt][0] += (static_cast<float>(accO[m][nt][0]) * 128.F + static_cast<float>(accO[m][nt][1])) * oScale;
-            oF[m][nt][1] += (static_cast<float>(accO[m][nt][2]) * 128.F + static_cast<float>(accO[m][nt][3])) * oScale;
+            oF[m][nt][0] += (static_cast<float>(accO[m][nt][0]) * 256.F + static_cast<float>(accO[m][nt][1])) * oScale;
+            oF[m][nt][1] += (static_cast<float>(accO[m][nt][2]) * 256.F + static_cast<float>(accO[m][nt][3])) * oScale;
 #pragma unroll
             for (int k = 0; k < 4; ++k)
             {
@@ -435,41 +501,71 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
         }
     };
 
-    uint32_t kw[KW], vw[VW];
-    uint16_t ksRaw = 0, vsRaw = 0;
-    auto loadTile = [&](int pos0, uint32_t (&kwx)[KW], uint32_t (&vwx)[VW], uint16_t& ksx, uint16_t& vsx) {
-        int const blk = pos0 / T;
-        int const slot0 = pos0 - blk * T;
-        uint8_t const* base = layerBase + static_cast<int64_t>(__ldg(btab + blk)) * a.kv.block_stride;
-        loadWords<KW>(kwx, base + kOff + slot0 * KCB + lane * KCB);
-        loadWords<VW>(vwx, base + vOff + slot0 * VCB + lane * VCB);
-        ksx = __ldg(reinterpret_cast<unsigned short const*>(base + kmOff) + slot0 + lane);
-        vsx = __ldg(reinterpret_cast<unsigned short const*>(base + vmOff) + slot0 + lane);
+    // Per-warp pipeline: STAGES shared-memory stages filled by cp.async (each lane copies its own
+    // chunks), tile i + STAGES - 1 is issued while tile i is computed. Block ids come from a
+    // 32-entry window of the block table held one per lane.
+    using Stage = DecStage<D, KB, VB>;
+    constexpr int STAGES = Stage::stages;
+    uint8_t* stageBase = smem + decodePrologueBytes<D>() + warp * STAGES * Stage::bytes;
+    int const numTiles = (ke - kb + kDecTile - 1) / kDecTile;
+    int const blk0 = kb / T;
+    int winBase = 0;
+    int winVal = lane < a.kv.max_blocks_per_seq - blk0 ? __ldg(btab + blk0 + lane) : 0;
+    auto issue = [&](int i) {
+        if (i < numTiles)
+        {
+            int const pos0 = kb + i * kDecTile;
+            int const bi = pos0 / T - blk0;
+            if (bi - winBase >= 32)
+            {
+                winBase = bi;
+                winVal = lane < a.kv.max_blocks_per_seq - blk0 - bi ? __ldg(btab + blk0 + bi + lane) : 0;
+            }
+            int const blockId = __shfl_sync(0xffffffffu, winVal, bi - winBase);
+            int const slot0 = pos0 - (pos0 / T) * T;
+            uint8_t const* base = layerBase + static_cast<int64_t>(blockId) * a.kv.block_stride;
+            uint8_t* st = stageBase + (i % STAGES) * Stage::bytes;
+            // the tile is a contiguous image: consecutive lanes copy consecutive 16-byte pieces
+            uint8_t const* ksrc = base + kOff + slot0 * KCB;
+            uint8_t const* vsrc = base + vOff + slot0 * VCB;
+#pragma unroll
+            for (int p = lane; p < Stage::kTile / 16; p += 32)
+            {
+                decCpAsync(st + 16 * p, ksrc + 16 * p, 1);
+            }
+#pragma unroll
+            for (int p = lane; p < Stage::vTile / 16; p += 32)
+            {
+                decCpAsync(st + Stage::kTile + 16 * p, vsrc + 16 * p, 1);
+            }
+            if (lane < 8)
+            {
+                int const mOff = lane < 4 ? kmOff : vmOff;
+                decCpAsync(st + Stage::kTile + Stage::vTile + 16 * lane, base + mOff + slot0 * 2 + 16 * (lane & 3), 1);
+            }
+        }
+        decCpCommit();
     };
-
-    int const pStart = kb;
-    loadTile(pStart, kw, vw, ksRaw, vsRaw);
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i)
+    {
+        issue(i);
+    }
     int buf = 0;
 #pragma unroll 1
-    for (int pos0 = pStart; pos0 < ke; pos0 += kDecTile)
+    for (int it = 0; it < numTiles; ++it)
     {
+        int const pos0 = kb + it * kDecTile;
+        decCpWait<STAGES - 2>();
+        __syncwarp();
+        uint8_t const* st = stageBase + (it % STAGES) * Stage::bytes;
         uint32_t kwc[KW], vwc[VW];
-#pragma unroll
-        for (int i = 0; i < KW; ++i)
-        {
-            kwc[i] = kw[i];
-        }
-#pragma unroll
-        for (int i = 0; i < VW; ++i)
-        {
-            vwc[i] = vw[i];
-        }
-        uint16_t const ksc = ksRaw;
-        uint16_t const vsc = vsRaw;
-        if (pos0 + kDecTile < ke)
-        {
-            loadTile(pos0 + kDecTile, kw, vw, ksRaw, vsRaw);
-        }
+        loadWordsShared<KW>(kwc, st + lane * KCB);
+        loadWordsShared<VW>(vwc, st + Stage::kTile + lane * VCB);
+        uint16_t const ksc = reinterpret_cast<uint16_t const*>(st + Stage::kTile + Stage::vTile)[lane];
+        uint16_t const vsc = reinterpret_cast<uint16_t const*>(st + Stage::kTile + Stage::vTile + 64)[lane];
+        __syncwarp();
+        issue(it + STAGES - 1);
 
         // slots of this tile that count: [max(pos0, ns), ke)
         int const lo = max(pos0, ns) - pos0;
@@ -491,8 +587,8 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
                 flush(nt);
             }
             vsMax = vmx * 1.25F;
-            pf = static_cast<float>(kQMax) / vsMax;
-            oScale = kInvLambdaV / pf;
+            pf = __fdividef(kPMax, vsMax * exp2f(kMaxSlack));
+            oScale = __fdividef(kInvLambdaV, pf);
         }
 
         // S^T = K Q^T: m-tile mt holds slots 16mt + g (rows) and 16mt + 8 + g
@@ -562,7 +658,7 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
             gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 4));
             gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 8));
             gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 16));
-            if (gm > mRun[nt])
+            if (gm > mRun[nt] + kMaxSlack)
             {
                 float const alpha = exp2f(mRun[nt] - gm);
                 flush(nt);
@@ -581,8 +677,9 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
             {
                 float const p = okI[i] ? exp2f(sc[i] - mRun[nt]) : 0.F;
                 lRun[nt] += p;
-                int const pi = headOk ? __float2int_rn(p * vsI[i] * pf) : 0;
-                pb[(4 * nt + t) * 32 + g + 8 * i] = static_cast<uint16_t>(pi + (pi & ~127)); // (hi << 8) | lo
+                // p <= 2^kMaxSlack and vs <= vsMax: p' fits 16 bits; bytes (lo, hi) are the two u8 columns
+                uint32_t const pi = headOk ? min(__float2uint_rn(p * vsI[i] * pf), 65535u) : 0u;
+                pb[(4 * nt + t) * 32 + g + 8 * i] = static_cast<uint16_t>(pi);
             }
         }
         __syncwarp();
@@ -612,7 +709,7 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
                 {
-                    mmaS8(accO[m][nt], r8[4 * half], r8[4 * half + 1], r8[4 * half + 2], r8[4 * half + 3], pB[nt][0], pB[nt][1]);
+                    mmaS8U8(accO[m][nt], r8[4 * half], r8[4 * half + 1], r8[4 * half + 2], r8[4 * half + 3], pB[nt][0], pB[nt][1]);
                 }
             }
         }
@@ -651,7 +748,15 @@ template <int D, int KB, int VB, int NT>
 cudaError_t launchDecodeSplit(DecodeArgs const& a, cudaStream_t stream)
 {
     auto kern = decodeSplitKernel<D, KB, VB, NT>;
-    constexpr int smemBytes = decodeSmemBytes<D>();
+    constexpr int smemBytes = decodeSmemBytes<D, KB, VB>();
+    if (smemBytes > 48 * 1024)
+    {
+        cudaError_t const e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smemBytes);
+        if (e != cudaSuccess)
+        {
+            return e;
+        }
+    }
     dim3 const grid((a.num_splits + kDecWarps - 1) / kDecWarps, a.num_launch_heads, a.batch * a.hsub);
     kern<<<grid, kDecThreads, smemBytes, stream>>>(a);
     return cudaGetLastError();
