@@ -42,7 +42,7 @@ TQ_EXTERN_DECODE(128, 8)
 namespace
 {
 
-constexpr int kDecCtasPerSm = 3; // __launch_bounds__ of the split kernel
+constexpr int kDecCtasPerSm = kDecMinCtas; // __launch_bounds__ of the split kernel
 constexpr int kDecMinKeysPerSplit = 128;
 
 struct DecReduceArgs

@@ -17,7 +17,15 @@ constexpr int kDecWarps = 4;                 // warps per CTA, one split each
 constexpr int kDecThreads = 32 * kDecWarps;
 constexpr int kDecTile = 32;                 // tokens per warp step (one pool tile)
 constexpr int kDecMaxSplits = 256;
-constexpr int kDecHeadsPerCta = 8;           // query heads of one CTA (two n-tiles of 4)
+constexpr int kDecHeadsPerCta = 8;
+#ifndef TQ_DEC_MIN_CTAS
+#define TQ_DEC_MIN_CTAS 3
+#endif
+constexpr int kDecMinCtas = TQ_DEC_MIN_CTAS;  // resident CTAs per SM the registers are budgeted for
+#ifndef TQ_DEC_STAGE_BUDGET
+#define TQ_DEC_STAGE_BUDGET 14336
+#endif
+constexpr int kDecStageBudget = TQ_DEC_STAGE_BUDGET; // shared-memory bytes of one warp's pipeline           // query heads of one CTA (two n-tiles of 4)
 constexpr int kQMax = 16383;                 // |q| is a 14-bit integer: hi = q >> 7 (s8), lo = q & 127
 constexpr float kPMax = 65535.F;             // p' is a 16-bit unsigned integer: hi, lo = its two bytes (u8)
 constexpr float kMaxSlack = 3.F;             // the running maximum moves only when a score exceeds it by 3 (log2): p <= 8
@@ -203,7 +211,7 @@ struct DecStage
     static constexpr int vTile = 32 * D * VB / 8;
     static constexpr int bytes = kTile + vTile + 128;
     // as many stages (2..4) as fit in ~14 KB per warp
-    static constexpr int stages = bytes * 4 <= 14336 ? 4 : bytes * 3 <= 14336 ? 3 : 2;
+    static constexpr int stages = bytes * 4 <= kDecStageBudget ? 4 : bytes * 3 <= kDecStageBudget ? 3 : 2;
 };
 
 // Loads N 32-bit words of shared memory from a 16-byte (N % 4 == 0) or 8-byte aligned address.
@@ -251,7 +259,7 @@ __host__ __device__ constexpr int decodeSmemBytes()
 // One warp per (sequence, KV head, split); a CTA holds four consecutive splits of one (sequence,
 // KV head, query-head subset) and shares the query prologue. NT n-tiles of 4 query heads.
 template <int D, int KB, int VB, int NT>
-__global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_constant__ DecodeArgs const a)
+__global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__grid_constant__ DecodeArgs const a)
 {
     constexpr int KCB = D * KB / 8; // bytes of one lane chunk (= one token row) of the K tile
     constexpr int VCB = D * VB / 8;
@@ -280,6 +288,7 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
     int const nh = min(kDecHeadsPerCta, a.group - hs * kDecHeadsPerCta); // query heads of this CTA
     int const seqLen = a.seq_lens[b];
     int const T = L.tokens_per_block;
+    int const tShift = __ffs(T) - 1; // T is a power of two
     int const ns = L.sink_tokens;
     bool const bf16 = a.bf16 != 0;
 
@@ -508,21 +517,21 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
     constexpr int STAGES = Stage::stages;
     uint8_t* stageBase = smem + decodePrologueBytes<D>() + warp * STAGES * Stage::bytes;
     int const numTiles = (ke - kb + kDecTile - 1) / kDecTile;
-    int const blk0 = kb / T;
+    int const blk0 = kb >> tShift;
     int winBase = 0;
     int winVal = lane < a.kv.max_blocks_per_seq - blk0 ? __ldg(btab + blk0 + lane) : 0;
     auto issue = [&](int i) {
         if (i < numTiles)
         {
             int const pos0 = kb + i * kDecTile;
-            int const bi = pos0 / T - blk0;
+            int const bi = (pos0 >> tShift) - blk0;
             if (bi - winBase >= 32)
             {
                 winBase = bi;
                 winVal = lane < a.kv.max_blocks_per_seq - blk0 - bi ? __ldg(btab + blk0 + bi + lane) : 0;
             }
             int const blockId = __shfl_sync(0xffffffffu, winVal, bi - winBase);
-            int const slot0 = pos0 - (pos0 / T) * T;
+            int const slot0 = pos0 & (T - 1);
             uint8_t const* base = layerBase + static_cast<int64_t>(blockId) * a.kv.block_stride;
             uint8_t* st = stageBase + (i % STAGES) * Stage::bytes;
             // the tile is a contiguous image: consecutive lanes copy consecutive 16-byte pieces
@@ -573,14 +582,14 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
         bool const laneValid = lane >= lo && lane < hi;
         float const ksL = h2f(ksc);
         float const vsL = laneValid ? h2f(vsc) : 0.F;
-        float vmx = vsL;
+        if (__any_sync(0xffffffffu, vsL > vsMax)) // rare: the V-scale bound grows
+        {
+            float vmx = vsL;
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-        {
-            vmx = fmaxf(vmx, __shfl_xor_sync(0xffffffffu, vmx, o));
-        }
-        if (vmx > vsMax)
-        {
+            for (int o = 16; o > 0; o >>= 1)
+            {
+                vmx = fmaxf(vmx, __shfl_xor_sync(0xffffffffu, vmx, o));
+            }
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
             {
@@ -655,10 +664,16 @@ __global__ void __launch_bounds__(kDecThreads, 3) decodeSplitKernel(__grid_const
                 sc[i] = okI[i] ? static_cast<float>(sInt) * ksI[i] * qmul[nt] : kNegInf;
             }
             float gm = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
-            gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 4));
-            gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 8));
-            gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 16));
-            if (gm > mRun[nt] + kMaxSlack)
+            // rare: some score exceeds the running maximum by more than the slack; then the lanes of
+            // each head agree on the new maximum (lanes of one head share t, differ in g)
+            bool const grow = __any_sync(0xffffffffu, gm > mRun[nt] + kMaxSlack);
+            if (grow)
+            {
+                gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 4));
+                gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 8));
+                gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 16));
+            }
+            if (grow && gm > mRun[nt] + kMaxSlack)
             {
                 float const alpha = exp2f(mRun[nt] - gm);
                 flush(nt);
