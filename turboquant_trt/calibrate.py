@@ -33,6 +33,7 @@ from .model_loading import ModelIdentity
 from .scale_table import ScaleTable
 
 CLIP_GRID = (0.85, 0.9, 1.0, 1.1, 1.2, 1.3)
+CLIP_GRID_8 = (0.9, 1.0, 1.2)  # 8-bit: the uniform int8 grid spans ±4 (γ = 1) in steps of 1/32
 
 
 class CalibrationError(ValueError):
@@ -47,6 +48,8 @@ class CalibrationResult:
     clip: dict               # same key -> best clip factor
     nll: float               # mean NLL of the calibration windows (fp)
     seconds: float
+    recent: int = 0          # the recent-token window the costs were estimated with
+    queries: int = 256
 
 
 def generate_text(model, tokenizer, n: int, length: int, seed: int = 0, progress=None) -> torch.Tensor:
@@ -126,7 +129,7 @@ def sensitivity(samples, tables, *, sinks: int, recent: int, queries: int = 256,
             yk, yv = hk.transform(ht.k), hv.transform(ht.v)
             for b in bits:
                 for which, hq, y, fn in (("k", hk, yk, cost_k), ("v", hv, yv, cost_v)):
-                    grid = clip_grid if b < 8 else (1.0,)
+                    grid = clip_grid if b < 8 else CLIP_GRID_8
                     cs = {gm: fn(ht, hq, b, gm, sinks, y=y) for gm in grid}
                     best = min(cs, key=cs.get)
                     cost[(li, h, which, b)] = cs[best]
@@ -147,10 +150,25 @@ def run_calibration(model, windows: torch.Tensor, *, sinks: int = 1, recent: int
         samples, nll = collect(model, windows, bar.update)
     base = [derive_tables(s, li, skip_first=max(sinks, 1), smooth_v="none")
             for li, s in enumerate(samples)]
-    with pf(len(samples), "sensitivity per layer/head/bits") as bar:
+    with pf(len(samples), f"sensitivity per layer/head/bits (window {recent})") as bar:
         cost, clip = sensitivity(samples, base, sinks=sinks, recent=recent, queries=queries,
                                  progress=bar.update)
-    return CalibrationResult(samples, base, cost, clip, nll, time.time() - t0)
+    return CalibrationResult(samples, base, cost, clip, nll, time.time() - t0, recent, queries)
+
+
+def with_window(res: CalibrationResult, recent: int, *, sinks: int = 1,
+                progress_factory=None) -> CalibrationResult:
+    """The same capture and transform tables, sensitivity re-estimated for another recent-token
+    window (the capture, about half of calibration, is not repeated)."""
+    if recent == res.recent:
+        return res
+    t0 = time.time()
+    pf = progress_factory or (lambda total, desc: _NullBar())
+    with pf(len(res.samples), f"sensitivity per layer/head/bits (window {recent})") as bar:
+        cost, clip = sensitivity(res.samples, res.base_tables, sinks=sinks, recent=recent,
+                                 queries=res.queries, progress=bar.update)
+    return CalibrationResult(res.samples, res.base_tables, cost, clip, res.nll,
+                             time.time() - t0, recent, res.queries)
 
 
 class _NullBar:
@@ -166,9 +184,10 @@ class _NullBar:
 
 def overhead_bits(num_layers: int, kv_heads: int, head_dim: int, sinks: int, recent: int,
                   ref_tokens: int = 1024) -> float:
-    """Bits/element that do not depend on the code widths: scales, sinks, tables, window."""
-    lf = LayerFormat(head_dim, (2,) * kv_heads, (2,) * kv_heads, sink_tokens=sinks)
-    return lf.bits_per_element(ref_tokens) - 2.0 + recent * 16.0 / ref_tokens
+    """Bits/element that do not depend on the code widths: scales, sinks, window ring, tables."""
+    lf = LayerFormat(head_dim, (2,) * kv_heads, (2,) * kv_heads, sink_tokens=sinks,
+                     recent_tokens=recent)
+    return lf.bits_per_element(ref_tokens) - 2.0
 
 
 def allocate(cost: dict, items: list, code_budget: float, bits=SUPPORTED_BITS) -> dict:
@@ -210,8 +229,14 @@ def allocate(cost: dict, items: list, code_budget: float, bits=SUPPORTED_BITS) -
 
 
 def build_table(res: CalibrationResult, identity: ModelIdentity, budget: float, *, sinks: int,
-                recent: int, calibration_info: dict) -> ScaleTable:
-    """The scale table for one average-bits budget (every metadata byte counted)."""
+                recent: int | None = None, calibration_info: dict) -> ScaleTable:
+    """The scale table for one average-bits budget (every metadata byte counted), with the
+    recent-token window the sensitivity of `res` was estimated for."""
+    if recent is None:
+        recent = res.recent
+    if recent != res.recent:
+        raise CalibrationError(f"the sensitivity was estimated with a {res.recent}-token window, "
+                               f"not {recent}; use with_window() first")
     L = len(res.samples)
     H = res.samples[0].kv_heads
     d = res.samples[0].k.shape[-1]
@@ -227,7 +252,7 @@ def build_table(res: CalibrationResult, identity: ModelIdentity, budget: float, 
     for li in range(L):
         kb = tuple(ch[(li, h, "k")] for h in range(H))
         vb = tuple(ch[(li, h, "v")] for h in range(H))
-        layers.append(LayerFormat(d, kb, vb, sink_tokens=sinks))
+        layers.append(LayerFormat(d, kb, vb, sink_tokens=sinks, recent_tokens=recent))
         t = copy.deepcopy(res.base_tables[li])
         t.k_clip = np.array([res.clip[(li, h, "k", kb[h])] for h in range(H)], np.float32)
         t.v_clip = np.array([res.clip[(li, h, "v", vb[h])] for h in range(H)], np.float32)
@@ -239,4 +264,4 @@ def build_table(res: CalibrationResult, identity: ModelIdentity, budget: float, 
                  "sink_tokens": sinks, "recent_tokens": recent,
                  "method": "post-RoPE means, key smoothing sqrt(rms_k/rms_q), per-head clip and "
                            "bits by Fisher-weighted attention-output error"})
-    return ScaleTable(identity, ModelFormat(tuple(layers)), tables, info, recent)
+    return ScaleTable(identity, ModelFormat(tuple(layers)), tables, info)

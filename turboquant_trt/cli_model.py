@@ -114,9 +114,11 @@ def _git_commit() -> str:
                    f"table per budget (e.g. {FAMILY_BUDGETS}).")
 @click.option("--sinks", type=click.IntRange(0, 16), default=1, show_default=True,
               help="Leading tokens of every sequence kept in fp16.")
-@click.option("--recent", type=click.IntRange(0, 1024), default=0, show_default=True,
-              help="EXPERIMENTAL (not in format v1, no kernel support): the last N tokens "
-                   "before each query are read exact from fp16 copies; counted in the bits.")
+@click.option("--recent", "recent_text", default="0", show_default=True,
+              help="Recent-token window w (0-64, docs/format.md §5.2): each sequence's last w "
+                   "tokens are also kept in fp16 and read instead of their codes; counted in the "
+                   "bits. A comma list (e.g. 0,8,16) writes tables for each window from one "
+                   "capture (NAME-w<w>...). Not run by the CUDA kernels yet.")
 @click.option("--queries", type=click.IntRange(16, 4096), default=256, show_default=True,
               help="Query positions sampled per window for the sensitivity estimate.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
@@ -124,7 +126,7 @@ def _git_commit() -> str:
                    "NAME-b<bits>.*).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated text.")
-def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sinks, recent,
+def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sinks, recent_text,
                   queries, out, device, seed):
     """Calibrate scale tables (means, smoothing, clipping, bits per layer/KV head).
 
@@ -139,18 +141,49 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
       turboquant calibrate --data wiki.txt --skip-tokens 20480 --bits 6,5,4,3.2,2.8,2.5,2.3 \\
           --out tables/smollm2
     """
-    from .calibrate import CalibrationError, build_table, generate_text, run_calibration
+    from .calibrate import (
+        CalibrationError,
+        build_table,
+        generate_text,
+        overhead_bits,
+        run_calibration,
+        with_window,
+    )
     from .data import DataError, windows
     from .scale_table import ScaleTableError, table_paths
 
     budgets = _budgets(bits_text)
-    names = [out] if len(budgets) == 1 else [f"{_strip(out)}-b{b:.2f}" for b in budgets]
-    for n in names:
+    recents = _windows_list(recent_text)
+    jobs = []  # (window, budget, output name)
+    for r in recents:
+        base = _strip(out) + (f"-w{r}" if len(recents) > 1 else "")
+        for b in budgets:
+            name = base + (f"-b{b:.2f}" if len(budgets) > 1 else "")
+            jobs.append((r, b, name if len(budgets) > 1 or len(recents) > 1 else out))
+    for _, _, n in jobs:
         for p in table_paths(n):
             _check_writable(p, "--out")
     if data is not None and not os.path.exists(data):
         _fail(f"text file not found: {data}")
     lm = _load(model_spec, device)
+    # budgets are checked before calibrating: one below the smallest format of its window is
+    # skipped with a message (an error when nothing remains)
+    ident = lm.identity
+    keep = []
+    for r, b, n in jobs:
+        need = 2 + overhead_bits(ident.num_layers, ident.num_kv_heads, ident.head_dim, sinks, r)
+        if b < need - 1e-9:
+            msg = (f"--bits {b} is below the smallest format with a {r}-token window: 2-bit codes "
+                   f"plus fp16 scales, {sinks} sink token(s), the window and tables need "
+                   f"{need:.3f} bits/element")
+            if len(jobs) == 1:
+                _fail(msg)
+            click.echo(f"note: skipped: {msg}", err=True)
+        else:
+            keep.append((r, b, n))
+    if not keep:
+        _fail("no budget is reachable with the given windows")
+    jobs = keep
     if data is not None:
         ids = _text_ids(lm, data)
         try:
@@ -165,29 +198,49 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
         source = {"source": "generated", "sampling": "temperature 1, top-p 0.95, from BOS",
                   "seed": seed, "sequences": n_windows, "ctx": ctx, "tokens": n_windows * ctx}
     try:
-        res = run_calibration(lm.model, win, sinks=sinks, recent=recent, queries=queries,
-                              progress_factory=_bar)
+        res0 = run_calibration(lm.model, win, sinks=sinks, recent=recents[0], queries=queries,
+                               progress_factory=_bar)
     except CalibrationError as e:
         _fail(str(e))
-    info = {"data": source, "model_nll": round(res.nll, 5),
+    info = {"data": source, "model_nll": round(res0.nll, 5),
             "date": datetime.date.today().isoformat(), "commit": _git_commit()}
     rows = []
-    for b, name in zip(budgets, names):
+    seconds = res0.seconds
+    by_window = {recents[0]: res0}
+    for r, b, name in jobs:
+        if r not in by_window:
+            by_window[r] = with_window(res0, r, sinks=sinks, progress_factory=_bar)
+            seconds += by_window[r].seconds
+        res = by_window[r]
         try:
-            table = build_table(res, lm.identity, b, sinks=sinks, recent=recent,
+            table = build_table(res, lm.identity, b, sinks=sinks, recent=r,
                                 calibration_info=info)
             st, js = table.save(name)
         except (CalibrationError, ScaleTableError) as e:
             _fail(str(e))
         k = [x for lf in table.format.layers for x in lf.k_bits]
         v = [x for lf in table.format.layers for x in lf.v_bits]
-        rows.append({"table": js, "budget": b, "bits_per_element": round(table.bits_per_element(), 4),
+        rows.append({"table": js, "window": r, "budget": b, "bits_per_element": round(table.bits_per_element(), 4),
                      "compression": round(table.compression(), 3),
                      "mean_k_bits": round(sum(k) / len(k), 3), "mean_v_bits": round(sum(v) / len(v), 3),
                      "est_delta_ppl_%": table.calibration["estimated_delta_ppl_pct"]})
-    print_table(rows, ["table", "budget", "bits_per_element", "compression", "mean_k_bits",
+    print_table(rows, ["table", "window", "budget", "bits_per_element", "compression", "mean_k_bits",
                        "mean_v_bits", "est_delta_ppl_%"],
-                title=f"scale tables for {lm.identity.name} (calibrated in {res.seconds:.0f} s)")
+                title=f"scale tables for {lm.identity.name} (calibrated in {seconds:.0f} s)")
+
+
+def _windows_list(text: str) -> list[int]:
+    from .format import MAX_RECENT_TOKENS
+
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise click.BadParameter(f"expected whole numbers separated by commas, got {text!r}",
+                                 param_hint="--recent") from None
+    if not vals or any(v < 0 or v > MAX_RECENT_TOKENS for v in vals):
+        raise click.BadParameter(f"recent-token windows must be between 0 and {MAX_RECENT_TOKENS}",
+                                 param_hint="--recent")
+    return list(dict.fromkeys(vals))
 
 
 def _strip(path: str) -> str:
@@ -233,7 +286,8 @@ def eval_cmd(model_spec, data, tokens, ctx, tables, presets, baselines, backend,
     \b
     Every row uses the same windows; delta is against the unmodified model (fp32 compute,
     KV not modified), ± the paired standard error over windows. Bits/element count every
-    stored byte (codes, scales, fp16 sinks, tables over a 1,024-token sequence).
+    stored byte (codes, scales, fp16 sinks and recent-token ring, tables over a 1,024-token
+    sequence).
 
     \b
     Examples:
@@ -294,7 +348,7 @@ def eval_cmd(model_spec, data, tokens, ctx, tables, presets, baselines, backend,
         label = os.path.basename(_strip(path))
         desc = f"scale table, {st.calibration.get('data', {}).get('source', '?')} calibration"
         if st.recent_tokens:
-            desc += f", EXPERIMENTAL recent window {st.recent_tokens}"
+            desc += f", recent window {st.recent_tokens}"
         entries.append(EvalEntry(label, "table", st.bits_per_element(),
                                  lambda st=st: TurboQuantCache(st, backend=backend),
                                  recent_tokens=st.recent_tokens, description=desc))
@@ -336,6 +390,8 @@ def _file_mode() -> int:
 def _plot(rows: list[dict], setup: dict, path: str) -> None:
     import matplotlib
 
+    from .format import FORMAT_VERSION
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -348,8 +404,8 @@ def _plot(rows: list[dict], setup: dict, path: str) -> None:
             groups: dict = {}
             for r in pts:
                 src = r["description"].split(",")[1].strip() if "," in r["description"] else ""
-                key = ("recent window %d (experimental), " % r["recent_tokens"]
-                       if r["recent_tokens"] else "format v1, ") + src
+                key = (f"v{FORMAT_VERSION}, recent window {r['recent_tokens']}, "
+                       if r["recent_tokens"] else f"v{FORMAT_VERSION}, no window, ") + src
                 groups.setdefault(key, []).append(r)
             palette = ["tab:blue", "tab:green", "tab:purple", "tab:cyan", "tab:olive"]
             for i, (key, grp) in enumerate(sorted(groups.items())):

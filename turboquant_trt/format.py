@@ -14,6 +14,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_KINDS = ("turbo", "uniform")
 MAX_SINK_TOKENS = 16
+MAX_RECENT_TOKENS = 64  # recent-token window w: each sequence's last w tokens kept in fp16 (§5.2)
 MAX_TOKENS_PER_BLOCK = 128
 TILE_TOKENS = 32  # the pool stores codes in tiles of 32 consecutive token slots (docs/format.md §5)
 SUPPORTED_TOKENS_PER_BLOCK = (32, 64, 128)
@@ -40,7 +41,7 @@ def code_bytes(head_dim: int, bits: int) -> int:
 
 
 def _validate_common(kind: str, head_dim: int, group_size: int, rotation: bool,
-                     sink_tokens: int) -> None:
+                     sink_tokens: int, recent_tokens: int = 0) -> None:
     if kind not in SUPPORTED_KINDS:
         raise FormatError(f"kind={kind!r} is not supported; allowed kinds: {SUPPORTED_KINDS}")
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -61,6 +62,8 @@ def _validate_common(kind: str, head_dim: int, group_size: int, rotation: bool,
                 f"(for example {', '.join(str(x) for x in (32, 64, head_dim) if head_dim % x == 0)})")
     if not 0 <= sink_tokens <= MAX_SINK_TOKENS:
         raise FormatError(f"sink_tokens={sink_tokens} must be between 0 and {MAX_SINK_TOKENS}")
+    if not 0 <= recent_tokens <= MAX_RECENT_TOKENS:
+        raise FormatError(f"recent_tokens={recent_tokens} must be between 0 and {MAX_RECENT_TOKENS}")
 
 
 def _meta_bytes(kind: str, head_dim: int, group_size: int) -> int:
@@ -86,18 +89,20 @@ class KVFormat:
     rotation: bool = True
     norm_correction: bool = True
     sink_tokens: int = 0
+    recent_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check_bits(self.k_bits, "k_bits")
         _check_bits(self.v_bits, "v_bits")
         _validate_common(self.kind, self.head_dim, self.group_size, self.rotation,
-                         self.sink_tokens)
+                         self.sink_tokens, self.recent_tokens)
 
     def layer(self, kv_heads: int) -> "LayerFormat":
         return LayerFormat(head_dim=self.head_dim, k_bits=(self.k_bits,) * kv_heads,
                            v_bits=(self.v_bits,) * kv_heads, kind=self.kind,
                            group_size=self.group_size, rotation=self.rotation,
-                           norm_correction=self.norm_correction, sink_tokens=self.sink_tokens)
+                           norm_correction=self.norm_correction, sink_tokens=self.sink_tokens,
+                           recent_tokens=self.recent_tokens)
 
     def bytes_per_token_head(self) -> int:
         """Codes and metadata of K and V for one token of one KV head (no amortized parts)."""
@@ -134,6 +139,7 @@ class LayerFormat:
     rotation: bool = True
     norm_correction: bool = True
     sink_tokens: int = 0
+    recent_tokens: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k_bits", tuple(int(b) for b in self.k_bits))
@@ -146,7 +152,7 @@ class LayerFormat:
             _check_bits(kb, f"k_bits[{h}]")
             _check_bits(vb, f"v_bits[{h}]")
         _validate_common(self.kind, self.head_dim, self.group_size, self.rotation,
-                         self.sink_tokens)
+                         self.sink_tokens, self.recent_tokens)
 
     @property
     def kv_heads(self) -> int:
@@ -166,7 +172,8 @@ class LayerFormat:
         """Average stored bytes per token for all heads; amortized parts when ref_tokens > 0."""
         total = float(sum(self.head_bytes(h) for h in range(self.kv_heads)))
         if ref_tokens:
-            extra = self.sink_tokens * 2 * self.head_dim * 2
+            # fp16 sink copies and the fp16 recent-token ring, per sequence (K and V)
+            extra = (self.sink_tokens + self.recent_tokens) * 2 * self.head_dim * 2
             if tables:
                 extra += _table_bytes(self.head_dim)
             total += self.kv_heads * extra / ref_tokens
@@ -179,6 +186,15 @@ class LayerFormat:
 
     def compression(self, ref_tokens: int = DEFAULT_REF_TOKENS, tables: bool = True) -> float:
         return 16.0 / self.bits_per_element(ref_tokens, tables)
+
+    def kernel_unsupported(self) -> str | None:
+        """Why the CUDA kernels cannot run this format yet (None when they can, as far as the
+        format's fields go; `turboquant_trt.kernels.is_supported` checks kind/bits/head_dim)."""
+        if self.recent_tokens:
+            return (f"recent_tokens={self.recent_tokens}: the CUDA kernels and the TensorRT plugin "
+                    "do not read the recent-token ring yet (docs/format.md §5.2); only the Python "
+                    "reference and cache implement it")
+        return None
 
     def block_layout(self, tokens_per_block: int) -> BlockLayout:
         t = tokens_per_block
@@ -240,6 +256,19 @@ class ModelFormat:
     def compression(self, ref_tokens: int = DEFAULT_REF_TOKENS, tables: bool = True) -> float:
         return 16.0 / self.bits_per_element(ref_tokens, tables)
 
+    @property
+    def recent_tokens(self) -> int:
+        """The largest recent-token window of any layer (0: no layer keeps one)."""
+        return max(lf.recent_tokens for lf in self.layers)
+
+    def kernel_unsupported(self) -> str | None:
+        """The first layer's reason why the CUDA kernels cannot run this format, or None."""
+        for li, lf in enumerate(self.layers):
+            why = lf.kernel_unsupported()
+            if why:
+                return f"layer {li}: {why}"
+        return None
+
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, "layers": [lf.to_dict() for lf in self.layers]}
 
@@ -265,7 +294,8 @@ PRESETS: dict[str, KVFormat] = {
 }
 
 
-def preset(name: str, head_dim: int = 128, sink_tokens: int | None = None) -> KVFormat:
+def preset(name: str, head_dim: int = 128, sink_tokens: int | None = None,
+           recent_tokens: int | None = None) -> KVFormat:
     """A named preset at the given head_dim."""
     if name not in PRESETS:
         raise FormatError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
@@ -273,5 +303,7 @@ def preset(name: str, head_dim: int = 128, sink_tokens: int | None = None) -> KV
     kw = {"head_dim": head_dim}
     if sink_tokens is not None:
         kw["sink_tokens"] = sink_tokens
+    if recent_tokens is not None:
+        kw["recent_tokens"] = recent_tokens
     return KVFormat(**{**asdict(p), **kw})
 

@@ -576,17 +576,23 @@ class LayerQuantizer:
     def encode(self, x: np.ndarray, which: str) -> EncodedKV:
         return self.encode_transformed(self.transform(x, which), which)
 
-    def fake_quant(self, x: np.ndarray, which: str, positions: np.ndarray | None = None) -> np.ndarray:
+    def fake_quant(self, x: np.ndarray, which: str, positions: np.ndarray | None = None,
+                   length: int | None = None) -> np.ndarray:
         """Original-domain x [tokens, H, d] -> what attention sees after storage, original domain.
 
-        Tokens whose position is below ``sink_tokens`` keep their fp16-rounded transformed value.
+        Tokens whose position is below ``sink_tokens`` keep their fp16-rounded transformed value,
+        and so do, with ``length`` (the sequence length L a query reads at), positions
+        ``>= L - recent_tokens`` (the recent-token window, docs/format.md §5.2).
         """
         y = self.transform(x, which)
         yq = self.decode_transformed(self.encode_transformed(y, which), which)
-        if self.fmt.sink_tokens and positions is not None:
-            sink = np.asarray(positions) < self.fmt.sink_tokens
-            if sink.any():
-                yq[sink] = y[sink].astype(np.float16).astype(np.float32)
+        if positions is not None:
+            pos = np.asarray(positions)
+            exact = pos < self.fmt.sink_tokens
+            if length is not None and self.fmt.recent_tokens:
+                exact |= pos >= length - self.fmt.recent_tokens
+            if exact.any():
+                yq[exact] = y[exact].astype(np.float16).astype(np.float32)
         return self.untransform(yq, which)
 
 
@@ -595,11 +601,15 @@ class LayerQuantizer:
 # ---------------------------------------------------------------------------------------------
 
 class PagedPool:
-    """A host copy of one layer's paged pool and sink pool, written by the reference.
+    """A host copy of one layer's paged pool, sink pool and recent-token ring, written by the
+    reference.
 
     Code arrays are in the tile layout of docs/format.md §5.1; metadata rows are plain rows.
     Writing a token changes only that token's bits, so a reused block's other slots keep whatever
-    they held (as with the CUDA writer).
+    they held (as with the CUDA writer). With ``recent_tokens = w > 0`` every written token is
+    also stored in fp16 (transformed domain) at ring index ``p % w`` of ``recent``
+    (``[num_slots][H][2][w][d]``, docs/format.md §5.2); ``read`` takes positions ``>= L - w``
+    from there.
     """
 
     def __init__(self, quantizer: LayerQuantizer, num_blocks: int, tokens_per_block: int,
@@ -617,6 +627,10 @@ class PagedPool:
         self.pool = np.full((num_blocks, self.block_stride), fill, dtype=np.uint8)
         ns = max(fmt.sink_tokens, 1)
         self.sinks = np.full((num_slots, fmt.kv_heads, 2, ns, fmt.head_dim), np.nan, np.float16)
+        w = max(fmt.recent_tokens, 1)
+        self.recent = np.full((num_slots, fmt.kv_heads, 2, w, fmt.head_dim), np.nan, np.float16)
+        # which position each ring entry holds (-1: none): bookkeeping for checks, not format bytes
+        self.recent_positions = np.full((num_slots, w), -1, np.int64)
 
     def _array(self, block: int, offset: int, row_bytes: int) -> np.ndarray:
         t = self.layout.tokens_per_block
@@ -652,6 +666,8 @@ class PagedPool:
         """Write tokens: k, v [tokens, H, d] original domain; position and sequence of each token.
 
         Sink positions go to the sink pool (fp16, transformed) and, like every token, to the block.
+        With a recent-token window every token also goes to ring index ``p % w`` of its slot;
+        tokens are written in the order given, so a later position overwrites an earlier one.
         """
         fmt, lay = self.q.fmt, self.layout
         d, t = fmt.head_dim, lay.tokens_per_block
@@ -659,11 +675,17 @@ class PagedPool:
         yv = self.q.transform(v, "v")
         ek = self.q.encode_transformed(yk, "k")
         ev = self.q.encode_transformed(yv, "v")
+        w = fmt.recent_tokens
         for i, (p, s) in enumerate(zip(np.asarray(positions), np.asarray(seq_index))):
             if p < fmt.sink_tokens:
                 slot = seq_slot[s]
                 self.sinks[slot, :, 0, p] = yk[i].astype(np.float16)
                 self.sinks[slot, :, 1, p] = yv[i].astype(np.float16)
+            if w:
+                slot = seq_slot[s]
+                self.recent[slot, :, 0, p % w] = yk[i].astype(np.float16)
+                self.recent[slot, :, 1, p % w] = yv[i].astype(np.float16)
+                self.recent_positions[slot, p % w] = p
             blk = block_table[s, p // t]
             r = p % t
             for h in range(fmt.kv_heads):
@@ -675,7 +697,10 @@ class PagedPool:
                 self._array(blk, lay.v_meta[h], fmt.meta_bytes)[r] = ev.meta[h][i]
 
     def read(self, block_table_row: np.ndarray, length: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        """Dequantized transformed-domain K and V [length, H, d] of one sequence."""
+        """Transformed-domain K and V [length, H, d] of one sequence as a query at position
+        ``length - 1`` reads them: dequantized codes, fp16 sinks for positions ``< n_s`` and
+        fp16 ring entries for positions ``>= length - w``. The ring must hold exactly those
+        positions (the sequence's last ``w`` written tokens), otherwise FormatError."""
         fmt, lay = self.q.fmt, self.layout
         t = lay.tokens_per_block
         kc = [[] for _ in range(fmt.kv_heads)]
@@ -693,17 +718,30 @@ class PagedPool:
         if ns:
             ks[:ns] = self.sinks[slot, :, 0, :ns].transpose(1, 0, 2).astype(np.float32)
             vs[:ns] = self.sinks[slot, :, 1, :ns].transpose(1, 0, 2).astype(np.float32)
+        w = fmt.recent_tokens
+        for p in range(max(0, length - w), length) if w else ():
+            held = int(self.recent_positions[slot, p % w])
+            if held != p:
+                raise FormatError(f"the recent ring of slot {slot} holds position {held} at index "
+                                  f"{p % w}, not {p}: read a sequence at the length it was "
+                                  "written to")
+            ks[p] = self.recent[slot, :, 0, p % w].astype(np.float32)
+            vs[p] = self.recent[slot, :, 1, p % w].astype(np.float32)
         return ks, vs
 
 
 def reference_attention(quantizer: LayerQuantizer, q: np.ndarray, k_t: np.ndarray,
                         v_t: np.ndarray, q_positions: np.ndarray | None = None,
-                        scale: float | None = None) -> np.ndarray:
+                        scale: float | None = None, k_exact: np.ndarray | None = None,
+                        v_exact: np.ndarray | None = None) -> np.ndarray:
     """float64 attention over a dequantized transformed-domain cache, output in the original domain.
 
     q [n, Hq, d] original domain (post-RoPE); k_t, v_t [L, H, d] transformed domain.
     Query i attends to keys 0..q_positions[i] (causal); default: every query sees all L keys.
-    Returns [n, Hq, d] float64: the function the attention kernels compute.
+    With a recent-token window (``recent_tokens = w > 0``), ``q_positions`` and the fp16
+    transformed values ``k_exact``, ``v_exact`` [L, H, d], query i at position p reads keys and
+    values ``p - w < j <= p`` from the exact arrays and the others from k_t, v_t
+    (docs/format.md §5.2). Returns [n, Hq, d] float64: the function the attention kernels compute.
     """
     fmt = quantizer.fmt
     n, hq, d = q.shape
@@ -713,13 +751,26 @@ def reference_attention(quantizer: LayerQuantizer, q: np.ndarray, k_t: np.ndarra
     vt = np.repeat(np.asarray(v_t, np.float64), g, axis=1)
     sm = (1.0 / math.sqrt(d)) if scale is None else scale
     logits = np.einsum("nhd,lhd->hnl", qt, kt) * sm
+    win = None
+    if fmt.recent_tokens and k_exact is not None:
+        if q_positions is None or v_exact is None:
+            raise FormatError("a recent-token window needs q_positions, k_exact and v_exact")
+        dist = np.asarray(q_positions)[:, None] - np.arange(kt.shape[0])[None, :]
+        win = (dist >= 0) & (dist < fmt.recent_tokens)  # [n, L]
+        ke = np.repeat(np.asarray(k_exact, np.float64), g, axis=1)
+        logits = np.where(win[None], np.einsum("nhd,lhd->hnl", qt, ke) * sm, logits)
     if q_positions is not None:
         mask = np.arange(kt.shape[0])[None, :] > np.asarray(q_positions)[:, None]
         logits = np.where(mask[None], -np.inf, logits)
     logits -= logits.max(axis=-1, keepdims=True)
     w = np.exp(logits)
     w /= w.sum(axis=-1, keepdims=True)
-    ot = np.einsum("hnl,lhd->nhd", w, vt)
+    if win is None:
+        ot = np.einsum("hnl,lhd->nhd", w, vt)
+    else:
+        ve = np.repeat(np.asarray(v_exact, np.float64), g, axis=1)
+        ot = (np.einsum("hnl,lhd->nhd", np.where(win[None], 0.0, w), vt)
+              + np.einsum("hnl,lhd->nhd", np.where(win[None], w, 0.0), ve))
     t = quantizer.tables
     sv = np.repeat(t.v_smooth, g, axis=0).astype(np.float64)
     mv = np.repeat(t.v_mean, g, axis=0).astype(np.float64)

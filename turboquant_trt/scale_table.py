@@ -7,10 +7,10 @@ On disk a table is two files side by side:
   `layers.l.k_clip`, `layers.l.v_clip` [H], `layers.l.signs` [d] (±1);
 - `NAME.json`: the manifest — `format_version`, `kind: "turboquant-scale-table"`, the model's
   identity (architecture, layers, heads, KV heads, head_dim, RoPE settings, config hash), the
-  per-layer formats (bits per KV head for K and V, sink tokens, ...), the recent-token window
-  policy (`recent_tokens`, experimental: not part of format v1), bits/element and compression,
-  a summary of the calibration data, the tensor-parallel shard it is (if any), and the sha256 of
-  the safetensors file.
+  per-layer formats (bits per KV head for K and V, sink tokens, recent-token window, ...),
+  `recent_tokens` (the largest window of any layer, a summary of the per-layer field), bits/element
+  and compression, a summary of the calibration data, the tensor-parallel shard it is (if any),
+  and the sha256 of the safetensors file.
 
 Loading validates all of it and refuses a table made for another model.
 """
@@ -43,7 +43,6 @@ class ScaleTable:
     format: ModelFormat
     tables: list[LayerTables]
     calibration: dict = field(default_factory=dict)
-    recent_tokens: int = 0
     tp: dict | None = None   # {"rank", "size", "kv_heads": [global KV head ids]} for a shard
 
     def __post_init__(self) -> None:
@@ -61,13 +60,16 @@ class ScaleTable:
             if lf.head_dim != self.identity.head_dim or lt.head_dim != self.identity.head_dim:
                 raise ScaleTableError(f"layer {li}: head_dim {lf.head_dim}/{lt.head_dim}, model "
                                       f"{self.identity.head_dim}")
-        if self.recent_tokens < 0:
-            raise ScaleTableError("recent_tokens must be >= 0")
+
+    @property
+    def recent_tokens(self) -> int:
+        """The largest recent-token window of any layer (docs/format.md §5.2)."""
+        return self.format.recent_tokens
 
     # -- accounting --------------------------------------------------------------------------
     def bits_per_element(self, ref_tokens: int = 1024) -> float:
-        """Format v1 bits (codes, scales, sinks, tables) plus fp16 copies of the recent window."""
-        return self.format.bits_per_element(ref_tokens) + self.recent_tokens * 16.0 / ref_tokens
+        """Every stored byte (codes, scales, sinks, recent-token ring, tables): docs/format.md §6."""
+        return self.format.bits_per_element(ref_tokens)
 
     def compression(self, ref_tokens: int = 1024) -> float:
         return 16.0 / self.bits_per_element(ref_tokens)
@@ -189,8 +191,12 @@ class ScaleTable:
                                 for n in TENSOR_NAMES}
         if extra:
             raise ScaleTableError(f"{st_path} has unexpected tensors: {sorted(extra)[:3]}")
-        table = cls(ident, fmt, tables, man.get("calibration") or {},
-                    int(man.get("recent_tokens", 0)), man.get("tp"))
+        if "recent_tokens" in man and man["recent_tokens"] != fmt.recent_tokens:
+            raise ScaleTableError(
+                f"{js_path}: recent_tokens {man['recent_tokens']!r} disagrees with the per-layer "
+                f"formats (largest window {fmt.recent_tokens}); the table was written by another "
+                "version: calibrate it again")
+        table = cls(ident, fmt, tables, man.get("calibration") or {}, man.get("tp"))
         if identity is not None:
             table.check_model(identity)
         return table
@@ -247,7 +253,6 @@ def split_tp(table: ScaleTable, tp_size: int) -> list[ScaleTable]:
         pairs = [_subset_layer(lf, lt, heads) for lf, lt in zip(table.format.layers, table.tables)]
         shards.append(ScaleTable(table.identity, ModelFormat(tuple(p[0] for p in pairs)),
                                  [p[1] for p in pairs], dict(table.calibration),
-                                 table.recent_tokens,
                                  {"rank": r, "size": tp_size, "kv_heads": heads}))
     return shards
 
@@ -281,4 +286,4 @@ def merge_tp(shards: list[ScaleTable]) -> ScaleTable:
                                   pick("v_smooth"), pick("k_clip"), pick("v_clip"),
                                   src[0][0].tables[li].signs))
     return ScaleTable(ident, ModelFormat(tuple(layers)), tables, dict(shards[0].calibration),
-                      shards[0].recent_tokens, None)
+                      None)
