@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import string
 
 import numpy as np
@@ -65,12 +66,13 @@ def random_table(model, seed: int = 1, bits=((3, 4), (2, 3)), sinks: int = 2, re
     layers, tables = [], []
     for li in range(ident.num_layers):
         kb, vb = bits[li % len(bits)]
-        layers.append(LayerFormat(d, (kb,) + (vb,) * (H - 1), (vb,) * H, sink_tokens=sinks))
+        layers.append(LayerFormat(d, (kb,) + (vb,) * (H - 1), (vb,) * H, sink_tokens=sinks,
+                                  recent_tokens=recent))
         tables.append(LayerTables(rng.normal(0, 0.3, (H, d)), rng.uniform(0.5, 2, (H, d)),
                                   rng.normal(0, 0.3, (H, d)), rng.uniform(0.5, 2, (H, d)),
                                   rng.uniform(0.8, 1.2, H), rng.uniform(0.8, 1.2, H),
                                   rotation_signs(d, li)))
-    return ScaleTable(ident, ModelFormat(tuple(layers)), tables, {"test": True}, recent)
+    return ScaleTable(ident, ModelFormat(tuple(layers)), tables, {"test": True})
 
 
 def _ids(n=1, t=40, seed=3):
@@ -148,9 +150,12 @@ def test_recent_window_prefill_equals_decode_and_full_window_is_exact():
             full = model(ids, cache=TurboQuantCache(table), use_cache=True).logits
             cache = TurboQuantCache(table)
             steps = [model(ids[:, :4], cache=cache, use_cache=True).logits]
-            for t in range(4, 20):
-                steps.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+            for a, b in ((4, 5), (5, 11), (11, 12), (12, 20)):  # decode steps and chunks
+                steps.append(model(ids[:, a:b], cache=cache, use_cache=True).logits)
             torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+            # the torch backend applies the window the same way
+            fast = model(ids, cache=TurboQuantCache(table, backend="torch"), use_cache=True).logits
+            torch.testing.assert_close(fast, full, rtol=2e-3, atol=2e-3)
             # a window covering the whole sequence reads every key/value exact (fp16 copies)
             wide = random_table(model, recent=64)
             got = model(ids, cache=TurboQuantCache(wide), use_cache=True).logits
@@ -162,6 +167,60 @@ def test_recent_window_prefill_equals_decode_and_full_window_is_exact():
     assert (got - exact).abs().max() < 5e-2 * exact.abs().max()
     assert (got - exact).abs().max() < (no_window - exact).abs().max()
     assert (full - got).abs().max() > 1e-3
+    assert (full - no_window).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("w", [1, 3, 8])
+def test_packed_layer_window_matches_reference_attention(w):
+    """Every query of every update reads what docs/format.md §5.2 says: positions p-w+1..p as
+    fp16 transformed values, the rest from the codes (sinks fp16). Checked against the float64
+    reference attention in the transformed domain."""
+    from turboquant_trt.cache import WINDOW_ATTR, PackedTurboLayer, turboquant_attention
+    from turboquant_trt.reference import reference_attention
+
+    rng = np.random.default_rng(w)
+    H, d, hq, L = 2, 64, 4, 30
+    lf = LayerFormat(d, (3, 2), (2, 4), sink_tokens=2, recent_tokens=w)
+    lt = LayerTables(rng.normal(0, 1, (H, d)), rng.uniform(0.5, 2, (H, d)), rng.normal(0, 1, (H, d)),
+                     rng.uniform(0.5, 2, (H, d)), rng.uniform(0.8, 1.2, H), rng.uniform(0.8, 1.2, H),
+                     rotation_signs(d, 4))
+    quant = LayerQuantizer(lf, lt, 4)
+    k = rng.normal(0, 2, (L, H, d)).astype(np.float32)
+    v = rng.normal(0, 2, (L, H, d)).astype(np.float32)
+    qs = rng.normal(0, 1.5, (L, hq, d)).astype(np.float32)
+    yk, yv = quant.transform(k, "k"), quant.transform(v, "v")
+    kq = quant.decode_transformed(quant.encode_transformed(yk, "k"), "k")
+    vq = quant.decode_transformed(quant.encode_transformed(yv, "v"), "v")
+    k16, v16 = (y.astype(np.float16).astype(np.float32) for y in (yk, yv))
+    kq[:2], vq[:2] = k16[:2], v16[:2]  # sinks
+    layer = PackedTurboLayer(quant, 0)
+    tt = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(1, 0, 2)))[None]  # noqa: E731
+    for a, b in ((0, 7), (7, 8), (8, 9), (9, 21), (21, 22), (22, 30)):
+        keys, values = layer.update(tt(k[a:b]), tt(v[a:b]))
+        win = getattr(keys, WINDOW_ATTR)
+        assert win.length == b and win.new == b - a and win.w == w
+        out = turboquant_attention(object(), tt(qs[a:b]), keys, values, None,
+                                   scaling=1 / math.sqrt(d))[0][0]  # [new, Hq, d]
+        want = reference_attention(quant, qs[a:b], kq[:b], vq[:b], np.arange(a, b),
+                                   k_exact=k16[:b], v_exact=v16[:b])
+        np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=2e-4)
+        # the returned tensors are the cache as read at length b (fake_quant with the window)
+        np.testing.assert_allclose(keys[0].numpy().transpose(1, 0, 2),
+                                   quant.fake_quant(k[:b], "k", np.arange(b), length=b), atol=1e-5)
+    # held: codes + scales, sinks, and the fp16 ring (w tokens x K, V x H x d)
+    assert layer.stored_bytes() == L * lf.bytes_per_token(0) + 2 * H * 2 * d * 2 + w * 2 * H * d * 2
+
+
+def test_window_without_its_attention_function_is_detected():
+    from turboquant_trt.cache import TurboQuantCache, WindowNotReadError
+
+    model = tiny_llama()
+    ids = _ids(1, 12)
+    cache = TurboQuantCache(random_table(model, recent=4))
+    with torch.no_grad():
+        model(ids[:, :10], cache=cache, use_cache=True)  # sdpa ignores the window copies
+        with pytest.raises(WindowNotReadError, match="use_turboquant_attention"):
+            model(ids[:, 10:11], cache=cache, use_cache=True)
 
 
 def test_fake_quant_cache_and_baselines_shapes():

@@ -57,6 +57,31 @@ def test_calibrate_then_eval(setup):
     assert "tab-b3.20" in out and "compression" in out
 
 
+def test_calibrate_several_windows_then_eval(setup):
+    d, model, text = setup
+    code, out = run(["calibrate", "--model", model, "--data", text, "--skip-tokens", "256",
+                     "--windows", "1", "--ctx", "64", "--bits", "3.2,2.3", "--recent", "0,4",
+                     "--queries", "32", "--out", str(d / "win")])
+    assert code == 0, out
+    # 2.3 bits is below the smallest format with a 4-token window (2.36): skipped, said so
+    assert "skipped" in out and "4-token window" in out
+    assert not os.path.exists(d / "win-w4-b2.30.json")
+    for name, w in (("win-w0-b3.20", 0), ("win-w0-b2.30", 0), ("win-w4-b3.20", 4)):
+        man = json.load(open(d / f"{name}.json"))
+        assert man["recent_tokens"] == w
+        assert all(lf["recent_tokens"] == w for lf in man["format"]["layers"])
+        assert man["calibration"]["recent_tokens"] == w
+        assert man["bits_per_element"] <= float(name[-4:]) + 1e-9
+    code, out = run(["eval", "--model", model, "--data", text, "--tokens", "128", "--ctx", "64",
+                     "--table", str(d / "win-w4-b3.20"), "--table", str(d / "win-w0-b3.20"),
+                     "--baselines", "none", "--json", str(d / "w.json")])
+    assert code == 0, out
+    rows = {r["method"]: r for r in json.load(open(d / "w.json"))["results"]}
+    assert rows["win-w4-b3.20"]["recent_tokens"] == 4
+    assert "recent window 4" in rows["win-w4-b3.20"]["description"]
+    assert rows["win-w0-b3.20"]["recent_tokens"] == 0
+
+
 def test_generated_calibration_text(setup):
     d, model, _ = setup
     code, out = run(["calibrate", "--model", model, "--windows", "1", "--ctx", "48",
@@ -84,6 +109,13 @@ def test_generated_calibration_text(setup):
     (["calibrate", "--model", "{model}", "--out", "{text}/t"], "cannot create directory"),
     (["calibrate", "--model", "{model}", "--data", "{text}", "--bits", "abc", "--out", "{d}/x"],
      "expected numbers"),
+    (["calibrate", "--model", "{model}", "--data", "{text}", "--recent", "65", "--out", "{d}/x"],
+     "between 0 and 64"),
+    (["calibrate", "--model", "{model}", "--data", "{text}", "--recent", "8,x", "--out", "{d}/x"],
+     "expected whole numbers"),
+    (["calibrate", "--model", "{model}", "--data", "{text}", "--bits", "2.3", "--recent", "8",
+      "--ctx", "64", "--windows", "1", "--queries", "16", "--out", "{d}/low"],
+     "below the smallest format with a 8-token window"),
 ])
 def test_bad_input_clear_message(setup, args, msg):
     d, model, text = setup

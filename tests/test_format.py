@@ -226,3 +226,55 @@ def test_formats_cli_table_and_json():
     assert r.exit_code == 0 and "k2v2" in r.output and "compression" in r.output
     r = CliRunner().invoke(cli, ["--version"])
     assert r.exit_code == 0 and "turboquant" in r.output
+
+
+# -- recent-token window (docs/format.md §5.2) ---------------------------------------------------
+
+@pytest.mark.parametrize("w", [-1, 65])
+def test_recent_tokens_out_of_range_is_refused(w):
+    with pytest.raises(FormatError, match="recent_tokens=.* between 0 and 64"):
+        LayerFormat(64, (3,), (3,), recent_tokens=w)
+    with pytest.raises(FormatError, match="recent_tokens"):
+        KVFormat(3, 3, head_dim=64, recent_tokens=w)
+
+
+@pytest.mark.parametrize("d,w,ns", [(64, 8, 1), (128, 16, 0), (256, 64, 4)])
+def test_recent_ring_accounting(d, w, ns):
+    lf = LayerFormat(d, (3, 4), (2, 8), sink_tokens=ns, recent_tokens=w)
+    base = LayerFormat(d, (3, 4), (2, 8), sink_tokens=ns)
+    # per sequence and head: w tokens x (K, V) x d fp16 values, spread over ref_tokens
+    ring_bits = 8 * (w * 2 * d * 2 / 1024) / (2 * d)
+    assert ring_bits == pytest.approx(16 * w / 1024)
+    assert lf.bits_per_element() == pytest.approx(base.bits_per_element() + ring_bits)
+    assert lf.bits_per_element(ref_tokens=2048) == pytest.approx(
+        base.bits_per_element(ref_tokens=2048) + 16 * w / 2048)
+    # the block does not change: the ring is a separate per-sequence array
+    assert lf.block_layout(64) == base.block_layout(64)
+    assert lf.bytes_per_token(0) == base.bytes_per_token(0)
+
+
+def test_recent_tokens_round_trip_and_kernel_check():
+    lf = LayerFormat(64, (3, 2), (4, 4), sink_tokens=2, recent_tokens=8)
+    mf = ModelFormat((lf, LayerFormat(64, (3, 2), (4, 4))))
+    back = ModelFormat.from_dict(json.loads(mf.to_json()))
+    assert back == mf and back.layers[0].recent_tokens == 8 and back.layers[1].recent_tokens == 0
+    assert mf.recent_tokens == 8
+    assert "recent_tokens=8" in mf.kernel_unsupported() and "layer 0" in mf.kernel_unsupported()
+    assert ModelFormat((LayerFormat(64, (3,), (3,)),)).kernel_unsupported() is None
+    assert KVFormat(3, 3, head_dim=64, recent_tokens=4).layer(2).recent_tokens == 4
+    assert preset("k3v3", head_dim=64, recent_tokens=8).recent_tokens == 8
+    # a version 2 layer written before the field existed reads as "no window"
+    d = lf.to_dict()
+    del d["recent_tokens"]
+    assert LayerFormat.from_dict(d).recent_tokens == 0
+
+
+def test_recent_ring_bytes_match_a_written_pool():
+    """The accounting's ring term equals the bytes of the reference pool's ring."""
+    lf = LayerFormat(64, (3, 4, 2), (8, 3, 2), sink_tokens=1, recent_tokens=8)
+    pool = PagedPool(LayerQuantizer(lf), num_blocks=4, tokens_per_block=32, num_slots=5)
+    per_slot = pool.recent[0].nbytes  # one sequence, every head
+    assert per_slot == 8 * 2 * 64 * 2 * 3
+    ring_only = lf.bytes_per_token(1024) - LayerFormat(64, (3, 4, 2), (8, 3, 2),
+                                                       sink_tokens=1).bytes_per_token(1024)
+    assert ring_only == pytest.approx(per_slot / 1024)

@@ -427,3 +427,81 @@ def test_writing_a_slot_keeps_every_other_slot(bits):
         unpack_tile(np.zeros(10, np.uint8), bits, "k", d)
     with pytest.raises(FormatError, match="'k' or 'v'"):
         pack_tile(np.zeros((32, d), np.uint8), bits, "q")
+
+
+# -- recent-token window (docs/format.md §5.2) ---------------------------------------------------
+
+def _window_setup(w=5, d=64, seed=11):
+    rng = np.random.default_rng(seed)
+    H = 2
+    lf = LayerFormat(d, (3, 8), (2, 4), sink_tokens=2, recent_tokens=w)
+    lt = LayerTables(rng.normal(0, 1, (H, d)), rng.uniform(0.5, 2, (H, d)), rng.normal(0, 1, (H, d)),
+                     rng.uniform(0.5, 2, (H, d)), rng.uniform(0.8, 1.2, H), rng.uniform(0.8, 1.2, H),
+                     rotation_signs(d, 3))
+    return LayerQuantizer(lf, lt, 3), rng
+
+
+def test_paged_pool_recent_ring_write_and_read():
+    from turboquant_trt.reference import PagedPool
+
+    q, rng = _window_setup(w=5)
+    fmt = q.fmt
+    L, T = 45, 32
+    k = rng.normal(0, 2, (L, 2, 64)).astype(np.float32)
+    v = rng.normal(0, 2, (L, 2, 64)).astype(np.float32)
+    pool = PagedPool(q, num_blocks=4, tokens_per_block=T, num_slots=3)
+    bt = np.array([[3, 1]], np.int32)
+    slot = np.array([2], np.int32)
+    yk, yv = q.transform(k, "k"), q.transform(v, "v")
+    codes_only_k = q.decode_transformed(q.encode_transformed(yk, "k"), "k")
+    codes_only_v = q.decode_transformed(q.encode_transformed(yv, "v"), "v")
+    written = 0
+    for n in (1, 9, 3, 1, 31):  # chunks, some longer than the window
+        pos = np.arange(written, written + n)
+        pool.write(k[pos], v[pos], pos, bt, np.zeros(n, np.int64), slot)
+        written += n
+        ks, vs = pool.read(bt[0], written, 2)
+        for p in range(written):
+            if p < fmt.sink_tokens or p >= written - 5:  # fp16 copies, transformed domain
+                np.testing.assert_array_equal(ks[p], yk[p].astype(np.float16).astype(np.float32))
+                np.testing.assert_array_equal(vs[p], yv[p].astype(np.float16).astype(np.float32))
+            else:
+                np.testing.assert_array_equal(ks[p], codes_only_k[p])
+                np.testing.assert_array_equal(vs[p], codes_only_v[p])
+        # ring index p % w holds position p for the last w positions
+        for p in range(max(0, written - 5), written):
+            np.testing.assert_array_equal(pool.recent[2, :, 0, p % 5], yk[p].astype(np.float16))
+            assert pool.recent_positions[2, p % 5] == p
+        # the codes of window positions are written too (a token leaving the window needs nothing)
+        for p in range(max(0, written - 5), written):
+            blk, r = bt[0, p // T], p % T
+            for h, b in enumerate(fmt.k_bits):
+                np.testing.assert_array_equal(
+                    pool.token_codes(blk, r, "k", h),
+                    unpack_codes(q.encode_transformed(yk[p:p + 1], "k").codes[h][0], b, 64))
+    assert np.isnan(pool.recent[0]).all() and np.isnan(pool.recent[1]).all()  # other slots
+    with pytest.raises(FormatError, match="recent ring of slot 2 holds position"):
+        pool.read(bt[0], written - 2, 2)  # the ring no longer holds what that length needs
+
+
+def test_reference_attention_with_window_matches_per_query_attention():
+    q, rng = _window_setup(w=4)
+    L, hq = 23, 4
+    k = rng.normal(0, 2, (L, 2, 64)).astype(np.float32)
+    v = rng.normal(0, 2, (L, 2, 64)).astype(np.float32)
+    qs = rng.normal(0, 1, (L, hq, 64)).astype(np.float32)
+    yk, yv = q.transform(k, "k"), q.transform(v, "v")
+    kq = q.decode_transformed(q.encode_transformed(yk, "k"), "k")
+    vq = q.decode_transformed(q.encode_transformed(yv, "v"), "v")
+    k16, v16 = (y.astype(np.float16).astype(np.float32) for y in (yk, yv))
+    got = reference_attention(q, qs, kq, vq, np.arange(L), k_exact=k16, v_exact=v16)
+    # independently: each query p alone, over the cache as read at length p + 1
+    for p in range(L):
+        kk = np.where((np.arange(p + 1) >= p + 1 - 4)[:, None, None], k16[:p + 1], kq[:p + 1])
+        vv = np.where((np.arange(p + 1) >= p + 1 - 4)[:, None, None], v16[:p + 1], vq[:p + 1])
+        want = reference_attention(q, qs[p:p + 1], kk, vv)
+        np.testing.assert_allclose(got[p], want[0], rtol=1e-10, atol=1e-10)
+    plain = reference_attention(q, qs, kq, vq, np.arange(L))
+    assert np.abs(plain - got).max() > 1e-3  # the window changes the result
+    with pytest.raises(FormatError, match="needs q_positions"):
+        reference_attention(q, qs, kq, vq, None, k_exact=k16, v_exact=v16)

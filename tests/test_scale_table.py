@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,13 +30,13 @@ def make_table(ident=None, seed=0, recent=0):
     layers, tables = [], []
     for li in range(ident.num_layers):
         layers.append(LayerFormat(d, tuple(rng.choice(bits, H)), tuple(rng.choice(bits, H)),
-                                  sink_tokens=int(rng.integers(0, 4))))
+                                  sink_tokens=int(rng.integers(0, 4)), recent_tokens=recent))
         tables.append(LayerTables(rng.normal(0, 1, (H, d)), rng.uniform(0.2, 5, (H, d)),
                                   rng.normal(0, 1, (H, d)), rng.uniform(0.2, 5, (H, d)),
                                   rng.uniform(0.8, 1.3, H), rng.uniform(0.8, 1.3, H),
                                   rotation_signs(d, li)))
     return ScaleTable(ident, ModelFormat(tuple(layers)), tables,
-                      {"data": {"source": "test"}}, recent)
+                      {"data": {"source": "test"}})
 
 
 def assert_same(a: ScaleTable, b: ScaleTable):
@@ -55,7 +56,10 @@ def test_round_trip_and_manifest(tmp_path):
     assert man["kind"] == "turboquant-scale-table" and man["format_version"] == 2
     assert man["model"]["num_kv_heads"] == 4 and man["model"]["rope"] == {"rope_theta": 10000.0}
     assert len(man["format"]["layers"]) == 3 and man["recent_tokens"] == 4
-    assert abs(man["bits_per_element"] - (t.format.bits_per_element() + 4 * 16 / 1024)) < 1e-5
+    # the fp16 ring of the 4-token window is counted: 4 tokens x K and V x 16 bits per sequence
+    no_window = ModelFormat(tuple(replace(lf, recent_tokens=0) for lf in t.format.layers))
+    assert abs(man["bits_per_element"] - (no_window.bits_per_element() + 4 * 16 / 1024)) < 1e-5
+    assert all(lf["recent_tokens"] == 4 for lf in man["format"]["layers"])
     for path in (str(tmp_path / "tab"), st, js):
         assert_same(ScaleTable.load(path, t.identity), t)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tq-")]  # no temp files left
