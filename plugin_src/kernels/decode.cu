@@ -204,7 +204,8 @@ void planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, int32_t& splits, in
     int32_t const keys = std::max<int32_t>(1, maxKeys);
     int32_t const maxUseful
         = std::max<int32_t>(1, std::min<int32_t>(kDecMaxSplits / kDecWarps, (keys + kDecWarps * kDecMinKeysPerSplit - 1) / (kDecWarps * kDecMinKeysPerSplit)));
-    // at least enough splits that none exceeds kMaxSplitKeys
+    // at least enough splits that none exceeds kMaxSplitKeys; then the fewest CTAs per pair whose
+    // waves are >= 90% full (one full wave beats two: fewer splits to combine, no tail)
     int32_t const minC = (keys + kDecWarps * kMaxSplitKeys - 1) / (kDecWarps * kMaxSplitKeys);
     int32_t best = minC;
     double bestEff = -1.0;
@@ -213,7 +214,7 @@ void planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, int32_t& splits, in
         int64_t const ctas = pairs * c;
         int64_t const waves = (ctas + slots - 1) / slots;
         double const eff = static_cast<double>(ctas) / static_cast<double>(waves * slots);
-        if (ctas >= slots && eff >= 0.9)
+        if (eff >= 0.9)
         {
             best = c;
             break;

@@ -292,9 +292,71 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     int const ns = L.sink_tokens;
     bool const bf16 = a.bf16 != 0;
 
-    // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes); warp w: heads w, w+4 --
     int const lane = threadIdx.x & 31;
     int const warp = threadIdx.x >> 5;
+    int const split = blockIdx.x * kDecWarps + warp;
+    int const kb = split * a.split_len;
+    int const ke = min(kb + a.split_len, seqLen);
+
+    // ---- the first tiles' copies start before the query prologue, which hides behind them ---------
+    uint8_t const* layerBase = a.kv.pool + a.kv.layer_offset;
+    int32_t const* btab = a.kv.block_table + static_cast<int64_t>(b) * a.kv.max_blocks_per_seq;
+    int const kOff = L.k_codes_off[head];
+    int const vOff = L.v_codes_off[head];
+    int const kmOff = L.k_meta_off[head];
+    int const vmOff = L.v_meta_off[head];
+    // Per-warp pipeline: STAGES shared-memory stages filled by cp.async (each lane copies its own
+    // chunks), tile i + STAGES - 1 is issued while tile i is computed. Block ids come from a
+    // 32-entry window of the block table held one per lane.
+    using Stage = DecStage<D, KB, VB>;
+    constexpr int STAGES = Stage::stages;
+    uint8_t* stageBase = smem + decodePrologueBytes<D>() + warp * STAGES * Stage::bytes;
+    int const numTiles = (ke - kb + kDecTile - 1) / kDecTile;
+    int const blk0 = kb >> tShift;
+    int winBase = 0;
+    int winVal = lane < a.kv.max_blocks_per_seq - blk0 ? __ldg(btab + blk0 + lane) : 0;
+    auto issue = [&](int i) {
+        if (i < numTiles)
+        {
+            int const pos0 = kb + i * kDecTile;
+            int const bi = (pos0 >> tShift) - blk0;
+            if (bi - winBase >= 32)
+            {
+                winBase = bi;
+                winVal = lane < a.kv.max_blocks_per_seq - blk0 - bi ? __ldg(btab + blk0 + bi + lane) : 0;
+            }
+            int const blockId = __shfl_sync(0xffffffffu, winVal, bi - winBase);
+            int const slot0 = pos0 & (T - 1);
+            uint8_t const* base = layerBase + static_cast<int64_t>(blockId) * a.kv.block_stride;
+            uint8_t* st = stageBase + (i % STAGES) * Stage::bytes;
+            // the tile is a contiguous image: consecutive lanes copy consecutive 16-byte pieces
+            uint8_t const* ksrc = base + kOff + slot0 * KCB;
+            uint8_t const* vsrc = base + vOff + slot0 * VCB;
+#pragma unroll
+            for (int p = lane; p < Stage::kTile / 16; p += 32)
+            {
+                decCpAsync(st + 16 * p, ksrc + 16 * p, 1);
+            }
+#pragma unroll
+            for (int p = lane; p < Stage::vTile / 16; p += 32)
+            {
+                decCpAsync(st + Stage::kTile + 16 * p, vsrc + 16 * p, 1);
+            }
+            if (lane < 8)
+            {
+                int const mOff = lane < 4 ? kmOff : vmOff;
+                decCpAsync(st + Stage::kTile + Stage::vTile + 16 * lane, base + mOff + slot0 * 2 + 16 * (lane & 3), 1);
+            }
+        }
+        decCpCommit();
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i)
+    {
+        issue(i);
+    }
+
+    // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes); warp w: heads w, w+4 --
     {
         constexpr int PER = D / 32; // channels per lane: PER*lane .. PER*lane + PER-1
 #pragma unroll 1
@@ -367,11 +429,8 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     }
     __syncthreads();
 
-    int const split = blockIdx.x * kDecWarps + warp;
     int const g = lane >> 2;
     int const t = lane & 3;
-    int const kb = split * a.split_len;
-    int const ke = min(kb + a.split_len, seqLen);
 
     auto wsIndex = [&](int r) -> int64_t {
         return (static_cast<int64_t>(b) * a.num_q_heads + hq0 + r) * a.num_splits + split;
@@ -484,12 +543,6 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     }
 
     // ---- the quantized tiles ---------------------------------------------------------------------
-    uint8_t const* layerBase = a.kv.pool + a.kv.layer_offset;
-    int32_t const* btab = a.kv.block_table + static_cast<int64_t>(b) * a.kv.max_blocks_per_seq;
-    int const kOff = L.k_codes_off[head];
-    int const vOff = L.v_codes_off[head];
-    int const kmOff = L.k_meta_off[head];
-    int const vmOff = L.v_meta_off[head];
     uint16_t* pbuf = pbufAll + warp * 2 * 8 * 32;
 
     float vsMax = 0.F;     // V scales seen so far may reach this: p' = p * vs * pf <= kQMax
@@ -510,56 +563,6 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         }
     };
 
-    // Per-warp pipeline: STAGES shared-memory stages filled by cp.async (each lane copies its own
-    // chunks), tile i + STAGES - 1 is issued while tile i is computed. Block ids come from a
-    // 32-entry window of the block table held one per lane.
-    using Stage = DecStage<D, KB, VB>;
-    constexpr int STAGES = Stage::stages;
-    uint8_t* stageBase = smem + decodePrologueBytes<D>() + warp * STAGES * Stage::bytes;
-    int const numTiles = (ke - kb + kDecTile - 1) / kDecTile;
-    int const blk0 = kb >> tShift;
-    int winBase = 0;
-    int winVal = lane < a.kv.max_blocks_per_seq - blk0 ? __ldg(btab + blk0 + lane) : 0;
-    auto issue = [&](int i) {
-        if (i < numTiles)
-        {
-            int const pos0 = kb + i * kDecTile;
-            int const bi = (pos0 >> tShift) - blk0;
-            if (bi - winBase >= 32)
-            {
-                winBase = bi;
-                winVal = lane < a.kv.max_blocks_per_seq - blk0 - bi ? __ldg(btab + blk0 + bi + lane) : 0;
-            }
-            int const blockId = __shfl_sync(0xffffffffu, winVal, bi - winBase);
-            int const slot0 = pos0 & (T - 1);
-            uint8_t const* base = layerBase + static_cast<int64_t>(blockId) * a.kv.block_stride;
-            uint8_t* st = stageBase + (i % STAGES) * Stage::bytes;
-            // the tile is a contiguous image: consecutive lanes copy consecutive 16-byte pieces
-            uint8_t const* ksrc = base + kOff + slot0 * KCB;
-            uint8_t const* vsrc = base + vOff + slot0 * VCB;
-#pragma unroll
-            for (int p = lane; p < Stage::kTile / 16; p += 32)
-            {
-                decCpAsync(st + 16 * p, ksrc + 16 * p, 1);
-            }
-#pragma unroll
-            for (int p = lane; p < Stage::vTile / 16; p += 32)
-            {
-                decCpAsync(st + Stage::kTile + 16 * p, vsrc + 16 * p, 1);
-            }
-            if (lane < 8)
-            {
-                int const mOff = lane < 4 ? kmOff : vmOff;
-                decCpAsync(st + Stage::kTile + Stage::vTile + 16 * lane, base + mOff + slot0 * 2 + 16 * (lane & 3), 1);
-            }
-        }
-        decCpCommit();
-    };
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i)
-    {
-        issue(i);
-    }
     int buf = 0;
 #pragma unroll 1
     for (int it = 0; it < numTiles; ++it)
