@@ -170,6 +170,37 @@ def test_write_bytes_match_reference(d, kb, vb, t, ns, nc, act):
     assert np.array_equal(sink_got.view(np.uint16), ref.sinks.view(np.uint16)), "sink pool differs"
 
 
+@pytest.mark.parametrize("t", [32, 128])
+def test_write_zero_and_tiny_vectors(t):
+    """Zero vectors (8-bit: every code at the zero level, scale 0) and tiny ones, beside normal ones."""
+    rng = _rng()
+    d = 128
+    fmt = LayerFormat(d, (8, 3, 2), (4, 8, 8), sink_tokens=0, norm_correction=True)
+    tables = _tables(3, d, rng, plain=True)
+    lens = [int(rng.integers(40, 100)), 33]
+    bt, num_blocks = _block_tables(lens, t, rng)
+    quant = LayerQuantizer(fmt, tables)
+    ref = _reused_pool(quant, num_blocks, t, len(lens), rng)
+    layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
+    layer.pool.copy_(_to_gpu(ref.pool))
+    ks = [_kv(n, 3, d, rng) for n in lens]
+    vs = [_kv(n, 3, d, rng) for n in lens]
+    for x in ks + vs:
+        rows = rng.choice(x.shape[0], size=x.shape[0] // 3, replace=False)
+        x[rows[: len(rows) // 2]] = 0                      # zero vectors
+        x[rows[len(rows) // 2:]] *= np.float16(1e-4)        # tiny ones
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    K.quantize_kv(layer, _to_gpu(np.concatenate(ks)), _to_gpu(np.concatenate(vs)), bt, lens,
+                  cu_q_lens=cu, max_q_len=max(lens))
+    torch.cuda.synchronize()
+    slots = np.arange(len(lens), dtype=np.int32)
+    for b, n in enumerate(lens):
+        ref.write(ks[b].astype(np.float32), vs[b].astype(np.float32), np.arange(n), bt, np.full(n, b), slots)
+    bad = int((layer.pool.cpu().numpy() != ref.pool).sum())
+    print(f"write zero/tiny vectors T={t}: {bad} mismatching bytes")
+    assert bad == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # decode attention
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,15 @@ constexpr int kMaxSplits = 128;
 #define TQ_CTAS_PER_SM 4
 #endif
 constexpr int kResidentCtasPerSm = TQ_CTAS_PER_SM; // register budget: 65536 / (128 * this)
+
+// Stages are filled by bulk copies on an mbarrier on sm_90+ (TQ_CTX_BULK), by 16-byte cp.async
+// before. (An XOR-swizzled stage filled by cp.async, which removes the 2- to 8-way bank conflicts
+// of the lanes' chunk reads, measured no faster on the H100.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TQ_CTX_BULK 1
+#else
+#define TQ_CTX_BULK 0
+#endif
 constexpr int kMinKeysPerSplit = 256;
 constexpr int kCtxSplitRowBudget = 2048; // context: splits * query tokens at most this
 
@@ -135,7 +144,7 @@ __device__ __forceinline__ void issueTile(AttnArgs const& a, StageLayout const& 
     int64_t const blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + (pos0 >> tShift)];
     uint8_t const* base = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride;
     __syncwarp(); // every lane is done reading this stage
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if TQ_CTX_BULK
     if (lane == 0)
     {
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -185,19 +194,55 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x)
     return r;
 }
 
-// V unit words a step needs (kh: the step's half of the tile): j = kh and j = 2 + kh.
+// The unit of B words at stage byte `off` (a lane chunk's unit): W[w] = little-endian word w.
 template <int B>
-__device__ __forceinline__ void loadUnitV(uint8_t const* p, int kh, uint32_t (&W)[B])
+__device__ __forceinline__ void loadUnit(uint8_t const* st, int off, uint32_t (&W)[B])
 {
-    if constexpr (B == 4)
+    if constexpr (B == 2)
     {
-        W[kh] = reinterpret_cast<uint32_t const*>(p)[kh];
-        W[2 + kh] = reinterpret_cast<uint32_t const*>(p)[2 + kh];
+        uint2 const v = *reinterpret_cast<uint2 const*>(st + off);
+        W[0] = v.x;
+        W[1] = v.y;
+    }
+    else if constexpr (B == 4)
+    {
+        uint4 const v = *reinterpret_cast<uint4 const*>(st + off);
+        W[0] = v.x;
+        W[1] = v.y;
+        W[2] = v.z;
+        W[3] = v.w;
     }
     else if constexpr (B == 8)
     {
-        uint2 const a = reinterpret_cast<uint2 const*>(p)[kh];
-        uint2 const b = reinterpret_cast<uint2 const*>(p)[2 + kh];
+        uint4 const v = *reinterpret_cast<uint4 const*>(st + off);
+        uint4 const u = *reinterpret_cast<uint4 const*>(st + off + 16);
+        W[0] = v.x;
+        W[1] = v.y;
+        W[2] = v.z;
+        W[3] = v.w;
+        W[4] = u.x;
+        W[5] = u.y;
+        W[6] = u.z;
+        W[7] = u.w;
+    }
+    else
+    {
+#pragma unroll
+        for (int w = 0; w < B; ++w)
+        {
+            W[w] = *reinterpret_cast<uint32_t const*>(st + off + 4 * w);
+        }
+    }
+}
+
+// V unit words a step needs (kh: the step's half of the tile): j = kh and j = 2 + kh.
+template <int B>
+__device__ __forceinline__ void loadUnitV(uint8_t const* st, int off, int kh, uint32_t (&W)[B])
+{
+    if constexpr (B == 8)
+    {
+        uint2 const a = *reinterpret_cast<uint2 const*>(st + off + 8 * kh);
+        uint2 const b = *reinterpret_cast<uint2 const*>(st + off + 16 + 8 * kh);
         W[2 * kh] = a.x;
         W[2 * kh + 1] = a.y;
         W[4 + 2 * kh] = b.x;
@@ -205,7 +250,36 @@ __device__ __forceinline__ void loadUnitV(uint8_t const* p, int kh, uint32_t (&W
     }
     else
     {
-        loadUnit<B>(p, W);
+        loadUnit<B>(st, off, W);
+    }
+}
+
+// Two consecutive units at stage byte `off` (8-byte aligned): 3-bit units (12 bytes) as three
+// 8-byte loads instead of six 4-byte ones; other widths unit by unit (V: only the words of step kh).
+template <int B, bool V>
+__device__ __forceinline__ void loadUnitPair(uint8_t const* st, int off, int kh, uint32_t (&W)[2][B])
+{
+    if constexpr (B == 3)
+    {
+        uint2 const a = *reinterpret_cast<uint2 const*>(st + off);
+        uint2 const b = *reinterpret_cast<uint2 const*>(st + off + 8);
+        uint2 const c = *reinterpret_cast<uint2 const*>(st + off + 16);
+        W[0][0] = a.x;
+        W[0][1] = a.y;
+        W[0][2] = b.x;
+        W[1][0] = b.y;
+        W[1][1] = c.x;
+        W[1][2] = c.y;
+    }
+    else if constexpr (V)
+    {
+        loadUnitV<B>(st, off, kh, W[0]);
+        loadUnitV<B>(st, off + 4 * B, kh, W[1]);
+    }
+    else
+    {
+        loadUnit<B>(st, off, W[0]);
+        loadUnit<B>(st, off + 4 * B, W[1]);
     }
 }
 
@@ -369,10 +443,11 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     int const pSrc0 = (lane & ~3) | (2 * (t4 & 1));
     int const pSrc1 = pSrc0 + 1;
 
-    // One 16-token step. kf[j][2kk | 2kk+1]: K of token g + 8j; va[mt][4]: V^T A fragments;
+    // One 16-token step: scoreStep, then valueStep. kf[j][2kk | 2kk+1]: K of token g + 8j; b0, b1:
+    // the P^T B fragment for valueStep; va[mt][4]: V^T A fragments;
     // ks/vs: scales of tokens g, g+8; keys at pos0 + token in [lo, hi) are valid.
-    auto tileStep = [&](uint32_t (&kf)[2][KPAIRS], uint32_t (&va)[MT][4], float const (&ks)[2], float const (&vs)[2],
-                        int pos0, int lo, int hi) {
+    auto scoreStep = [&](uint32_t (&kf)[2][KPAIRS], float const (&ks)[2], float const (&vs)[2], int pos0, int lo,
+                         int hi, uint32_t& b0, uint32_t& b1) {
         // four independent accumulator chains, summed at the end
         float sacc[4][4];
 #pragma unroll
@@ -445,8 +520,10 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         uint32_t const y0 = __shfl_sync(0xffffffffu, pb1, pSrc0);
         uint32_t const x1 = __shfl_sync(0xffffffffu, pb0, pSrc1);
         uint32_t const y1 = __shfl_sync(0xffffffffu, pb1, pSrc1);
-        uint32_t const b0 = t4 < 2 ? x0 : y0;
-        uint32_t const b1 = t4 < 2 ? x1 : y1;
+        b0 = t4 < 2 ? x0 : y0;
+        b1 = t4 < 2 ? x1 : y1;
+    };
+    auto valueStep = [&](uint32_t (&va)[MT][4], uint32_t b0, uint32_t b1) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
         {
@@ -468,7 +545,6 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             return x0 | (x1 << 16);
         };
         uint32_t kf[2][KPAIRS];
-        uint32_t va[MT][4];
 #pragma unroll
         for (int j = 0; j < 2; ++j)
         {
@@ -479,16 +555,22 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 kf[j][2 * kk + 1] = pair(kS, gq + 8 * j, 16 * kk + 4 * t4 + 2, 0, 1);
             }
         }
+        auto sinkV = [&](uint32_t (&va)[MT][4]) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-        {
-            va[mt][0] = pair(vS, 4 * t4, 16 * mt + gq, 1, 0);
-            va[mt][1] = pair(vS, 4 * t4, 16 * mt + 8 + gq, 1, 0);
-            va[mt][2] = pair(vS, 4 * t4 + 2, 16 * mt + gq, 1, 0);
-            va[mt][3] = pair(vS, 4 * t4 + 2, 16 * mt + 8 + gq, 1, 0);
-        }
+            for (int mt = 0; mt < MT; ++mt)
+            {
+                va[mt][0] = pair(vS, 4 * t4, 16 * mt + gq, 1, 0);
+                va[mt][1] = pair(vS, 4 * t4, 16 * mt + 8 + gq, 1, 0);
+                va[mt][2] = pair(vS, 4 * t4 + 2, 16 * mt + gq, 1, 0);
+                va[mt][3] = pair(vS, 4 * t4 + 2, 16 * mt + 8 + gq, 1, 0);
+            }
+        };
         float const one[2] = {1.F, 1.F};
-        tileStep(kf, va, one, one, 0, 0, hi);
+        uint32_t b0, b1;
+        scoreStep(kf, one, one, 0, 0, hi, b0, b1);
+        uint32_t va[MT][4];
+        sinkV(va);
+        valueStep(va, b0, b1);
     }
 
     // ---- quantized keys: each warp streams its own 32-slot pool tiles (warp, warp+4, ...) -------
@@ -506,7 +588,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         {
             issueTile(a, sl, myStages + i * sl.bytes, &myBars[i], b, head, tilePos(i), KCB, VCB, lane);
         }
-#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#if !TQ_CTX_BULK
         else
         {
             cpAsyncCommit();
@@ -522,7 +604,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             issueTile(a, sl, myStages + (ni % kStages) * sl.bytes, &myBars[ni % kStages], b, head, tilePos(ni), KCB,
                 VCB, lane);
         }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if TQ_CTX_BULK
         mbarWait(&myBars[i % kStages], static_cast<uint32_t>((i / kStages) & 1));
 #else
         else
@@ -533,8 +615,8 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         __syncwarp();
 #endif
         uint8_t const* st = myStages + (i % kStages) * sl.bytes;
-        uint8_t const* kChunkPtr = st + lane * KCB;
-        uint8_t const* vChunkPtr = st + sl.offV + lane * VCB;
+        int const kChunk = lane * KCB;          // this lane's chunks (stage byte offsets)
+        int const vChunk = sl.offV + lane * VCB;
 #pragma unroll
         for (int kh = 0; kh < 2; ++kh)
         {
@@ -546,11 +628,14 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             // K: rows i = 2kh + j, registers rho = i * D/16 + kk -> units kh*KU .. kh*KU + KU - 1
             uint32_t kf[2][KPAIRS];
             {
-                uint32_t W[KU][KB];
-#pragma unroll
-                for (int u = 0; u < KU; ++u)
+                uint32_t W[2][KB]; // KU (1 or 2) units
+                if constexpr (KU == 2)
                 {
-                    loadUnit<KB>(kChunkPtr + (kh * KU + u) * 4 * KB, W[u]);
+                    loadUnitPair<KB, false>(st, kChunk + kh * 8 * KB, kh, W);
+                }
+                else
+                {
+                    loadUnit<KB>(st, kChunk + kh * 4 * KB, W[0]);
                 }
 #pragma unroll
                 for (int j = 0; j < 2; ++j)
@@ -564,21 +649,26 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 }
             }
             // V: registers rho = 4m + 2kh + rh, unit m / 2
-            uint32_t va[MT][4];
+            auto expandV = [&](uint32_t (&va)[MT][4]) {
 #pragma unroll
-            for (int u = 0; u < D / 32; ++u)
-            {
-                uint32_t W[VB];
-                loadUnitV<VB>(vChunkPtr + u * 4 * VB, kh, W);
-#pragma unroll
-                for (int mm = 0; mm < 2; ++mm)
+                for (int pu = 0; pu < D / 64; ++pu)
                 {
-                    int const mt = 2 * u + mm;
-                    int const r8 = 4 * mm + 2 * kh;
-                    CV::reg(vtab, W, r8, va[mt][0], va[mt][2]);     // channel 16mt + g
-                    CV::reg(vtab, W, r8 + 1, va[mt][1], va[mt][3]); // channel 16mt + 8 + g
+                    uint32_t W[2][VB];
+                    loadUnitPair<VB, true>(st, vChunk + pu * 8 * VB, kh, W);
+#pragma unroll
+                    for (int uu = 0; uu < 2; ++uu)
+                    {
+#pragma unroll
+                        for (int mm = 0; mm < 2; ++mm)
+                        {
+                            int const mt = 4 * pu + 2 * uu + mm; // unit 2pu + uu holds m-tiles 2u, 2u + 1
+                            int const r8 = 4 * mm + 2 * kh;
+                            CV::reg(vtab, W[uu], r8, va[mt][0], va[mt][2]);     // channel 16mt + g
+                            CV::reg(vtab, W[uu], r8 + 1, va[mt][1], va[mt][3]); // channel 16mt + 8 + g
+                        }
+                    }
                 }
-            }
+            };
             float ks[2], vs[2];
 #pragma unroll
             for (int j = 0; j < 2; ++j)
@@ -587,10 +677,14 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 ks[j] = h2f(*reinterpret_cast<uint16_t const*>(st + sl.offKM + 2 * slot)) * CK::kScale;
                 vs[j] = h2f(*reinterpret_cast<uint16_t const*>(st + sl.offVM + 2 * slot)) * CV::kScale;
             }
-            tileStep(kf, va, ks, vs, pos0, lo, ke);
+            uint32_t b0, b1;
+            scoreStep(kf, ks, vs, pos0, lo, ke, b0, b1);
+            uint32_t va[MT][4]; // expanded after the scores: fewer live registers (fewer spills)
+            expandV(va);
+            valueStep(va, b0, b1);
         }
     }
-#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#if !TQ_CTX_BULK
     cpAsyncWait<0>();
 #endif
     __syncthreads();

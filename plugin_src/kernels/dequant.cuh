@@ -106,47 +106,6 @@ __device__ __forceinline__ void lookup4Bit4(ByteTable const& t, uint32_t x, uint
     h23 = prmt(l, h, 0x7362);
 }
 
-// The unit of B words of a lane chunk: W[w] = little-endian word w.
-template <int B>
-__device__ __forceinline__ void loadUnit(uint8_t const* p, uint32_t (&W)[B])
-{
-    if constexpr (B == 2)
-    {
-        uint2 const v = *reinterpret_cast<uint2 const*>(p);
-        W[0] = v.x;
-        W[1] = v.y;
-    }
-    else if constexpr (B == 4)
-    {
-        uint4 const v = *reinterpret_cast<uint4 const*>(p);
-        W[0] = v.x;
-        W[1] = v.y;
-        W[2] = v.z;
-        W[3] = v.w;
-    }
-    else if constexpr (B == 8)
-    {
-        uint4 const v = *reinterpret_cast<uint4 const*>(p);
-        uint4 const u = *reinterpret_cast<uint4 const*>(p + 16);
-        W[0] = v.x;
-        W[1] = v.y;
-        W[2] = v.z;
-        W[3] = v.w;
-        W[4] = u.x;
-        W[5] = u.y;
-        W[6] = u.z;
-        W[7] = u.w;
-    }
-    else
-    {
-#pragma unroll
-        for (int w = 0; w < B; ++w)
-        {
-            W[w] = reinterpret_cast<uint32_t const*>(p)[w];
-        }
-    }
-}
-
 template <int B>
 struct CtxCodes
 {

@@ -335,7 +335,9 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
         }
         __syncwarp();
         float const cn = __fsqrt_rn(warpNumpySum<D>(sq[warp], lane));
-        float const scale = L.norm_correction ? __fdiv_rn(n, cn) : __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
+        // only the 8-bit codebook has a zero level: every code at it (a zero vector) gives scale 0
+        float const scale = L.norm_correction ? (cn > 0.F ? __fdiv_rn(n, cn) : 0.F)
+                                              : __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
         // block, slot and tile
         int const T = L.tokens_per_block;
         int64_t const blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + pos / T];
