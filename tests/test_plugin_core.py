@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from turboquant_trt import format as tqf
@@ -84,6 +85,28 @@ def test_block_layout_matches_python_reference(core_build: Path) -> None:
         assert total == ref.block_bytes, (d, t, kb, vb)
         for i, (kc, vc, km, vm) in enumerate(heads):
             assert (kc, vc, km, vm) == (ref.k_codes[i], ref.v_codes[i], ref.k_meta[i], ref.v_meta[i])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("bits", tqf.SUPPORTED_BITS)
+def test_tile_positions_match_python_reference(core_build: Path, head_dim: int, bits: int) -> None:
+    """format.h's tile mapping (what the CUDA write, dequantize and context kernels use) puts every
+    code bit of a 32-slot tile where turboquant_trt.reference does (docs/format.md §5.1)."""
+    from turboquant_trt.reference import _tile_bitmap
+
+    out = subprocess.run([str(core_build / "core_layout_tool"), "--tile", str(head_dim), str(bits)],
+                         capture_output=True, text=True, check=True).stdout
+    got = np.array(out.split(), dtype=np.int64).reshape(-1, 6)
+    assert len(got) == 2 * tqf.TILE_TOKENS * head_dim * bits
+    for which in (0, 1):
+        rows = got[got[:, 0] == which]
+        byte = np.zeros((tqf.TILE_TOKENS, head_dim, bits), np.int64)
+        bit = np.zeros_like(byte)
+        byte[rows[:, 1], rows[:, 2], rows[:, 3]] = rows[:, 4]
+        bit[rows[:, 1], rows[:, 2], rows[:, 3]] = rows[:, 5]
+        ref_byte, ref_bit = _tile_bitmap("kv"[which], head_dim, bits)
+        assert np.array_equal(byte, ref_byte), f"{'KV'[which]} byte positions differ"
+        assert np.array_equal(bit, ref_bit), f"{'KV'[which]} bit positions differ"
 
 
 def test_layout_tool_rejects_invalid_format(core_build: Path) -> None:

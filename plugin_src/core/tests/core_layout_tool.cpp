@@ -2,6 +2,9 @@
 // (tests/test_plugin_core.py). Usage: core_layout_tool HEAD_DIM TOKENS_PER_BLOCK K_BITS_CSV V_BITS_CSV
 // Output: one line per KV head "h k_codes v_codes k_meta v_meta", then "block_bytes N".
 //        core_layout_tool --constants  prints the core's constants and field list, one per line.
+//        core_layout_tool --tile HEAD_DIM BITS  prints where every code bit of a 32-slot tile lives
+//        (format.h's tqTilePos / tqUnitBit / tqTileUnitOffset, which the CUDA kernels use), one line
+//        "which slot channel k byte bit" per code bit k (which: 0 = K, 1 = V).
 #include "turboquant_core/attention_core.h"
 
 #include <cstdio>
@@ -43,11 +46,42 @@ static int printConstants()
     return 0;
 }
 
+static int printTile(int32_t d, int32_t bits)
+{
+    if ((d != 64 && d != 128 && d != 256) || (bits != 2 && bits != 3 && bits != 4 && bits != 8))
+    {
+        std::fprintf(stderr, "error: --tile needs HEAD_DIM 64, 128 or 256 and BITS 2, 3, 4 or 8\n");
+        return 1;
+    }
+    for (int32_t which = 0; which < 2; ++which)
+    {
+        for (int32_t tau = 0; tau < ::turboquant::kTileTokens; ++tau)
+        {
+            for (int32_t c = 0; c < d; ++c)
+            {
+                ::turboquant::TqTilePos const p = ::turboquant::tqTilePos(which != 0, tau, c, d);
+                for (int32_t k = 0; k < bits; ++k)
+                {
+                    int32_t w = 0, bit = 0;
+                    ::turboquant::tqUnitBit(bits, p.sel, p.nib, k, w, bit);
+                    int32_t const byte = ::turboquant::tqTileUnitOffset(d, bits, p.lane, p.unit) + 4 * w + bit / 8;
+                    std::printf("%d %d %d %d %d %d\n", which, tau, c, k, byte, bit % 8);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char** argv)
 {
     if (argc == 2 && std::string(argv[1]) == "--constants")
     {
         return printConstants();
+    }
+    if (argc == 4 && std::string(argv[1]) == "--tile")
+    {
+        return printTile(std::atoi(argv[2]), std::atoi(argv[3]));
     }
     if (argc != 5)
     {
