@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from .format import LayerFormat
+from .format import FORMAT_VERSION, LayerFormat
 
 MAX_KV_HEADS = 128
 _ROOT = Path(__file__).resolve().parent
@@ -71,8 +71,24 @@ def library() -> ctypes.CDLL:
             if lib.tq_capi_version() != 1 or lib.tq_layer_struct_size() != ctypes.sizeof(_LayerC):
                 raise KernelError(f"{path} does not match this Python package (C API version or "
                                   f"struct size differ); rebuild it: {_BUILD_HINT}")
+            version = _format_version(lib)
+            if version != FORMAT_VERSION:
+                got = f"KV format version {version}" if version else "an older KV format (it does not say which)"
+                raise KernelError(f"{path} reads and writes {got}, this package format version "
+                                  f"{FORMAT_VERSION}; rebuild it: {_BUILD_HINT}")
             return lib
     raise KernelError(f"libturboquant.so not built (looked in {', '.join(tried)}); {_BUILD_HINT}")
+
+
+def _format_version(lib: ctypes.CDLL) -> int:
+    """The library's format version (0 for libraries from before tq_format_version existed)."""
+    try:
+        fn = lib.tq_format_version
+    except AttributeError:
+        return 0
+    fn.restype = ctypes.c_int32
+    fn.argtypes = []
+    return int(fn())
 
 
 def available() -> bool:

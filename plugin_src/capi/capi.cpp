@@ -112,6 +112,11 @@ int32_t tq_capi_version(void)
     return TQ_CAPI_VERSION;
 }
 
+int32_t tq_format_version(void)
+{
+    return turboquant::kFormatVersion;
+}
+
 size_t tq_layer_struct_size(void)
 {
     return sizeof(TqLayerC);

@@ -41,6 +41,7 @@ typedef struct TqLayerC
 } TqLayerC;
 
 int32_t tq_capi_version(void);
+int32_t tq_format_version(void);   /* docs/format.md version the kernels read and write (kFormatVersion) */
 size_t tq_layer_struct_size(void);
 char const* tq_last_error(void);
 char const* tq_error_string(int32_t err);
