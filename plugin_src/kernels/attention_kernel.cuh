@@ -30,7 +30,7 @@ constexpr int kMaxSplits = 128;
 constexpr int kResidentCtasPerSm = TQ_CTAS_PER_SM; // register budget: 65536 / (128 * this)
 
 // Stages are filled by bulk copies on an mbarrier on sm_90+ (TQ_CTX_BULK), by 16-byte cp.async
-// before. (An XOR-swizzled stage filled by cp.async, which removes the 2- to 8-way bank conflicts
+// before. (An XOR-swizzled stage filled by cp.async, which reduces the 2- to 8-way bank conflicts
 // of the lanes' chunk reads, measured no faster on the H100.)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define TQ_CTX_BULK 1
