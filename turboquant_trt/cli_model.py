@@ -407,7 +407,8 @@ def _plot(rows: list[dict], setup: dict, path: str) -> None:
                 key = (f"v{FORMAT_VERSION}, recent window {r['recent_tokens']}, "
                        if r["recent_tokens"] else f"v{FORMAT_VERSION}, no window, ") + src
                 groups.setdefault(key, []).append(r)
-            palette = ["tab:blue", "tab:green", "tab:purple", "tab:cyan", "tab:olive"]
+            palette = ["tab:blue", "tab:green", "tab:purple", "tab:cyan", "tab:olive", "tab:brown",
+                       "tab:pink", "black"]
             for i, (key, grp) in enumerate(sorted(groups.items())):
                 s = sorted(grp, key=lambda r: r["compression"])
                 ax.plot([r["compression"] for r in s], [max(r["delta_pct"], floor) for r in s],
