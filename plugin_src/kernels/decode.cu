@@ -69,67 +69,59 @@ struct DecReduceArgs
 constexpr int kReduceParts = 4; // thread groups of D threads, each summing every 4th split
 
 // One CTA of 4*D threads per (sequence, query head): combines the splits, then R^-1, sv, mu_v.
+// Thread s reads split s's (max, sum); the maximum and the denominator are block reductions; group
+// `pi` of D threads sums the outputs of splits pi, pi+4, ...; then warp 0 applies the inverse
+// rotation with shuffles (lane = channels D/32*lane ..), so only three barriers are on the path.
 template <int D>
 __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(DecReduceArgs const a)
 {
+    constexpr int kThreads = D * kReduceParts;
+    constexpr int kWarpsR = kThreads / 32;
     __shared__ float w[kDecMaxSplits];
     __shared__ float part[kReduceParts][D];
-    __shared__ float y[D];
-    __shared__ float stat[2];
+    __shared__ float red[2][kWarpsR];
     int const b = blockIdx.x;
     int const hq = blockIdx.y;
     int const tid = threadIdx.x;
+    int const lane = tid & 31;
+    int const wid = tid >> 5;
     int const c = tid % D;
     int const pi = tid / D;
     int64_t const base = (static_cast<int64_t>(b) * a.num_q_heads + hq) * a.num_splits;
-    float const ms = tid < a.num_splits ? a.ws_ml[2 * (base + tid)] : -INFINITY;
-    float const ls = tid < a.num_splits ? a.ws_ml[2 * (base + tid) + 1] : 0.F;
-    if (tid < kDecMaxSplits)
-    {
-        w[tid] = ms;
-    }
-    __syncthreads();
-    if (tid < 32)
-    {
-        float mx = -INFINITY;
-        for (int s = tid; s < a.num_splits; s += 32)
-        {
-            mx = fmaxf(mx, w[s]);
-        }
+    float2 const v = tid < a.num_splits ? reinterpret_cast<float2 const*>(a.ws_ml)[base + tid] : make_float2(-INFINITY, 0.F);
+    float mx = v.x;
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-        {
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        }
-        if (tid == 0)
-        {
-            stat[0] = mx;
-        }
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    }
+    if (lane == 0)
+    {
+        red[0][wid] = mx;
     }
     __syncthreads();
-    float const mx = stat[0];
-    float const ws = (tid < a.num_splits && ms != -INFINITY) ? exp2f(ms - mx) : 0.F;
-    __syncthreads();
+    mx = red[0][0];
+#pragma unroll
+    for (int k = 1; k < kWarpsR; ++k)
+    {
+        mx = fmaxf(mx, red[0][k]);
+    }
+    float const ws = v.x == -INFINITY ? 0.F : exp2f(v.x - mx);
     if (tid < kDecMaxSplits)
     {
         w[tid] = ws;
     }
-    // den = sum of ws * ls (warp sums, then one lane per warp)
-    float d = ws * ls;
+    float d = ws * v.y;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
     {
         d += __shfl_xor_sync(0xffffffffu, d, o);
     }
-    if (tid == 0)
+    if (lane == 0)
     {
-        stat[1] = 0.F;
+        red[1][wid] = d;
     }
     __syncthreads();
-    if ((tid & 31) == 0 && d != 0.F)
-    {
-        atomicAdd(&stat[1], d);
-    }
     float num = 0.F;
 #pragma unroll 4
     for (int s = pi; s < a.num_splits; s += kReduceParts)
@@ -142,39 +134,65 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(DecReduce
     }
     part[pi][c] = num;
     __syncthreads();
-    if (pi == 0)
+    if (wid != 0)
     {
+        return;
+    }
+    float den = 0.F;
+#pragma unroll
+    for (int k = 0; k < kWarpsR; ++k)
+    {
+        den += red[1][k];
+    }
+    constexpr int PER = D / 32;
+    float const inv = den > 0.F ? 1.F / den : 0.F;
+    float x[PER];
+#pragma unroll
+    for (int e = 0; e < PER; ++e)
+    {
+        int const ch = PER * lane + e;
         float acc = 0.F;
 #pragma unroll
         for (int k = 0; k < kReduceParts; ++k)
         {
-            acc += part[k][c];
+            acc += part[k][ch];
         }
-        float const den = stat[1];
-        y[c] = den > 0.F ? acc / den : 0.F;
+        x[e] = acc * inv;
     }
-    __syncthreads();
 #pragma unroll
-    for (int len = 1; len < D; len <<= 1)
+    for (int len = 1; len < PER; len <<= 1)
     {
-        float x = 0.F;
-        if (pi == 0)
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
         {
-            x = (c & len) == 0 ? y[c] + y[c + len] : y[c - len] - y[c];
+            if ((e & len) == 0)
+            {
+                float const u = x[e];
+                float const y = x[e + len];
+                x[e] = u + y;
+                x[e + len] = u - y;
+            }
         }
-        __syncthreads();
-        if (pi == 0)
-        {
-            y[c] = x;
-        }
-        __syncthreads();
     }
-    if (pi == 0)
+#pragma unroll
+    for (int lm = 1; lm < 32; lm <<= 1)
     {
-        int const head = hq / a.group;
-        int64_t const hv = static_cast<int64_t>(head) * D + c;
-        float const outv = tableOr(a.v_smooth, hv, 1.F) * (y[c] * a.rsqrt_d * h2f(a.signs[c])) + tableOr(a.v_mean, hv, 0.F);
-        storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + c, outv, a.bf16 != 0);
+        bool const upper = (lane & lm) != 0;
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            float const o = __shfl_xor_sync(0xffffffffu, x[e], lm);
+            x[e] = upper ? o - x[e] : x[e] + o;
+        }
+    }
+    int const head = hq / a.group;
+#pragma unroll
+    for (int e = 0; e < PER; ++e)
+    {
+        int const ch = PER * lane + e;
+        int64_t const hv = static_cast<int64_t>(head) * D + ch;
+        float const outv = tableOr(a.v_smooth, hv, 1.F) * (x[e] * a.rsqrt_d * h2f(a.signs[ch])) + tableOr(a.v_mean, hv, 0.F);
+        storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + ch, outv, a.bf16 != 0);
     }
 }
 
