@@ -39,7 +39,7 @@ inline bool tqKernelBitsSupported(int32_t b)
 }
 
 // Whether the kernels handle this (kind, rotation, head_dim, k_bits, v_bits) combination.
-// norm_correction may be on or off; sink tokens 0..16 and every tokens-per-block 1..128 work.
+// norm_correction may be on or off; sink tokens 0..16; tokens per block 32, 64 or 128 (format v2 tiles).
 inline bool isSupported(QuantKind kind, bool rotation, int32_t head_dim, int32_t k_bits, int32_t v_bits)
 {
     return kind == QuantKind::kTurbo && rotation && tqKernelHeadDimSupported(head_dim)
@@ -67,9 +67,9 @@ inline char const* tqCheckLayer(KvLayerDesc const& desc, int32_t num_q_heads)
         return "num_kv_heads must be between 1 and 128";
     }
     int32_t const t = desc.tokens_per_block;
-    if (t < 1 || t > kMaxTokensPerBlock || (t & (t - 1)) != 0)
+    if (!tqTokensPerBlockValid(t))
     {
-        return "tokens_per_block must be a power of two from 1 to 128";
+        return "tokens_per_block must be 32, 64 or 128 (format version 2 stores codes in 32-token tiles)";
     }
     if (desc.sink_tokens < 0 || desc.sink_tokens > kMaxSinkTokens)
     {
