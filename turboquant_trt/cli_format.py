@@ -17,7 +17,7 @@ from .format import (
     FormatError,
     KVFormat,
 )
-from .reference import LayerQuantizer, gaussian_mse
+from .reference import LayerQuantizer, codebook_mse
 from .table import print_table
 
 
@@ -133,7 +133,7 @@ def quantize_cmd(input_path, tensor_name, bits_list, kind, group_size, no_rotati
 
     Every vector along the last axis is quantized as one KV-head vector (no calibrated tables).
     rel_mse is |x - x^|^2 / |x|^2; ip_rel_rms the RMS error of inner products with 64 random
-    queries, relative to their RMS; gauss_theory the Lloyd-Max distortion of N(0,1) at that width.
+    queries, relative to their RMS; gauss_theory the distortion of the format's codebook c_b on N(0,1) at that width.
 
     \b
     Examples:
@@ -168,7 +168,7 @@ def quantize_cmd(input_path, tensor_name, bits_list, kind, group_size, no_rotati
         st = error_stats(x, xq, rng)
         rows.append({"bits": b, "kind": kind, "bits_per_element": round(fmt.bits_per_element(0, False), 4),
                      **{k: float(f"{v:.6g}") for k, v in st.items()},
-                     "gauss_theory": float(f"{gaussian_mse(b):.6g}") if kind == "turbo" else None})
+                     "gauss_theory": float(f"{codebook_mse(b):.6g}") if kind == "turbo" else None})
     if as_json:
         click.echo(json.dumps({"source": source, "head_dim": d, "vectors": int(x.shape[0]),
                                "rows": rows}, indent=1))
