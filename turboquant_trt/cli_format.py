@@ -133,7 +133,8 @@ def quantize_cmd(input_path, tensor_name, bits_list, kind, group_size, no_rotati
 
     Every vector along the last axis is quantized as one KV-head vector (no calibrated tables).
     rel_mse is |x - x^|^2 / |x|^2; ip_rel_rms the RMS error of inner products with 64 random
-    queries, relative to their RMS; gauss_theory the distortion of the format's codebook c_b on N(0,1) at that width.
+    queries, relative to their RMS; gauss_theory the distortion of the format's codebook c_b on
+    N(0,1) at that width.
 
     \b
     Examples:
