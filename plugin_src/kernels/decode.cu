@@ -342,6 +342,10 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
     int32_t const sms = resolveSmCount(p.num_sms);
     planDecode(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads * a.hsub, p.max_seq_len, sms, a.num_splits, a.split_len);
+    if (a.num_splits > kDecMaxSplits || a.split_len > kMaxSplitKeys)
+    {
+        return cudaErrorInvalidValue; // beyond 256 splits of 32K keys (8M tokens)
+    }
     size_t const need = decodeWorkspaceBytes(p.batch, p.num_q_heads, p.layer.num_kv_heads, p.layer.head_dim, p.max_seq_len, sms);
     if (p.workspace == nullptr || p.workspace_bytes < need || (reinterpret_cast<uintptr_t>(p.workspace) % 16) != 0)
     {
