@@ -17,7 +17,7 @@ constexpr int kDecWarps = 4;                 // warps per CTA, one split each
 constexpr int kDecThreads = 32 * kDecWarps;
 constexpr int kDecTile = 32;                 // tokens per warp step (one pool tile)
 constexpr int kDecMaxSplits = 256;
-constexpr int kDecHeadsPerCta = 8;
+constexpr int kDecHeadsPerCta = 8;           // query heads of one CTA (two n-tiles of 4)
 #ifndef TQ_DEC_MIN_CTAS
 #define TQ_DEC_MIN_CTAS 3
 #endif
@@ -25,10 +25,11 @@ constexpr int kDecMinCtas = TQ_DEC_MIN_CTAS;  // resident CTAs per SM the regist
 #ifndef TQ_DEC_STAGE_BUDGET
 #define TQ_DEC_STAGE_BUDGET 14336
 #endif
-constexpr int kDecStageBudget = TQ_DEC_STAGE_BUDGET; // shared-memory bytes of one warp's pipeline           // query heads of one CTA (two n-tiles of 4)
+constexpr int kDecStageBudget = TQ_DEC_STAGE_BUDGET; // shared-memory bytes of one warp's pipeline
 constexpr int kQMax = 16383;                 // |q| is a 14-bit integer: hi = q >> 7 (s8), lo = q & 127
 constexpr float kPMax = 65535.F;             // p' is a 16-bit unsigned integer: hi, lo = its two bytes (u8)
-constexpr float kMaxSlack = 3.F;             // the running maximum moves only when a score exceeds it by 3 (log2): p <= 8
+constexpr float kMaxSlack = 3.F;             // the running maximum moves only when a score exceeds it
+                                             // by 3 (log2 units), so p <= 8
 constexpr int kMaxSplitKeys = 32768;         // int32 accumulators of O cannot overflow within a split
 
 struct DecodeArgs
@@ -277,8 +278,8 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     int8_t* qh = reinterpret_cast<int8_t*>(qf + kDecHeadsPerCta * D);             // [8][D] hi bytes
     int8_t* ql = qh + kDecHeadsPerCta * D;                                         // [8][D] lo bytes
     float* qmulS = reinterpret_cast<float*>(ql + kDecHeadsPerCta * D);            // [8]
-    float* qmaxS = qmulS + kDecHeadsPerCta;                                        // [8]
-    uint16_t* pbufAll = reinterpret_cast<uint16_t*>(qmaxS + kDecHeadsPerCta);      // [warps][2][8][32]
+    // [8] unused floats after qmulS keep the P buffers where decodePrologueBytes() puts them
+    uint16_t* pbufAll = reinterpret_cast<uint16_t*>(qmulS + 2 * kDecHeadsPerCta);  // [warps][2][8][32]
 
     KvLayerDesc const& L = a.layer;
     int const head = a.heads[blockIdx.y];
@@ -423,7 +424,6 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             if (lane == 0)
             {
                 qmulS[r] = a.q_scale * kInvLambdaK / fq;
-                qmaxS[r] = mx;
             }
         }
     }
