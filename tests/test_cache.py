@@ -276,3 +276,32 @@ def test_smollm2_packed_cache_close_to_unquantized():
     ref = window_nll(lm.model, ids, None)
     fp16 = window_nll(lm.model, ids, lambda: FakeQuantCache([BASELINES["fp16"].fn] * 30))
     assert abs(fp16.nll - ref.nll) < 1e-3
+
+
+def test_window_attention_applies_the_model_mask():
+    """A padding mask (bool or additive) hides key columns in both the quantized and the fp16
+    parts; an all-visible mask changes nothing."""
+    from turboquant_trt.cache import PackedTurboLayer, turboquant_attention
+
+    rng = np.random.default_rng(5)
+    H, d, L = 2, 64, 12
+    lf = LayerFormat(d, (3, 2), (2, 4), sink_tokens=1, recent_tokens=3)
+    layer = PackedTurboLayer(LayerQuantizer(lf, None, 0), 0)
+    k = torch.from_numpy(rng.normal(0, 2, (2, H, L, d)).astype(np.float32))
+    v = torch.from_numpy(rng.normal(0, 2, (2, H, L, d)).astype(np.float32))
+    q = torch.from_numpy(rng.normal(0, 1, (2, 4, L, d)).astype(np.float32))
+    keys, values = layer.update(k, v)
+    run = lambda m: turboquant_attention(object(), q, keys, values, m, scaling=0.125)[0]  # noqa: E731
+    base = run(None)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    torch.testing.assert_close(run(causal.expand(2, 1, L, L)), base, rtol=0, atol=0)
+    hide = causal.expand(2, 1, L, L).clone()
+    hide[1, :, 2:, :2] = False  # row 1: queries 2.. do not see keys 0, 1
+    additive = torch.zeros(2, 1, L, L).masked_fill(~hide, torch.finfo(torch.float32).min)
+    a, b = run(hide), run(additive)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a[0], base[0], rtol=0, atol=0)
+    torch.testing.assert_close(a[1, :2], base[1, :2], rtol=0, atol=0)
+    # query 2 reads keys 0, 1 from the fp16 part, query 5 from the quantized part: both hidden
+    for p in (2, 5):
+        assert (a[1, p] - base[1, p]).abs().max() > 1e-3
