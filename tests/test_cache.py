@@ -305,3 +305,25 @@ def test_window_attention_applies_the_model_mask():
     # query 2 reads keys 0, 1 from the fp16 part, query 5 from the quantized part: both hidden
     for p in (2, 5):
         assert (a[1, p] - base[1, p]).abs().max() > 1e-3
+
+
+def test_generation_with_window_equals_manual_greedy_decoding():
+    from turboquant_trt.cache import TurboQuantCache, use_turboquant_attention
+
+    model = tiny_llama()
+    table = random_table(model, recent=3)
+    ids = _ids(1, 12)
+    use_turboquant_attention(model)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 min_new_tokens=6, do_sample=False, cache=TurboQuantCache(table))
+            cache, toks = TurboQuantCache(table), []
+            logits = model(ids, cache=cache, use_cache=True).logits[:, -1]
+            for _ in range(6):
+                logits[:, 1] = float("-inf")  # min_new_tokens suppresses EOS in generate
+                toks.append(logits.argmax(-1, keepdim=True))
+                logits = model(toks[-1], cache=cache, use_cache=True).logits[:, -1]
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert out[0, 12:].tolist() == torch.cat(toks, 1)[0].tolist()
