@@ -9,9 +9,12 @@
 3. Sensitivity (:mod:`turboquant_trt.calibration.sensitivity`): for every layer, KV head, K or V,
    bit width (2, 3, 4, 8) and clip factor, the loss increase estimated from the change of that
    head's attention output, weighted by the captured gradient (Fisher). The best clip factor
-   per bit width is kept.
+   per bit width is kept. With a recent-token window `w` (docs/format.md §5.2) the `w` most
+   recent keys/values of each query are exact in this estimate, as the format reads them;
+   :func:`with_window` re-estimates for another window on the same capture.
 4. Allocation: bit widths per layer/head/K/V minimizing the summed estimate under the average
-   budget (every metadata byte counted), by a Lagrangian sweep and a greedy fill.
+   budget (every metadata byte counted, the window's fp16 ring included), by a Lagrangian sweep
+   and a greedy fill.
 
 SmolLM2-135M calibrates in 70-125 s on 2 CPU cores with 4 windows of 1024 tokens (forward and
 backward about half of it, the sensitivity sweep the other half); sampling the calibration text
