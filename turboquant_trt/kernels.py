@@ -177,6 +177,9 @@ class KernelLayer:
                  tables=None, device="cuda", fill: int = 0xA5) -> "KernelLayer":
         """A pool of ``num_blocks`` blocks filled with ``fill`` and an fp16 sink pool (NaN)."""
         import torch
+        why = fmt.kernel_unsupported()
+        if why:
+            raise KernelError(why)
         lay = fmt.block_layout(tokens_per_block)
         pool = torch.full((num_blocks, lay.block_bytes), fill, dtype=torch.uint8, device=device)
         ns = max(fmt.sink_tokens, 1)
@@ -197,6 +200,9 @@ class KernelLayer:
         fmt = self.fmt
         if fmt.kind != "turbo" or not fmt.rotation:
             raise KernelError("the kernels implement kind 'turbo' with rotation only")
+        why = fmt.kernel_unsupported()
+        if why:
+            raise KernelError(why)
         s = _LayerC()
         s.head_dim = fmt.head_dim
         s.num_kv_heads = fmt.kv_heads
