@@ -228,6 +228,20 @@ def test_formats_cli_table_and_json():
     assert r.exit_code == 0 and "turboquant" in r.output
 
 
+def test_formats_cli_counts_the_window():
+    def k3v3(*extra):
+        r = CliRunner().invoke(cli, ["formats", "--json", "--head-dim", "64", *extra])
+        assert r.exit_code == 0, r.output
+        return next(x for x in json.loads(r.output) if x["preset"] == "k3v3")
+    plain, windowed = k3v3(), k3v3("--recent-tokens", "16")
+    # 16 tokens x K,V x 64 channels x 2 bytes over 1024 tokens = 4 bytes per token-head = 0.25 bits
+    assert windowed["recent_tokens"] == 16
+    assert windowed["bits_per_element"] - plain["bits_per_element"] == pytest.approx(0.25, abs=2e-4)
+    assert windowed["bytes_per_token_head"] == plain["bytes_per_token_head"]
+    r = CliRunner().invoke(cli, ["formats", "--recent-tokens", "65"])
+    assert r.exit_code != 0 and "65" in r.output
+
+
 # -- recent-token window (docs/format.md §5.2) ---------------------------------------------------
 
 @pytest.mark.parametrize("w", [-1, 65])

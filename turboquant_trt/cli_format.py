@@ -21,11 +21,11 @@ from .reference import LayerQuantizer, codebook_mse
 from .table import print_table
 
 
-def _preset_rows(head_dim: int, sink_tokens: int, ref_tokens: int) -> list[dict]:
+def _preset_rows(head_dim: int, sink_tokens: int, ref_tokens: int, recent_tokens: int = 0) -> list[dict]:
     rows = []
     for name, p in PRESETS.items():
         f = KVFormat(p.k_bits, p.v_bits, p.kind, head_dim, p.group_size, p.rotation,
-                     p.norm_correction, sink_tokens)
+                     p.norm_correction, sink_tokens, recent_tokens)
         rows.append({
             "preset": name,
             "k_bits": f.k_bits,
@@ -33,6 +33,7 @@ def _preset_rows(head_dim: int, sink_tokens: int, ref_tokens: int) -> list[dict]
             "kind": f.kind,
             "head_dim": head_dim,
             "sink_tokens": sink_tokens,
+            "recent_tokens": recent_tokens,
             "bytes_per_token_head": f.bytes_per_token_head(),
             "bits_per_element": round(f.bits_per_element(ref_tokens), 4),
             "compression": round(f.compression(ref_tokens), 3),
@@ -45,30 +46,34 @@ def _preset_rows(head_dim: int, sink_tokens: int, ref_tokens: int) -> list[dict]
               show_default=True, help="Head dimension the figures are computed for.")
 @click.option("--sink-tokens", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Leading tokens kept in fp16 (counted over --ref-tokens).")
+@click.option("--recent-tokens", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Recent-token window kept in fp16 per sequence (docs/format.md §5.2; the CUDA "
+                   "kernels do not read it yet), counted over --ref-tokens.")
 @click.option("--ref-tokens", type=click.IntRange(1), default=DEFAULT_REF_TOKENS, show_default=True,
-              help="Sequence length that sink copies and calibrated tables are spread over.")
+              help="Sequence length that sink copies, the window and calibrated tables are spread over.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def formats_cmd(head_dim: str, sink_tokens: int, ref_tokens: int, as_json: bool) -> None:
+def formats_cmd(head_dim: str, sink_tokens: int, recent_tokens: int, ref_tokens: int, as_json: bool) -> None:
     """List the named format presets with every metadata byte counted.
 
     \b
     bytes_per_token_head: K and V codes plus fp16 scales for one token of one KV head;
-    bits_per_element also counts fp16 sink copies and the calibrated tables
-    (means, smoothing, clip: fp16) spread over --ref-tokens tokens.
+    bits_per_element also counts fp16 sink copies, the fp16 recent-token window and the
+    calibrated tables (means, smoothing, clip: fp16) spread over --ref-tokens tokens.
 
     \b
     Examples:
       turboquant formats
       turboquant formats --head-dim 64 --sink-tokens 4 --json
+      turboquant formats --head-dim 64 --recent-tokens 16
     """
-    rows = _preset_rows(int(head_dim), sink_tokens, ref_tokens)
+    rows = _preset_rows(int(head_dim), sink_tokens, ref_tokens, recent_tokens)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
     print_table(rows, ["preset", "k_bits", "v_bits", "kind", "bytes_per_token_head",
                        "bits_per_element", "compression"],
                 title=f"TurboQuant presets at head_dim={head_dim}, {sink_tokens} sink tokens, "
-                      f"amortized over {ref_tokens} tokens")
+                      f"{recent_tokens}-token window, amortized over {ref_tokens} tokens")
 
 
 def _load_tensor(path: Path, name: str | None) -> np.ndarray:
