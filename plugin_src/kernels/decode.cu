@@ -44,6 +44,8 @@ TQ_EXTERN_DECODE(128, 3)
 TQ_EXTERN_DECODE(128, 4)
 TQ_EXTERN_DECODE(128, 8)
 
+int resolveSms(int32_t num_sms); // attention.cu: SMs of the current device when num_sms <= 0
+
 namespace
 {
 
@@ -159,32 +161,7 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(DecReduce
         }
         x[e] = acc * inv;
     }
-#pragma unroll
-    for (int len = 1; len < PER; len <<= 1)
-    {
-#pragma unroll
-        for (int e = 0; e < PER; ++e)
-        {
-            if ((e & len) == 0)
-            {
-                float const u = x[e];
-                float const y = x[e + len];
-                x[e] = u + y;
-                x[e + len] = u - y;
-            }
-        }
-    }
-#pragma unroll
-    for (int lm = 1; lm < 32; lm <<= 1)
-    {
-        bool const upper = (lane & lm) != 0;
-#pragma unroll
-        for (int e = 0; e < PER; ++e)
-        {
-            float const o = __shfl_xor_sync(0xffffffffu, x[e], lm);
-            x[e] = upper ? o - x[e] : x[e] + o;
-        }
-    }
+    warpWht<PER>(x, lane);
     int const head = hq / a.group;
 #pragma unroll
     for (int e = 0; e < PER; ++e)
@@ -194,23 +171,6 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(DecReduce
         float const outv = tableOr(a.v_smooth, hv, 1.F) * (x[e] * a.rsqrt_d * h2f(a.signs[ch])) + tableOr(a.v_mean, hv, 0.F);
         storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + ch, outv, a.bf16 != 0);
     }
-}
-
-int resolveSmCount(int32_t num_sms)
-{
-    if (num_sms > 0)
-    {
-        return num_sms;
-    }
-    int dev = 0;
-    int sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess
-        || sms <= 0)
-    {
-        (void) cudaGetLastError();
-        return 132;
-    }
-    return sms;
 }
 
 int hsubOf(int32_t num_q_heads, int32_t num_kv_heads)
@@ -298,7 +258,7 @@ int32_t decodeNumSplits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len
     // the KV-head count alone does not fix the query-head subsets; callers that need the exact
     // plan for a GQA ratio above 8 get it from decodeWorkspaceBytes, which is an upper bound
     int32_t splits = 1, len = 0;
-    planDecode(static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1), max_seq_len, resolveSmCount(num_sms), splits, len);
+    planDecode(static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1), max_seq_len, resolveSms(num_sms), splits, len);
     return splits;
 }
 
@@ -307,7 +267,7 @@ size_t decodeWorkspaceBytes(
 {
     int32_t splits = 1, len = 0;
     int64_t const pairs = static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
-    planDecode(pairs, max_seq_len, resolveSmCount(num_sms), splits, len);
+    planDecode(pairs, max_seq_len, resolveSms(num_sms), splits, len);
     size_t const rows = static_cast<size_t>(std::max(batch, 1)) * num_q_heads * splits;
     return alignUp256(rows * 2 * sizeof(float)) + alignUp256(rows * head_dim * sizeof(float));
 }
@@ -340,7 +300,7 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     a.q_scale = sm * kLog2e;
     a.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.layer.head_dim)));
     a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
-    int32_t const sms = resolveSmCount(p.num_sms);
+    int32_t const sms = resolveSms(p.num_sms);
     planDecode(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads * a.hsub, p.max_seq_len, sms, a.num_splits, a.split_len);
     if (a.num_splits > kDecMaxSplits || a.split_len > kMaxSplitKeys)
     {

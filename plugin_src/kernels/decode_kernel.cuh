@@ -180,28 +180,38 @@ __device__ __forceinline__ void mmaS8(int (&d)[4], uint32_t a0, uint32_t a1, uin
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void decCpAsync(void* smem, void const* gmem, int bytes16)
+// Fast Walsh-Hadamard transform of a D-vector held by one warp, PER = D/32 consecutive values per
+// lane (lane holds x[PER*lane .. PER*lane + PER-1]), in the order of docs/format.md §2: stages
+// len = 1, 2, ..., D/2; the lower index gets a + b, the upper a - b. Unnormalized.
+template <int PER>
+__device__ __forceinline__ void warpWht(float (&x)[PER], int lane)
 {
-    uint32_t const s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    if (bytes16)
+#pragma unroll
+    for (int len = 1; len < PER; len <<= 1)
     {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            if ((e & len) == 0)
+            {
+                float const u = x[e];
+                float const v = x[e + len];
+                x[e] = u + v;
+                x[e + len] = u - v;
+            }
+        }
     }
-    else
+#pragma unroll
+    for (int lm = 1; lm < 32; lm <<= 1)
     {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+        bool const upper = (lane & lm) != 0;
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            float const o = __shfl_xor_sync(0xffffffffu, x[e], lm);
+            x[e] = upper ? o - x[e] : x[e] + o;
+        }
     }
-}
-
-__device__ __forceinline__ void decCpCommit()
-{
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-
-template <int N>
-__device__ __forceinline__ void decCpWait()
-{
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // One pipeline stage of a warp: the K tile, the V tile, then 32 K scales and 32 V scales (fp16).
@@ -336,20 +346,20 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 #pragma unroll
             for (int p = lane; p < Stage::kTile / 16; p += 32)
             {
-                decCpAsync(st + 16 * p, ksrc + 16 * p, 1);
+                cpAsync16(st + 16 * p, ksrc + 16 * p);
             }
 #pragma unroll
             for (int p = lane; p < Stage::vTile / 16; p += 32)
             {
-                decCpAsync(st + Stage::kTile + 16 * p, vsrc + 16 * p, 1);
+                cpAsync16(st + Stage::kTile + 16 * p, vsrc + 16 * p);
             }
             if (lane < 8)
             {
                 int const mOff = lane < 4 ? kmOff : vmOff;
-                decCpAsync(st + Stage::kTile + Stage::vTile + 16 * lane, base + mOff + slot0 * 2 + 16 * (lane & 3), 1);
+                cpAsync16(st + Stage::kTile + Stage::vTile + 16 * lane, base + mOff + slot0 * 2 + 16 * (lane & 3));
             }
         }
-        decCpCommit();
+        cpAsyncCommit();
     };
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i)
@@ -372,33 +382,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
                         * tableOr(a.k_smooth, static_cast<int64_t>(head) * D + c, 1.F) * h2f(a.signs[c])
                               : 0.F;
             }
-            // fast WHT in the order of docs/format.md: lower index a + b, upper a - b
-#pragma unroll
-            for (int len = 1; len < PER; len <<= 1)
-            {
-#pragma unroll
-                for (int e = 0; e < PER; ++e)
-                {
-                    if ((e & len) == 0)
-                    {
-                        float const u = x[e];
-                        float const v = x[e + len];
-                        x[e] = u + v;
-                        x[e + len] = u - v;
-                    }
-                }
-            }
-#pragma unroll
-            for (int lm = 1; lm < 32; lm <<= 1)
-            {
-                bool const upper = (lane & lm) != 0;
-#pragma unroll
-                for (int e = 0; e < PER; ++e)
-                {
-                    float const o = __shfl_xor_sync(0xffffffffu, x[e], lm);
-                    x[e] = upper ? o - x[e] : x[e] + o;
-                }
-            }
+            warpWht<PER>(x, lane);
             float mx = 0.F;
 #pragma unroll
             for (int e = 0; e < PER; ++e)
@@ -568,7 +552,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     for (int it = 0; it < numTiles; ++it)
     {
         int const pos0 = kb + it * kDecTile;
-        decCpWait<STAGES - 2>();
+        cpAsyncWait<STAGES - 2>();
         __syncwarp();
         uint8_t const* st = stageBase + (it % STAGES) * Stage::bytes;
         uint32_t kwc[KW], vwc[VW];
