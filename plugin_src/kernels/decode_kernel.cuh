@@ -316,9 +316,10 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     int const vOff = L.v_codes_off[head];
     int const kmOff = L.k_meta_off[head];
     int const vmOff = L.v_meta_off[head];
-    // Per-warp pipeline: STAGES shared-memory stages filled by cp.async (each lane copies its own
-    // chunks), tile i + STAGES - 1 is issued while tile i is computed. Block ids come from a
-    // 32-entry window of the block table held one per lane.
+    // Per-warp pipeline: STAGES shared-memory stages filled by cp.async (the warp copies each tile
+    // as one contiguous image, then every lane reads its own chunk); tile i + STAGES - 1 is issued
+    // while tile i is computed. Block ids come from a 32-entry window of the block table, one
+    // entry per lane.
     using Stage = DecStage<D, KB, VB>;
     constexpr int STAGES = Stage::stages;
     uint8_t* stageBase = smem + decodePrologueBytes<D>() + warp * STAGES * Stage::bytes;
