@@ -39,24 +39,6 @@ TQ_EXTERN_ATTENTION(128, 3)
 TQ_EXTERN_ATTENTION(128, 4)
 TQ_EXTERN_ATTENTION(128, 8)
 
-struct ReduceArgs
-{
-    float const* ws_o;
-    float const* ws_ml;
-    void* out;
-    int64_t out_stride;
-    uint16_t const* v_mean;
-    uint16_t const* v_smooth;
-    uint16_t const* signs;
-    int32_t const* cu_q; // null: every row exists
-    int32_t batch;
-    int32_t num_q_heads;
-    int32_t group;
-    int32_t num_splits;
-    float rsqrt_d;
-    int32_t bf16;
-};
-
 // One CTA of D threads per (query row, query head): combines the splits, then R^-1, sv, mu_v.
 template <int D>
 __global__ void __launch_bounds__(D) attentionReduceKernel(ReduceArgs const a)
@@ -304,11 +286,6 @@ void fillCommonArgs(AttnArgs& args, KvLayerDesc const& layer, PagedKvPool const&
     args.q_scale = sm * kLog2e;
     args.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(layer.head_dim)));
     args.bf16 = act == ActType::kBf16 ? 1 : 0;
-}
-
-size_t alignWs(size_t n)
-{
-    return (n + 255) / 256 * 256;
 }
 
 } // namespace detail

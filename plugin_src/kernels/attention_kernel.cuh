@@ -322,16 +322,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     int const tile = zz % a.tiles_per_seq;
     int const seqLen = a.seq_lens[b];
     int qBegin, qLen;
-    if (a.cu_q != nullptr)
-    {
-        qBegin = a.cu_q[b];
-        qLen = a.cu_q[b + 1] - qBegin;
-    }
-    else
-    {
-        qBegin = b;
-        qLen = 1;
-    }
+    seqRows(a.cu_q, b, qBegin, qLen);
     int const tok0 = tile * a.tq;
     if (tok0 >= qLen)
     {

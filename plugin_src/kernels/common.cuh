@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace turboquant
@@ -15,6 +16,47 @@ namespace detail
 {
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Workspace arrays start at multiples of 256 bytes.
+inline size_t alignWs(size_t n)
+{
+    return (n + 255) / 256 * 256;
+}
+
+// Split-K partial results and what the reduce kernels need to finish a query row:
+// ws_ml[(row * Hq + hq) * splits + s] = (max in log2 units, sum), ws_o[same][d] unnormalized.
+struct ReduceArgs
+{
+    float const* ws_o;
+    float const* ws_ml;
+    void* out;
+    int64_t out_stride;
+    uint16_t const* v_mean;
+    uint16_t const* v_smooth;
+    uint16_t const* signs;
+    int32_t const* cu_q; // null: every row exists
+    int32_t batch;
+    int32_t num_q_heads;
+    int32_t group;
+    int32_t num_splits;
+    float rsqrt_d;
+    int32_t bf16;
+};
+
+// Rows of sequence b's new tokens: [begin, begin + len) of cu_q, or row b alone when cu_q is null.
+__device__ __forceinline__ void seqRows(int32_t const* cu_q, int b, int& begin, int& len)
+{
+    if (cu_q != nullptr)
+    {
+        begin = cu_q[b];
+        len = cu_q[b + 1] - begin;
+    }
+    else
+    {
+        begin = b;
+        len = 1;
+    }
+}
 
 __device__ __forceinline__ float loadAct(void const* base, int64_t idx, bool bf16)
 {

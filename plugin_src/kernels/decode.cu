@@ -52,22 +52,6 @@ namespace
 constexpr int kDecCtasPerSm = kDecMinCtas; // __launch_bounds__ of the split kernel
 constexpr int kDecMinKeysPerSplit = 128;
 
-struct DecReduceArgs
-{
-    float const* ws_o;
-    float const* ws_ml;
-    void* out;
-    int64_t out_stride;
-    uint16_t const* v_mean;
-    uint16_t const* v_smooth;
-    uint16_t const* signs;
-    int32_t num_q_heads;
-    int32_t group;
-    int32_t num_splits;
-    float rsqrt_d;
-    int32_t bf16;
-};
-
 constexpr int kReduceParts = 4; // thread groups of D threads, each summing every 4th split
 
 // One CTA of 4*D threads per (sequence, query head): combines the splits, then R^-1, sv, mu_v.
@@ -75,7 +59,7 @@ constexpr int kReduceParts = 4; // thread groups of D threads, each summing ever
 // `pi` of D threads sums the outputs of splits pi, pi+4, ...; then warp 0 applies the inverse
 // rotation with shuffles (lane = channels D/32*lane ..), so only three barriers are on the path.
 template <int D>
-__global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(DecReduceArgs const a)
+__global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArgs const a)
 {
     constexpr int kThreads = D * kReduceParts;
     constexpr int kWarpsR = kThreads / 32;
@@ -213,11 +197,6 @@ void planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, int32_t& splits, in
     splits = (keys + splitLen - 1) / splitLen;
 }
 
-size_t alignUp256(size_t n)
-{
-    return (n + 255) / 256 * 256;
-}
-
 char const* checkDecode(DecodeAttentionParams const& p)
 {
     if (char const* why = tqCheckLayer(p.layer, p.num_q_heads))
@@ -269,7 +248,7 @@ size_t decodeWorkspaceBytes(
     int64_t const pairs = static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
     planDecode(pairs, max_seq_len, resolveSms(num_sms), splits, len);
     size_t const rows = static_cast<size_t>(std::max(batch, 1)) * num_q_heads * splits;
-    return alignUp256(rows * 2 * sizeof(float)) + alignUp256(rows * head_dim * sizeof(float));
+    return alignWs(rows * 2 * sizeof(float)) + alignWs(rows * head_dim * sizeof(float));
 }
 
 cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t stream)
@@ -313,7 +292,7 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     }
     size_t const rows = static_cast<size_t>(p.batch) * p.num_q_heads * a.num_splits;
     a.ws_ml = static_cast<float*>(p.workspace);
-    a.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + alignUp256(rows * 2 * sizeof(float)));
+    a.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + alignWs(rows * 2 * sizeof(float)));
 
     // one launch per (k_bits, v_bits) group of KV heads
     bool done[kMaxKvHeads] = {};
@@ -344,7 +323,9 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
             return err;
         }
     }
-    DecReduceArgs r;
+    ReduceArgs r;
+    r.cu_q = nullptr; // decode: row b is sequence b
+    r.batch = p.batch;
     r.ws_o = a.ws_o;
     r.ws_ml = a.ws_ml;
     r.out = p.out;

@@ -209,16 +209,7 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     int const i = (wid >> 1) / H;
     int const h = (wid >> 1) % H;
     int rowBegin, qLen;
-    if (a.cu_q != nullptr)
-    {
-        rowBegin = a.cu_q[b];
-        qLen = a.cu_q[b + 1] - rowBegin;
-    }
-    else
-    {
-        rowBegin = b;
-        qLen = 1;
-    }
+    seqRows(a.cu_q, b, rowBegin, qLen);
     if (i >= qLen)
     {
         return;
