@@ -21,7 +21,10 @@
 //     lanes copy consecutive 16-byte pieces of the contiguous tile); the first copies are issued
 //     before the query prologue.
 // Sink positions (fp16 in sink_pool) go through an exact fp32 path in the split that holds them.
-// decodeReduceKernel combines the splits and applies R^-1, the value smoothing and mean.
+// At the end the four warps of a CTA merge their splits in shared memory, so the workspace holds one
+// partial per (sequence, query head, CTA). decodeReduceKernel, a programmatic dependent launch of
+// the split kernel on sm_90+ (its CTAs are scheduled while the last split CTAs finish and wait for
+// them), combines those partials and applies R^-1, the value smoothing and mean.
 #include "decode_kernel.cuh"
 #include "dispatch.cuh"
 #include "turboquant/kernels.h"
@@ -54,9 +57,9 @@ constexpr int kDecMinKeysPerSplit = 128;
 
 constexpr int kReduceParts = 4; // thread groups of D threads, each summing every 4th split
 
-// One CTA of 4*D threads per (sequence, query head): combines the splits, then R^-1, sv, mu_v.
-// Thread s reads split s's (max, sum); the maximum and the denominator are block reductions; group
-// `pi` of D threads sums the outputs of splits pi, pi+4, ...; then warp 0 applies the inverse
+// One CTA of 4*D threads per (sequence, query head): combines the CTA partials, then R^-1, sv, mu_v.
+// Thread s reads partial s's (max, sum); the maximum and the denominator are block reductions; group
+// `pi` of D threads sums the outputs of partials pi, pi+4, ...; then warp 0 applies the inverse
 // rotation with shuffles (lane = channels D/32*lane ..), so only three barriers are on the path.
 template <int D>
 __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArgs const a)
@@ -73,6 +76,10 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArg
     int const wid = tid >> 5;
     int const c = tid % D;
     int const pi = tid / D;
+#if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // launched as a programmatic dependent of the split kernel: wait until its partials are written
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     int64_t const base = (static_cast<int64_t>(b) * a.num_q_heads + hq) * a.num_splits;
     float2 const v = tid < a.num_splits ? reinterpret_cast<float2 const*>(a.ws_ml)[base + tid] : make_float2(-INFINITY, 0.F);
     float mx = v.x;
@@ -108,14 +115,24 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArg
         red[1][wid] = d;
     }
     __syncthreads();
+    // every partial is written (zeros where a CTA had no keys): four loads in flight per round
     float num = 0.F;
-#pragma unroll 4
-    for (int s = pi; s < a.num_splits; s += kReduceParts)
+    for (int s0 = pi; s0 < a.num_splits; s0 += 4 * kReduceParts)
     {
-        float const ww = w[s];
-        if (ww != 0.F)
+        float val[4];
+        float wt[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
         {
-            num += ww * a.ws_o[(base + s) * D + c];
+            int const s = s0 + k * kReduceParts;
+            bool const ok = s < a.num_splits;
+            val[k] = ok ? a.ws_o[(base + s) * D + c] : 0.F;
+            wt[k] = ok ? w[s] : 0.F;
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+        {
+            num += wt[k] * val[k];
         }
     }
     part[pi][c] = num;
@@ -155,6 +172,18 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArg
         float const outv = tableOr(a.v_smooth, hv, 1.F) * (x[e] * a.rsqrt_d * h2f(a.signs[ch])) + tableOr(a.v_mean, hv, 0.F);
         storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + ch, outv, a.bf16 != 0);
     }
+}
+
+// Compute capability major of the current device (programmatic dependent launch needs 9.0+).
+int computeMajor()
+{
+    int dev = 0;
+    int major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    {
+        return 0;
+    }
+    return major;
 }
 
 int hsubOf(int32_t num_q_heads, int32_t num_kv_heads)
@@ -247,7 +276,8 @@ size_t decodeWorkspaceBytes(
     int32_t splits = 1, len = 0;
     int64_t const pairs = static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
     planDecode(pairs, max_seq_len, resolveSms(num_sms), splits, len);
-    size_t const rows = static_cast<size_t>(std::max(batch, 1)) * num_q_heads * splits;
+    // one partial per (sequence, query head, CTA of four splits)
+    size_t const rows = static_cast<size_t>(std::max(batch, 1)) * num_q_heads * ((splits + kDecWarps - 1) / kDecWarps);
     return alignWs(rows * 2 * sizeof(float)) + alignWs(rows * head_dim * sizeof(float));
 }
 
@@ -290,7 +320,8 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     {
         return cudaErrorInvalidValue;
     }
-    size_t const rows = static_cast<size_t>(p.batch) * p.num_q_heads * a.num_splits;
+    int32_t const parts = (a.num_splits + kDecWarps - 1) / kDecWarps; // CTAs per (sequence, KV head, head subset)
+    size_t const rows = static_cast<size_t>(p.batch) * p.num_q_heads * parts;
     a.ws_ml = static_cast<float*>(p.workspace);
     a.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + alignWs(rows * 2 * sizeof(float)));
 
@@ -335,14 +366,21 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     r.signs = p.tables.signs;
     r.num_q_heads = p.num_q_heads;
     r.group = a.group;
-    r.num_splits = a.num_splits;
+    r.num_splits = parts;
     r.rsqrt_d = a.rsqrt_d;
     r.bf16 = a.bf16;
-    dim3 const grid(p.batch, p.num_q_heads);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(p.batch, p.num_q_heads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = TQ_DEC_PDL && computeMajor() >= 9 ? 1 : 0;
     return dispatchHeadDim(p.layer.head_dim, [&](auto d) {
         constexpr int D = decltype(d)::value;
-        decodeReduceKernel<D><<<grid, D * kReduceParts, 0, stream>>>(r);
-        return cudaGetLastError();
+        cfg.blockDim = dim3(D * kReduceParts);
+        return cudaLaunchKernelEx(&cfg, decodeReduceKernel<D>, r);
     });
 }
 

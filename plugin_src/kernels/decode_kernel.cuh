@@ -30,6 +30,9 @@ constexpr int kQMax = 16383;                 // |q| is a 14-bit integer: hi = q 
 constexpr float kPMax = 65535.F;             // p' is a 16-bit unsigned integer: hi, lo = its two bytes (u8)
 constexpr float kMaxSlack = 3.F;             // the running maximum moves only when a score exceeds it
                                              // by 3 (log2 units), so p <= 8
+#ifndef TQ_DEC_PDL
+#define TQ_DEC_PDL 1 // the reduce kernel is a programmatic dependent launch of the split kernel (sm_90+)
+#endif
 constexpr int kMaxSplitKeys = 32768;         // int32 accumulators of O cannot overflow within a split
 
 struct DecodeArgs
@@ -297,6 +300,11 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     int const hs = blockIdx.z % a.hsub;
     int const hq0 = head * a.group + hs * kDecHeadsPerCta;
     int const nh = min(kDecHeadsPerCta, a.group - hs * kDecHeadsPerCta); // query heads of this CTA
+#if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // the reduce kernel may be scheduled once every CTA of this grid has started (it waits for the
+    // whole grid before reading the partials)
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
     int const seqLen = a.seq_lens[b];
     int const T = L.tokens_per_block;
     int const tShift = __ffs(T) - 1; // T is a power of two
@@ -417,22 +425,8 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     int const g = lane >> 2;
     int const t = lane & 3;
 
-    auto wsIndex = [&](int r) -> int64_t {
-        return (static_cast<int64_t>(b) * a.num_q_heads + hq0 + r) * a.num_splits + split;
-    };
-    if (split >= a.num_splits)
-    {
-        return;
-    }
-    if (kb >= ke)
-    {
-        if (lane < nh)
-        {
-            a.ws_ml[2 * wsIndex(lane)] = kNegInf;
-            a.ws_ml[2 * wsIndex(lane) + 1] = 0.F;
-        }
-        return;
-    }
+    // A warp without keys (split beyond num_splits, or beyond this sequence's length) runs no tile
+    // (numTiles <= 0) and contributes (max -inf, sum 0, O 0) to the CTA's combine below.
 
     // B fragments of Q^T: column g = (head 4nt + g/2, part g%2: 0 = hi, 1 = lo); rows = channels
     uint32_t qB[KS][NT][2];
@@ -718,7 +712,13 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         }
     }
 
-    // ---- partial results of this split -------------------------------------------------------------
+    // ---- the CTA combines its four splits; one partial per (sequence, query head, CTA) --------------
+    // Each warp puts (max, sum, O) of its heads into its own (now idle) pipeline stages, then the 128
+    // threads merge the four warps: the reduce kernel reads a quarter of the partials.
+    cpAsyncWait<0>();
+    constexpr int kRow = D + 4; // floats per head row: lanes (g, t) of one store hit distinct banks
+    static_assert((4 * NT * kRow + 8 * NT) * 4 <= STAGES * Stage::bytes, "combine buffer must fit in a warp's stages");
+    float* cw = reinterpret_cast<float*>(stageBase);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
     {
@@ -728,21 +728,50 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         l += __shfl_xor_sync(0xffffffffu, l, 8);
         l += __shfl_xor_sync(0xffffffffu, l, 16);
         int const hh = 4 * nt + t;
-        if (hh < nh)
-        {
-            int64_t const wi = wsIndex(hh);
-            float* o = a.ws_o + wi * D;
+        float* o = cw + hh * kRow;
 #pragma unroll
-            for (int m = 0; m < MT; ++m)
-            {
-                o[16 * m + g] = oF[m][nt][0];
-                o[16 * m + 8 + g] = oF[m][nt][1];
-            }
-            if (g == 0)
-            {
-                a.ws_ml[2 * wi] = mRun[nt];
-                a.ws_ml[2 * wi + 1] = l;
-            }
+        for (int m = 0; m < MT; ++m)
+        {
+            o[16 * m + g] = oF[m][nt][0];
+            o[16 * m + 8 + g] = oF[m][nt][1];
+        }
+        if (g == 0)
+        {
+            cw[4 * NT * kRow + 2 * hh] = mRun[nt];
+            cw[4 * NT * kRow + 2 * hh + 1] = l;
+        }
+    }
+    __syncthreads();
+    int64_t const parts = gridDim.x;
+    for (int idx = threadIdx.x; idx < nh * D; idx += kDecThreads)
+    {
+        int const hh = idx / D;
+        int const c = idx - hh * D;
+        float mw[kDecWarps];
+        float mx = kNegInf;
+#pragma unroll
+        for (int w = 0; w < kDecWarps; ++w)
+        {
+            float const* cwW = reinterpret_cast<float const*>(smem + decodePrologueBytes<D>() + w * STAGES * Stage::bytes);
+            mw[w] = cwW[4 * NT * kRow + 2 * hh];
+            mx = fmaxf(mx, mw[w]);
+        }
+        float o = 0.F;
+        float l = 0.F;
+#pragma unroll
+        for (int w = 0; w < kDecWarps; ++w)
+        {
+            float const* cwW = reinterpret_cast<float const*>(smem + decodePrologueBytes<D>() + w * STAGES * Stage::bytes);
+            float const sc = mw[w] == kNegInf ? 0.F : exp2f(mw[w] - mx);
+            o += sc * cwW[hh * kRow + c];
+            l += sc * cwW[4 * NT * kRow + 2 * hh + 1];
+        }
+        int64_t const wi = (static_cast<int64_t>(b) * a.num_q_heads + hq0 + hh) * parts + blockIdx.x;
+        a.ws_o[wi * D + c] = o;
+        if (c == 0)
+        {
+            a.ws_ml[2 * wi] = mx;
+            a.ws_ml[2 * wi + 1] = l;
         }
     }
 }
