@@ -55,18 +55,22 @@ namespace
 constexpr int kDecCtasPerSm = kDecMinCtas; // __launch_bounds__ of the split kernel
 constexpr int kDecMinKeysPerSplit = 128;
 
-constexpr int kReduceParts = 4; // thread groups of D threads, each summing every 4th split
+constexpr int kReduceParts = 4; // thread groups of D threads, each summing every 4th CTA partial
 
 // One CTA of 4*D threads per (sequence, query head): combines the CTA partials, then R^-1, sv, mu_v.
-// Thread s reads partial s's (max, sum); the maximum and the denominator are block reductions; group
-// `pi` of D threads sums the outputs of partials pi, pi+4, ...; then warp 0 applies the inverse
-// rotation with shuffles (lane = channels D/32*lane ..), so only three barriers are on the path.
+// The value tables are read before waiting for the split kernel; then every thread issues all of its
+// loads at once: (max, sum) of partial `tid`, and max and output channel c of partials pi, pi+4, ...
+// (group `pi` of D threads). The maximum is a block reduction (one barrier); the weighted sums and
+// the denominator share the second barrier; warp 0 applies the inverse rotation with shuffles.
 template <int D>
 __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArgs const a)
 {
     constexpr int kThreads = D * kReduceParts;
     constexpr int kWarpsR = kThreads / 32;
-    __shared__ float w[kDecMaxSplits];
+    constexpr int kMaxParts = kDecMaxSplits / kDecWarps;
+    constexpr int kPer = kMaxParts / kReduceParts; // partials per thread
+    constexpr int PER = D / 32;
+    static_assert(kMaxParts <= kThreads, "one thread per partial for the (max, sum) pass");
     __shared__ float part[kReduceParts][D];
     __shared__ float red[2][kWarpsR];
     int const b = blockIdx.x;
@@ -76,12 +80,37 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArg
     int const wid = tid >> 5;
     int const c = tid % D;
     int const pi = tid / D;
+    int const n = a.num_splits;
+    int const head = hq / a.group;
+    float sv[PER], mu[PER], sg[PER];
+    if (wid == 0)
+    {
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            int const ch = PER * lane + e;
+            int64_t const hv = static_cast<int64_t>(head) * D + ch;
+            sv[e] = tableOr(a.v_smooth, hv, 1.F);
+            mu[e] = tableOr(a.v_mean, hv, 0.F);
+            sg[e] = h2f(a.signs[ch]);
+        }
+    }
 #if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // launched as a programmatic dependent of the split kernel: wait until its partials are written
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-    int64_t const base = (static_cast<int64_t>(b) * a.num_q_heads + hq) * a.num_splits;
-    float2 const v = tid < a.num_splits ? reinterpret_cast<float2 const*>(a.ws_ml)[base + tid] : make_float2(-INFINITY, 0.F);
+    int64_t const base = (static_cast<int64_t>(b) * a.num_q_heads + hq) * n;
+    float2 const v = tid < n ? reinterpret_cast<float2 const*>(a.ws_ml)[base + tid] : make_float2(-INFINITY, 0.F);
+    float mk[kPer];
+    float ok[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k)
+    {
+        int const s = pi + kReduceParts * k;
+        bool const in = s < n;
+        mk[k] = in ? a.ws_ml[2 * (base + s)] : -INFINITY;
+        ok[k] = in ? a.ws_o[(base + s) * D + c] : 0.F; // every partial is written (zeros without keys)
+    }
     float mx = v.x;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
@@ -99,12 +128,13 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArg
     {
         mx = fmaxf(mx, red[0][k]);
     }
-    float const ws = v.x == -INFINITY ? 0.F : exp2f(v.x - mx);
-    if (tid < kDecMaxSplits)
+    float num = 0.F;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k)
     {
-        w[tid] = ws;
+        num += (mk[k] == -INFINITY ? 0.F : exp2f(mk[k] - mx)) * ok[k];
     }
-    float d = ws * v.y;
+    float d = v.x == -INFINITY ? 0.F : exp2f(v.x - mx) * v.y;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
     {
@@ -113,27 +143,6 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArg
     if (lane == 0)
     {
         red[1][wid] = d;
-    }
-    __syncthreads();
-    // every partial is written (zeros where a CTA had no keys): four loads in flight per round
-    float num = 0.F;
-    for (int s0 = pi; s0 < a.num_splits; s0 += 4 * kReduceParts)
-    {
-        float val[4];
-        float wt[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-        {
-            int const s = s0 + k * kReduceParts;
-            bool const ok = s < a.num_splits;
-            val[k] = ok ? a.ws_o[(base + s) * D + c] : 0.F;
-            wt[k] = ok ? w[s] : 0.F;
-        }
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-        {
-            num += wt[k] * val[k];
-        }
     }
     part[pi][c] = num;
     __syncthreads();
@@ -147,7 +156,6 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArg
     {
         den += red[1][k];
     }
-    constexpr int PER = D / 32;
     float const inv = den > 0.F ? 1.F / den : 0.F;
     float x[PER];
 #pragma unroll
@@ -163,13 +171,11 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArg
         x[e] = acc * inv;
     }
     warpWht<PER>(x, lane);
-    int const head = hq / a.group;
 #pragma unroll
     for (int e = 0; e < PER; ++e)
     {
         int const ch = PER * lane + e;
-        int64_t const hv = static_cast<int64_t>(head) * D + ch;
-        float const outv = tableOr(a.v_smooth, hv, 1.F) * (x[e] * a.rsqrt_d * h2f(a.signs[ch])) + tableOr(a.v_mean, hv, 0.F);
+        float const outv = sv[e] * (x[e] * a.rsqrt_d * sg[e]) + mu[e];
         storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + ch, outv, a.bf16 != 0);
     }
 }

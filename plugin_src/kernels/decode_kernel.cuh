@@ -26,6 +26,10 @@ constexpr int kDecMinCtas = TQ_DEC_MIN_CTAS;  // resident CTAs per SM the regist
 #define TQ_DEC_STAGE_BUDGET 14336
 #endif
 constexpr int kDecStageBudget = TQ_DEC_STAGE_BUDGET; // shared-memory bytes of one warp's pipeline
+#ifndef TQ_DEC_MAX_STAGES
+#define TQ_DEC_MAX_STAGES 4
+#endif
+constexpr int kDecMaxStages = TQ_DEC_MAX_STAGES;
 constexpr int kQMax = 16383;                 // |q| is a 14-bit integer: hi = q >> 7 (s8), lo = q & 127
 constexpr float kPMax = 65535.F;             // p' is a 16-bit unsigned integer: hi, lo = its two bytes (u8)
 constexpr float kMaxSlack = 3.F;             // the running maximum moves only when a score exceeds it
@@ -224,8 +228,10 @@ struct DecStage
     static constexpr int kTile = 32 * D * KB / 8;
     static constexpr int vTile = 32 * D * VB / 8;
     static constexpr int bytes = kTile + vTile + 128;
-    // as many stages (2..4) as fit in ~14 KB per warp
-    static constexpr int stages = bytes * 4 <= kDecStageBudget ? 4 : bytes * 3 <= kDecStageBudget ? 3 : 2;
+    // as many stages (2..kDecMaxStages) as fit in the per-warp budget
+    static constexpr int stages = bytes * kDecMaxStages <= kDecStageBudget ? kDecMaxStages
+        : bytes * 2 > kDecStageBudget                                      ? 2
+                                                                           : kDecStageBudget / bytes;
 };
 
 // Loads N 32-bit words of shared memory from a 16-byte (N % 4 == 0) or 8-byte aligned address.
