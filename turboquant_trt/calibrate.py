@@ -14,7 +14,9 @@
    :func:`with_window` re-estimates for another window on the same capture.
 4. Allocation: bit widths per layer/head/K/V minimizing the summed estimate under the average
    budget (every metadata byte counted, the window's fp16 ring included), by a Lagrangian sweep
-   and a greedy fill.
+   and a greedy fill (:func:`build_table`, one window for every layer), or, with the sensitivity
+   estimated for several windows, each layer's window chosen together with the bit widths
+   (:func:`build_table_per_layer_window`: an exact knapsack over the stored bytes).
 
 SmolLM2-135M calibrates in 70-125 s on 2 CPU cores with 4 windows of 1024 tokens (forward and
 backward about half of it, the sensitivity sweep the other half); sampling the calibration text
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .format import SUPPORTED_BITS, LayerFormat, ModelFormat
+from .format import DEFAULT_REF_TOKENS, SUPPORTED_BITS, LayerFormat, ModelFormat
 from .model_loading import ModelIdentity
 from .scale_table import ScaleTable
 
@@ -53,6 +55,7 @@ class CalibrationResult:
     seconds: float
     recent: int = 0          # the recent-token window the costs were estimated with
     queries: int = 256
+    sinks: int = 1           # the sink tokens the costs were estimated with
 
 
 def generate_text(model, tokenizer, n: int, length: int, seed: int = 0, progress=None) -> torch.Tensor:
@@ -156,7 +159,8 @@ def run_calibration(model, windows: torch.Tensor, *, sinks: int = 1, recent: int
     with pf(len(samples), f"sensitivity per layer/head/bits (window {recent})") as bar:
         cost, clip = sensitivity(samples, base, sinks=sinks, recent=recent, queries=queries,
                                  progress=bar.update)
-    return CalibrationResult(samples, base, cost, clip, nll, time.time() - t0, recent, queries)
+    return CalibrationResult(samples, base, cost, clip, nll, time.time() - t0, recent, queries,
+                             sinks)
 
 
 def with_window(res: CalibrationResult, recent: int, *, sinks: int = 1,
@@ -171,7 +175,7 @@ def with_window(res: CalibrationResult, recent: int, *, sinks: int = 1,
         cost, clip = sensitivity(res.samples, res.base_tables, sinks=sinks, recent=recent,
                                  queries=res.queries, progress=bar.update)
     return CalibrationResult(res.samples, res.base_tables, cost, clip, res.nll,
-                             time.time() - t0, recent, res.queries)
+                             time.time() - t0, recent, res.queries, sinks)
 
 
 class _NullBar:
@@ -267,4 +271,158 @@ def build_table(res: CalibrationResult, identity: ModelIdentity, budget: float, 
                  "sink_tokens": sinks, "recent_tokens": recent,
                  "method": "post-RoPE means, key smoothing sqrt(rms_k/rms_q), per-head clip and "
                            "bits by Fisher-weighted attention-output error"})
+    return ScaleTable(identity, ModelFormat(tuple(layers)), tables, info)
+
+
+def layer_bytes(head_dim: int, k_bits, v_bits, sinks: int, recent: int,
+                ref_tokens: int = DEFAULT_REF_TOKENS) -> int:
+    """Bytes one layer stores for one sequence of `ref_tokens` tokens, every byte of
+    docs/format.md §6 counted (codes, scales, sink copies, the window ring, the tables)."""
+    lf = LayerFormat(head_dim, tuple(k_bits), tuple(v_bits), sink_tokens=sinks,
+                     recent_tokens=recent)
+    x = lf.bytes_per_token(ref_tokens, tables=True) * ref_tokens
+    n = int(round(x))
+    if abs(x - n) > 1e-6 * max(1.0, x):
+        raise CalibrationError(f"ref_tokens={ref_tokens} does not give whole bytes per layer")
+    return n
+
+
+@dataclass
+class PerLayerAllocation:
+    choice: list            # per layer: the index into `results` (its window and sinks)
+    bits: dict              # (layer, head, "k"|"v") -> bits
+    estimate: float         # summed estimated nats per token
+    total_bytes: int        # stored bytes of all layers for one ref_tokens sequence
+    budget_bytes: int       # the most the budget allows
+
+
+def allocate_per_layer(results: list, num_layers: int, kv_heads: int, head_dim: int,
+                       budget: float, ref_tokens: int = DEFAULT_REF_TOKENS,
+                       bits=SUPPORTED_BITS) -> PerLayerAllocation:
+    """Choose per layer one of `results` (sensitivities estimated with a recent-token window and
+    a number of sinks) and per layer/KV head/K/V a bit width, minimizing the summed estimate
+    such that the model's bits/element (docs/format.md §6: every byte, the ring and sinks of
+    each layer's own choice included) is at most `budget`.
+
+    The estimate of a head is measured with the other heads exact, so the costs of layers add
+    whatever windows the other layers use. The minimum is exact: the stored bytes of every
+    choice are whole multiples of their greatest common divisor, so a knapsack over those units
+    (per layer: the best bit widths for each byte count, then across layers) finds it.
+    """
+    if not results:
+        raise CalibrationError("no sensitivity estimate to allocate from")
+    bits = tuple(sorted(bits))
+    L, H, d = num_layers, kv_heads, head_dim
+    lo = (bits[0],) * H
+    fixed = [layer_bytes(d, lo, lo, r.sinks, r.recent, ref_tokens) for r in results]
+    ref0 = layer_bytes(d, lo, lo, 0, 0, ref_tokens)
+    inc = {b: layer_bytes(d, (b,) + lo[1:], lo, 0, 0, ref_tokens) - ref0 for b in bits}
+    if any(layer_bytes(d, lo, (b,) + lo[1:], 0, 0, ref_tokens) - ref0 != inc[b] for b in bits):
+        raise CalibrationError("K and V codes of one bit width differ in size")
+    fmin = min(fixed)
+    g = 0
+    for x in [f - fmin for f in fixed] + list(inc.values()):
+        g = math.gcd(g, x)
+    g = g or 1
+    # the budget in bytes; the small slack absorbs the decimal budget's binary rounding only
+    budget_bytes = math.floor(budget * ref_tokens * L * H * 2 * d / 8 + 1e-6)
+    cap = budget_bytes - L * fmin
+    if cap < 0:
+        need = 8 * L * fmin / (ref_tokens * L * H * 2 * d)
+        raise CalibrationError(f"--bits {budget} is below the smallest format: {bits[0]}-bit "
+                               f"codes with the smallest window and sinks need {need:.3f} "
+                               f"bits/element")
+    C = cap // g
+    items = [(h, w) for h in range(H) for w in ("k", "v")]
+    options = []  # per layer: Pareto list of (units, cost, result index, bits per item)
+    for li in range(L):
+        opts = []
+        for ri, r in enumerate(results):
+            base_u = (fixed[ri] - fmin) // g
+            if base_u > C:
+                continue
+            best = {0: (0.0, ())}
+            for h, w in items:
+                nxt = {}
+                for u, (c, ch) in best.items():
+                    for b in bits:
+                        u2 = u + inc[b] // g
+                        if base_u + u2 > C:
+                            continue
+                        c2 = c + r.cost[(li, h, w, b)]
+                        if u2 not in nxt or c2 < nxt[u2][0]:
+                            nxt[u2] = (c2, ch + (b,))
+                best = nxt
+            opts += [(base_u + u, c, ri, ch) for u, (c, ch) in best.items()]
+        opts.sort(key=lambda o: (o[0], o[1], o[2]))
+        pareto = []
+        for o in opts:
+            if not pareto or o[1] < pareto[-1][1]:
+                pareto.append(o)
+        options.append(pareto)
+    dp = np.zeros(C + 1)
+    arg = np.full((L, C + 1), -1, np.int32)
+    for li, opts in enumerate(options):
+        new = np.full(C + 1, np.inf)
+        for oi, (u, c, _, _) in enumerate(opts):
+            cand = np.full(C + 1, np.inf)
+            cand[u:] = dp[:C + 1 - u] + c
+            better = cand < new
+            new[better] = cand[better]
+            arg[li, better] = oi
+        dp = new
+    if not np.isfinite(dp[C]):
+        raise CalibrationError(f"--bits {budget} is below the smallest format of the given "
+                               f"windows")
+    cap_left = C
+    choice, alloc, est, total = [0] * L, {}, 0.0, 0
+    for li in reversed(range(L)):
+        u, c, ri, ch = options[li][arg[li, cap_left]]
+        cap_left -= u
+        choice[li] = ri
+        est += c
+        for (h, w), b in zip(items, ch):
+            alloc[(li, h, w)] = b
+        kb = tuple(alloc[(li, h, "k")] for h in range(H))
+        vb = tuple(alloc[(li, h, "v")] for h in range(H))
+        total += layer_bytes(d, kb, vb, results[ri].sinks, results[ri].recent, ref_tokens)
+    if total > budget_bytes:  # cannot happen: every option's units are exact
+        raise AssertionError(f"allocation uses {total} bytes, budget {budget_bytes}")
+    return PerLayerAllocation(choice, alloc, est, total, budget_bytes)
+
+
+def build_table_per_layer_window(results: list, identity: ModelIdentity, budget: float, *,
+                                 calibration_info: dict) -> ScaleTable:
+    """The scale table for one budget with each layer's recent-token window (and sinks) chosen
+    from `results` (the same capture, sensitivity estimated per window, e.g. by
+    :func:`with_window`) together with the bit widths: :func:`allocate_per_layer`."""
+    L = len(results[0].samples)
+    H = results[0].samples[0].kv_heads
+    d = results[0].samples[0].k.shape[-1]
+    if any(len(r.samples) != L for r in results):
+        raise CalibrationError("the sensitivity estimates come from different models")
+    a = allocate_per_layer(results, L, H, d, budget)
+    layers, tables = [], []
+    for li in range(L):
+        r = results[a.choice[li]]
+        kb = tuple(a.bits[(li, h, "k")] for h in range(H))
+        vb = tuple(a.bits[(li, h, "v")] for h in range(H))
+        layers.append(LayerFormat(d, kb, vb, sink_tokens=r.sinks, recent_tokens=r.recent))
+        t = copy.deepcopy(r.base_tables[li])
+        t.k_clip = np.array([r.clip[(li, h, "k", kb[h])] for h in range(H)], np.float32)
+        t.v_clip = np.array([r.clip[(li, h, "v", vb[h])] for h in range(H)], np.float32)
+        tables.append(t)
+    windows = [lf.recent_tokens for lf in layers]
+    info = dict(calibration_info)
+    info.update({"budget_bits": budget, "estimated_delta_nll": round(a.estimate, 6),
+                 "estimated_delta_ppl_pct": round((math.exp(a.estimate) - 1) * 100, 3),
+                 "sink_tokens": (layers[0].sink_tokens
+                                 if len({lf.sink_tokens for lf in layers}) == 1
+                                 else [lf.sink_tokens for lf in layers]),
+                 "recent_tokens": windows,
+                 "window_choice": "per layer, jointly with the bits, from "
+                                  f"{sorted({r.recent for r in results})}",
+                 "method": "post-RoPE means, key smoothing sqrt(rms_k/rms_q), per-head clip, "
+                           "bits and per-layer recent window by Fisher-weighted attention-output "
+                           "error (exact knapsack over stored bytes)"})
     return ScaleTable(identity, ModelFormat(tuple(layers)), tables, info)

@@ -118,7 +118,16 @@ def _git_commit() -> str:
               help="Recent-token window w (0-64, docs/format.md §5.2): each sequence's last w "
                    "tokens are also kept in fp16 and read instead of their codes; counted in the "
                    "bits. A comma list (e.g. 0,8,16) writes tables for each window from one "
-                   "capture (NAME-w<w>...). Not run by the CUDA kernels yet.")
+                   "capture (NAME-w<w>...), or is the choice per layer with --window-choice "
+                   "per-layer. Not run by the CUDA kernels yet.")
+@click.option("--window-choice", type=click.Choice(["fixed", "per-layer", "both"]),
+              default="fixed", show_default=True,
+              help="fixed: one table per --recent value, every layer with that window "
+                   "(NAME-w<w>... when several). per-layer: one table per budget in which each "
+                   "layer keeps one of the --recent windows, chosen together with the bit widths "
+                   "to minimize the summed estimate under --bits (each layer's ring counted). "
+                   "both: the fixed tables and the per-layer ones (NAME-wlayer...) from one "
+                   "capture.")
 @click.option("--queries", type=click.IntRange(16, 4096), default=256, show_default=True,
               help="Query positions sampled per window for the sensitivity estimate.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
@@ -127,7 +136,7 @@ def _git_commit() -> str:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated text.")
 def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sinks, recent_text,
-                  queries, out, device, seed):
+                  window_choice, queries, out, device, seed):
     """Calibrate scale tables (means, smoothing, clipping, bits per layer/KV head).
 
     \b
@@ -136,14 +145,26 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
     quantization would cause, and allocates bits under the average budget.
 
     \b
+    Recent-token windows (--recent): each window costs 16*w/1024 bits/element in the layers
+    that keep it. With several --recent values the sensitivity is estimated once per window
+    on the same capture; --window-choice per-layer then picks every layer's window and bits
+    jointly (an exact minimum of the summed estimate under the budget, every byte counted).
+
+    \b
     Examples:
       turboquant calibrate --out tables/smollm2-b3.2              # model-generated text
       turboquant calibrate --data wiki.txt --skip-tokens 20480 --bits 6,5,4,3.2,2.8,2.5,2.3 \\
           --out tables/smollm2
+      turboquant calibrate --data wiki.txt --skip-tokens 20480 --bits 3.2,2.5 \\
+          --recent 0,8,16,32 --window-choice per-layer --out tables/smollm2-wl
+          # writes tables/smollm2-wl-b3.20.* and -b2.50.*: per layer a window of 0-32 tokens
+      (--window-choice both adds NAME-w<w>-b<bits> per window; the per-layer tables are then
+      NAME-wlayer-b<bits>)
     """
     from .calibrate import (
         CalibrationError,
         build_table,
+        build_table_per_layer_window,
         generate_text,
         overhead_bits,
         run_calibration,
@@ -154,12 +175,19 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
 
     budgets = _budgets(bits_text)
     recents = _windows_list(recent_text)
-    jobs = []  # (window, budget, output name)
-    for r in recents:
-        base = _strip(out) + (f"-w{r}" if len(recents) > 1 else "")
+    jobs = []  # (window or PER_LAYER, budget, output name)
+    if window_choice in ("fixed", "both"):
+        for r in recents:
+            base = _strip(out) + (f"-w{r}" if len(recents) > 1 else "")
+            for b in budgets:
+                name = base + (f"-b{b:.2f}" if len(budgets) > 1 else "")
+                jobs.append((r, b, name if len(budgets) > 1 or len(recents) > 1 else out))
+    if window_choice in ("per-layer", "both"):
+        base = _strip(out) + ("-wlayer" if window_choice == "both" else "")
         for b in budgets:
             name = base + (f"-b{b:.2f}" if len(budgets) > 1 else "")
-            jobs.append((r, b, name if len(budgets) > 1 or len(recents) > 1 else out))
+            jobs.append((PER_LAYER, b, name if len(budgets) > 1 or window_choice == "both"
+                         else out))
     for _, _, n in jobs:
         for p in table_paths(n):
             _check_writable(p, "--out")
@@ -171,10 +199,11 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
     ident = lm.identity
     keep = []
     for r, b, n in jobs:
-        need = 2 + overhead_bits(ident.num_layers, ident.num_kv_heads, ident.head_dim, sinks, r)
+        rw = min(recents) if r == PER_LAYER else r
+        need = 2 + overhead_bits(ident.num_layers, ident.num_kv_heads, ident.head_dim, sinks, rw)
         if b < need - 1e-9:
-            msg = (f"--bits {b} is below the smallest format with a {r}-token window: 2-bit codes "
-                   f"plus fp16 scales, {sinks} sink token(s), the window and tables need "
+            msg = (f"--bits {b} is below the smallest format with a {rw}-token window: 2-bit "
+                   f"codes plus fp16 scales, {sinks} sink token(s), the window and tables need "
                    f"{need:.3f} bits/element")
             if len(jobs) == 1:
                 _fail(msg)
@@ -207,26 +236,43 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
     rows = []
     seconds = res0.seconds
     by_window = {recents[0]: res0}
-    for r, b, name in jobs:
+    need = recents if any(r == PER_LAYER for r, _, _ in jobs) else []
+    for r in need + [r for r, _, _ in jobs if r != PER_LAYER]:
         if r not in by_window:
             by_window[r] = with_window(res0, r, sinks=sinks, progress_factory=_bar)
             seconds += by_window[r].seconds
-        res = by_window[r]
+    for r, b, name in jobs:
         try:
-            table = build_table(res, lm.identity, b, sinks=sinks, recent=r,
-                                calibration_info=info)
+            if r == PER_LAYER:
+                table = build_table_per_layer_window([by_window[x] for x in recents],
+                                                     lm.identity, b, calibration_info=info)
+            else:
+                table = build_table(by_window[r], lm.identity, b, sinks=sinks, recent=r,
+                                    calibration_info=info)
             st, js = table.save(name)
         except (CalibrationError, ScaleTableError) as e:
             _fail(str(e))
         k = [x for lf in table.format.layers for x in lf.k_bits]
         v = [x for lf in table.format.layers for x in lf.v_bits]
-        rows.append({"table": js, "window": r, "budget": b, "bits_per_element": round(table.bits_per_element(), 4),
+        rows.append({"table": js, "window": _window_text(table.format),
+                     "budget": b, "bits_per_element": round(table.bits_per_element(), 4),
                      "compression": round(table.compression(), 3),
                      "mean_k_bits": round(sum(k) / len(k), 3), "mean_v_bits": round(sum(v) / len(v), 3),
                      "est_delta_ppl_%": table.calibration["estimated_delta_ppl_pct"]})
     print_table(rows, ["table", "window", "budget", "bits_per_element", "compression", "mean_k_bits",
                        "mean_v_bits", "est_delta_ppl_%"],
                 title=f"scale tables for {lm.identity.name} (calibrated in {seconds:.0f} s)")
+
+
+PER_LAYER = -1  # a job whose windows are chosen per layer
+
+
+def _window_text(fmt) -> str:
+    """The recent-token window(s) of a model format, for tables and descriptions."""
+    ws = [lf.recent_tokens for lf in fmt.layers]
+    if len(set(ws)) == 1:
+        return str(ws[0])
+    return f"per layer {min(ws)}-{max(ws)} (mean {sum(ws) / len(ws):.1f})"
 
 
 def _windows_list(text: str) -> list[int]:
@@ -348,7 +394,8 @@ def eval_cmd(model_spec, data, tokens, ctx, tables, presets, baselines, backend,
         label = os.path.basename(_strip(path))
         desc = f"scale table, {st.calibration.get('data', {}).get('source', '?')} calibration"
         if st.recent_tokens:
-            desc += f", recent window {st.recent_tokens}"
+            wt = _window_text(st.format)
+            desc += (f", recent window {wt}" if wt.isdigit() else f", recent windows {wt}")
         entries.append(EvalEntry(label, "table", st.bits_per_element(),
                                  lambda st=st: TurboQuantCache(st, backend=backend),
                                  recent_tokens=st.recent_tokens, description=desc))
@@ -404,7 +451,9 @@ def _plot(rows: list[dict], setup: dict, path: str) -> None:
             groups: dict = {}
             for r in pts:
                 src = r["description"].split(",")[1].strip() if "," in r["description"] else ""
-                key = (f"v{FORMAT_VERSION}, recent window {r['recent_tokens']}, "
+                per_layer = "recent windows per layer" in r["description"]
+                key = (f"v{FORMAT_VERSION}, recent windows per layer, " if per_layer else
+                       f"v{FORMAT_VERSION}, recent window {r['recent_tokens']}, "
                        if r["recent_tokens"] else f"v{FORMAT_VERSION}, no window, ") + src
                 groups.setdefault(key, []).append(r)
             palette = ["tab:blue", "tab:green", "tab:purple", "tab:cyan", "tab:olive", "tab:brown",
