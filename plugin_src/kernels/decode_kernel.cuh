@@ -103,8 +103,12 @@ __host__ __device__ constexpr uint32_t lutWord(int w)
 
 // One unit (32 codes, 4*B bytes as B little-endian words) -> 8 registers of 4 int8 codebook values:
 // register k = 2j + hh holds positions (j, n = 4hh .. 4hh+3) (docs/format.md, tile layout).
+// lut = {lutWord<B>(0), lutWord<B>(2)} held in registers by the caller (read once from shared
+// memory): PRMT takes one table word as an immediate and the other from a register, and a constant
+// in that register would be re-materialized by the compiler before every PRMT (one extra
+// instruction per four codes).
 template <int B>
-__device__ __forceinline__ void expandUnit(uint32_t const* w, uint32_t (&r)[8])
+__device__ __forceinline__ void expandUnit(uint32_t const* w, uint32_t (&r)[8], uint32_t const (&lut)[2])
 {
     if constexpr (B == 8)
     {
@@ -139,14 +143,14 @@ __device__ __forceinline__ void expandUnit(uint32_t const* w, uint32_t (&r)[8])
                 sel[j] = w[j];
             }
         }
-        constexpr uint32_t t0 = lutWord<B>(0);
+        uint32_t const t0 = lut[0];
         constexpr uint32_t t1 = lutWord<B>(1);
 #pragma unroll
         for (int j = 0; j < 4; ++j)
         {
             if constexpr (B == 4)
             {
-                constexpr uint32_t t2 = lutWord<B>(2);
+                uint32_t const t2 = lut[1];
                 constexpr uint32_t t3 = lutWord<B>(3);
                 uint32_t const s7 = sel[j] & 0x77777777u;
                 // byte mask 0xFF where the code's bit 3 is set: PRMT sign-replicates byte 4 (0x80)
@@ -297,7 +301,8 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     int8_t* qh = reinterpret_cast<int8_t*>(qf + kDecHeadsPerCta * D);             // [8][D] hi bytes
     int8_t* ql = qh + kDecHeadsPerCta * D;                                         // [8][D] lo bytes
     float* qmulS = reinterpret_cast<float*>(ql + kDecHeadsPerCta * D);            // [8]
-    // [8] unused floats after qmulS keep the P buffers where decodePrologueBytes() puts them
+    // [8] words after qmulS: [0..3] the PRMT table words of K and V (expandUnit), then unused
+    uint32_t* lutS = reinterpret_cast<uint32_t*>(qmulS + kDecHeadsPerCta);
     uint16_t* pbufAll = reinterpret_cast<uint16_t*>(qmulS + 2 * kDecHeadsPerCta);  // [warps][2][8][32]
 
     KvLayerDesc const& L = a.layer;
@@ -426,7 +431,16 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             }
         }
     }
+    if (threadIdx.x == 0)
+    {
+        lutS[0] = KB == 8 ? 0u : lutWord<KB == 8 ? 2 : KB>(0); // 8-bit codes need no table
+        lutS[1] = KB == 8 ? 0u : lutWord<KB == 8 ? 2 : KB>(2);
+        lutS[2] = VB == 8 ? 0u : lutWord<VB == 8 ? 2 : VB>(0);
+        lutS[3] = VB == 8 ? 0u : lutWord<VB == 8 ? 2 : VB>(2);
+    }
     __syncthreads();
+    uint32_t const lutK[2] = {lutS[0], lutS[1]};
+    uint32_t const lutV[2] = {lutS[2], lutS[3]};
 
     int const g = lane >> 2;
     int const t = lane & 3;
@@ -608,7 +622,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             for (int u = 0; u < KS / 2; ++u)
             {
                 uint32_t r8[8];
-                expandUnit<KB>(kwc + (mt * KS / 2 + u) * KB, r8);
+                expandUnit<KB>(kwc + (mt * KS / 2 + u) * KB, r8, lutK);
 #pragma unroll
                 for (int k = 0; k < 8; ++k)
                 {
@@ -704,7 +718,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         for (int u = 0; u < UNITS; ++u)
         {
             uint32_t r8[8];
-            expandUnit<VB>(vwc + u * VB, r8);
+            expandUnit<VB>(vwc + u * VB, r8, lutV);
 #pragma unroll
             for (int half = 0; half < 2; ++half)
             {
