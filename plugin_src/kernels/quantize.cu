@@ -2,13 +2,20 @@
 // and the inverse (pool -> fp16, transformed domain) for tests and debugging.
 //
 // One warp per (new token, KV head, K or V); each lane holds D/32 consecutive channels. Codes go
-// into the block's 32-slot tiles (format version 2) with per-word atomics, so the tokens of one
-// tile can be written by concurrent warps; sink positions go to sink_pool and to the block. All arithmetic
-// is fp32 in the order docs/format.md fixes (IEEE add/mul/div/sqrt, no fused multiply-add, the
-// Hadamard butterflies in the reference order, sums in numpy's pairwise order), so the bytes equal
-// turboquant_trt.reference's bytes.
+// into the block's 32-slot tiles (format version 2) as whole 32-bit words built in closed form
+// (quantize_tile.cuh): words the slot owns alone are stored, shared words get per-word atomics, so
+// the tokens of one tile can be written by concurrent warps; sink positions go to sink_pool and to
+// the block. All arithmetic is fp32 in the order docs/format.md fixes (IEEE add/mul/div/sqrt, no
+// fused multiply-add, the Hadamard butterflies in the reference order, sums in numpy's pairwise
+// order), so the bytes equal turboquant_trt.reference's bytes.
+//
+// The kernel is one short dependent chain per warp (a decode step launches ~100 warps), so it is
+// written for latency: every load that does not need the token's position is issued first, the
+// codebook is constant-bank operands (a select tree, and a closed form for 8 bits) instead of
+// indexed loads, and a small launch puts one warp in each CTA.
 #include "common.cuh"
 #include "dispatch.cuh"
+#include "quantize_tile.cuh"
 #include "turboquant/codebooks.h"
 #include "turboquant/kernels.h"
 
@@ -20,7 +27,10 @@ namespace turboquant
 namespace detail
 {
 
+// Most warps of one CTA. A launch of few warps (a decode step) puts one warp in each CTA, so that
+// the warps spread over the multiprocessors instead of sharing one's shuffle and shared-memory pipe.
 constexpr int kQuantWarps = 4;
+constexpr int kQuantSpreadWarps = 1024; // up to this many warps: one warp per CTA
 
 struct QuantArgs
 {
@@ -36,6 +46,7 @@ struct QuantArgs
     float sqrt_d;
     float rsqrt_d;
     int32_t bf16;
+    int32_t tpb_shift; // log2(tokens_per_block)
 };
 
 __device__ __forceinline__ float codebookAt(int bits, int i)
@@ -49,144 +60,306 @@ __device__ __forceinline__ float codebookAt(int bits, int i)
     }
 }
 
-__device__ __forceinline__ float boundaryAt(int bits, int j)
+// Codebook value / boundary at an index known at compile time (unrolled loops): constant-bank
+// operands, no indexed constant loads.
+template <int B>
+__device__ __forceinline__ float codebookConst(int m)
 {
-    switch (bits)
+    if constexpr (B == 2)
     {
-    case 2: return kDevBoundaries2[j];
-    case 3: return kDevBoundaries3[j];
-    case 4: return kDevBoundaries4[j];
-    default: return kDevBoundaries8[j];
+        return kDevCodebook2[m];
+    }
+    else if constexpr (B == 3)
+    {
+        return kDevCodebook3[m];
+    }
+    else
+    {
+        return kDevCodebook4[m];
     }
 }
 
-// numpy's pairwise fp32 sum of v[0..D) (D = 64, 128 or 256), bit-exact, using 8 lanes of the warp:
-// lane j < 8 accumulates v[j], v[j+8], ... of each 128-element half in order, then the fixed tree.
-template <int D>
-__device__ __forceinline__ float warpNumpySum(float const* v, int lane)
+template <int B>
+__device__ __forceinline__ float boundaryConst(int j)
 {
-    constexpr int kHalf = D <= 128 ? D : 128;
+    if constexpr (B == 2)
+    {
+        return kDevBoundaries2[j];
+    }
+    else if constexpr (B == 3)
+    {
+        return kDevBoundaries3[j];
+    }
+    else
+    {
+        return kDevBoundaries4[j];
+    }
+}
+
+// c[code] for code in [Lo, Lo + N): a select tree over the code's bits (no indexed loads).
+template <int B, int Lo, int N>
+__device__ __forceinline__ float codebookSelect(int code)
+{
+    if constexpr (N == 1)
+    {
+        return codebookConst<B>(Lo);
+    }
+    else
+    {
+        float const lo = codebookSelect<B, Lo, N / 2>(code);
+        float const hi = codebookSelect<B, Lo + N / 2, N / 2>(code);
+        return (code & (N / 2)) != 0 ? hi : lo;
+    }
+}
+
+// code = #{ j : u > beta[j] } (docs/format.md §3.1; a NaN gets code 0) and fp32 c[code].
+template <int B>
+__device__ __forceinline__ int turboCode(float u, float& c)
+{
+    if constexpr (B == 8)
+    {
+        // c[m] = (m - 128) / 32 and beta[j] = (2j - 255) / 64 exactly, so with v = 64u (exact):
+        // u > beta[j] <=> v > 2j - 255. The candidate ceil((v + 255) / 2) can be one off where
+        // v + 255 rounds; one exact comparison on each side fixes it.
+        float const v = __fmul_rn(u, 64.F);
+        float const cand = ceilf(__fmul_rn(__fadd_rn(v, 255.F), 0.5F));
+        int code = static_cast<int>(fminf(fmaxf(cand, 0.F), 255.F));
+        if (code > 0 && !(v > static_cast<float>(2 * code - 257)))
+        {
+            --code;
+        }
+        else if (code < 255 && v > static_cast<float>(2 * code - 255))
+        {
+            ++code;
+        }
+        c = __fmul_rn(static_cast<float>(code - 128), 0.03125F);
+        return code;
+    }
+    else
+    {
+        constexpr int kLevels = 1 << B;
+        int code = 0;
+#pragma unroll
+        for (int j = 0; j < kLevels - 1; ++j)
+        {
+            code += u > boundaryConst<B>(j) ? 1 : 0;
+        }
+        c = codebookSelect<B, 0, kLevels>(code);
+        return code;
+    }
+}
+
+// The fp32 sum of v[0..D) in the order of docs/format.md §3.1, in every lane: lane j % 8 runs
+// r[j] = v[j] + v[j+8] + ... of each 128-element chunk left to right, then the fixed tree
+// ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)) by xor shuffles (a + b == b + a exactly).
+template <int D>
+__device__ __forceinline__ float orderedSum(float const* v, int lane)
+{
+    constexpr int kChunk = D < 128 ? D : 128;
+    int const j = lane & 7;
     float total = 0.F;
 #pragma unroll
-    for (int h = 0; h < D / kHalf; ++h)
+    for (int hc = 0; hc < D / kChunk; ++hc)
     {
-        float r = 0.F;
-        if (lane < 8)
-        {
-            r = v[h * kHalf + lane];
+        float r = v[hc * kChunk + j];
 #pragma unroll
-            for (int i = 8; i < kHalf; i += 8)
-            {
-                r = __fadd_rn(r, v[h * kHalf + i + lane]);
-            }
+        for (int q = 1; q < kChunk / 8; ++q)
+        {
+            r = __fadd_rn(r, v[hc * kChunk + 8 * q + j]);
         }
-        // ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
         r = __fadd_rn(r, __shfl_xor_sync(0xffffffffu, r, 1));
         r = __fadd_rn(r, __shfl_xor_sync(0xffffffffu, r, 2));
         r = __fadd_rn(r, __shfl_xor_sync(0xffffffffu, r, 4));
-        r = __shfl_sync(0xffffffffu, r, 0);
-        total = h == 0 ? r : __fadd_rn(total, r);
+        total = hc == 0 ? r : __fadd_rn(total, r);
     }
     return total;
 }
 
-// Writes the codes[D] of slot tau into a tile (docs/format.md §5): lane by lane over the 32-bit
-// words the slot can touch (K: the 4 lane chunks of group tau % 8; V: the 8 chunks of t =
-// (tau % 16) / 4), each word's mask and bits gathered from the positions it holds. Words owned
-// entirely by this slot are stored; shared words get atomicAnd(~mask) then atomicOr(bits), so
-// slots of one tile may be written concurrently and stale bits of other slots stay.
-template <int D>
-__device__ __forceinline__ void writeTileSlot(
-    uint8_t* tile, bool isV, int tau, int bits, uint8_t const* codes, int lane)
+// E consecutive 16-bit values, one vector load when aligned.
+template <int E>
+__device__ __forceinline__ void loadU16(uint16_t const* p, uint16_t (&o)[E])
 {
-    int const wordsPerChunk = D * bits / 32;
-    int const nChunks = isV ? 8 : 4;
-    for (int w = lane; w < nChunks * wordsPerChunk; w += 32)
+    uintptr_t const addr = reinterpret_cast<uintptr_t>(p);
+    if constexpr (E == 4)
     {
-        int const ci = w / wordsPerChunk;
-        int const wc = w - ci * wordsPerChunk;
-        int const L = isV ? 4 * ci + (tau % 16) / 4 : 4 * (tau % 8) + ci;
-        int const g = L / 4;
-        int const t = L % 4;
-        int const U = wc / bits;
-        int const k = wc - U * bits; // word k of unit U
-        uint32_t mask = 0;
-        uint32_t val = 0;
-        // positions (j, n) held by word k, with the code bits (lo.. lo+width-1) stored at `bit`
-        auto take = [&](int j, int n, int bit, int lo, int width) {
-            int const rho = 8 * U + 2 * j + n / 4;
-            int const y = n % 4;
-            int slot, c;
-            if (isV)
-            {
-                int const rh = rho % 2;
-                int const kh = (rho / 2) % 2;
-                int const m = rho / 4;
-                c = 16 * m + 8 * rh + g;
-                slot = 16 * kh + 4 * t + y;
-            }
-            else
-            {
-                int const hh = rho % 2;
-                int const rest = rho / 2;
-                int const i = rest / (D / 32);
-                int const s = rest % (D / 32);
-                c = 32 * s + 16 * hh + 4 * t + y;
-                slot = g + 8 * i;
-            }
-            if (slot == tau)
-            {
-                uint32_t const fm = (1u << width) - 1u;
-                mask |= fm << bit;
-                val |= ((static_cast<uint32_t>(codes[c]) >> lo) & fm) << bit;
-            }
-        };
-        if (bits == 2)
+        if ((addr & 7u) == 0)
         {
-            for (int jj = 0; jj < 2; ++jj)
-            {
-                for (int n = 0; n < 8; ++n)
-                {
-                    take(2 * k + jj, n, 4 * n + 2 * jj, 0, 2);
-                }
-            }
+            uint2 const w = __ldg(reinterpret_cast<uint2 const*>(p));
+            o[0] = static_cast<uint16_t>(w.x);
+            o[1] = static_cast<uint16_t>(w.x >> 16);
+            o[2] = static_cast<uint16_t>(w.y);
+            o[3] = static_cast<uint16_t>(w.y >> 16);
+            return;
         }
-        else if (bits == 3)
+    }
+    else if constexpr (E == 2)
+    {
+        if ((addr & 3u) == 0)
         {
-            for (int n = 0; n < 8; ++n)
-            {
-                take(k, n, 4 * n, 0, 3);   // j = k < 3: the whole code
-                take(3, n, 4 * n + 3, k, 1); // j = 3: code bit k
-            }
+            uint32_t const w = __ldg(reinterpret_cast<uint32_t const*>(p));
+            o[0] = static_cast<uint16_t>(w);
+            o[1] = static_cast<uint16_t>(w >> 16);
+            return;
         }
-        else if (bits == 4)
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+    {
+        o[e] = __ldg(p + e);
+    }
+}
+
+// Stores E floats at s[0..E) (16-byte aligned for E = 4, 8-byte for E = 2).
+template <int E>
+__device__ __forceinline__ void storeF32(float* s, float const (&v)[E])
+{
+    if constexpr (E == 4)
+    {
+        *reinterpret_cast<float4*>(s) = make_float4(v[0], v[1], v[2], v[3]);
+    }
+    else if constexpr (E == 2)
+    {
+        *reinterpret_cast<float2*>(s) = make_float2(v[0], v[1]);
+    }
+    else
+    {
+#pragma unroll
+        for (int e = 0; e < E; ++e)
         {
-            for (int n = 0; n < 8; ++n)
-            {
-                take(k, n, 4 * n, 0, 4);
-            }
+            s[e] = v[e];
+        }
+    }
+}
+
+// One 32-bit word of a tile: a whole word owned by the slot is stored, a shared one gets
+// atomicAnd(~mask) then atomicOr(bits) (docs/format.md §5.1), so that slots of a tile may be
+// written concurrently and other slots' bits stay.
+__device__ __forceinline__ void putTileWord(uint8_t* tile, int32_t off, uint32_t mask, uint32_t val)
+{
+    uint32_t* w = reinterpret_cast<uint32_t*>(tile + off);
+    if (mask == 0xFFFFFFFFu)
+    {
+        *w = val;
+    }
+    else if (mask != 0u)
+    {
+        atomicAnd(w, ~mask);
+        atomicOr(w, val);
+    }
+}
+
+struct SlotDest
+{
+    int64_t blk;      // physical block
+    int32_t codesOff; // the head's K or V codes array in the block
+    int32_t metaOff;  // the head's K or V scales
+    int32_t r;        // slot in the block
+};
+
+// Quantizes the transformed vector x (lane holds channels lane*E .. +E-1) with B-bit codes and
+// writes codes and scale (docs/format.md §3.1, §5).
+template <int D, int B>
+__device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&x)[D / 32], bool isV, float gamma,
+    float* sq, float* cq, uint32_t* codeWords, SlotDest const& dst, int lane)
+{
+    constexpr int E = D / 32;
+    int const c0 = lane * E;
+    float x2[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+    {
+        x2[e] = __fmul_rn(x[e], x[e]);
+    }
+    storeF32<E>(sq + c0, x2);
+    __syncwarp();
+    float const n = __fsqrt_rn(orderedSum<D>(sq, lane));
+    float const f = n > 0.F ? __fdiv_rn(a.sqrt_d, __fmul_rn(gamma, n)) : 0.F;
+    int code[E];
+    float c2[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+    {
+        float cv;
+        code[e] = turboCode<B>(__fmul_rn(x[e], f), cv);
+        c2[e] = __fmul_rn(cv, cv);
+    }
+    storeF32<E>(cq + c0, c2);
+    uint8_t* cb = reinterpret_cast<uint8_t*>(codeWords);
+    if (!isV)
+    {
+        uint32_t packed = 0;
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            packed |= static_cast<uint32_t>(code[e]) << (8 * e);
+        }
+        if constexpr (E == 4)
+        {
+            codeWords[lane] = packed;
         }
         else
         {
-            for (int q = 0; q < 4; ++q)
+            reinterpret_cast<uint16_t*>(cb)[lane] = static_cast<uint16_t>(packed);
+        }
+    }
+    else
+    {
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            cb[tqVCodeIndex<D>(c0 + e)] = static_cast<uint8_t>(code[e]);
+        }
+    }
+    __syncwarp();
+
+    // codes: whole 32-bit words of the tile (quantize_tile.cuh), before the second sum
+    uint8_t* const block = a.kv.pool + a.kv.layer_offset + dst.blk * a.kv.block_stride;
+    uint8_t* const tile = block + dst.codesOff + (dst.r / kTileTokens) * kTileTokens * (D * B / 8);
+    int const tau = dst.r % kTileTokens;
+    if (!isV)
+    {
+        if (lane < tqKItems<B>())
+        {
+            int32_t off;
+            uint32_t mask, val;
+            tqKTileWord<D, B>(tau, lane, codeWords, off, mask, val);
+            putTileWord(tile, off, mask, val);
+        }
+    }
+    else
+    {
+        constexpr int kPairs = D / 4; // (g, U) pairs
+        constexpr int kLanesPerPair = 32 / kPairs;
+        int const pair = lane % kPairs;
+#pragma unroll
+        for (int q0 = 0; q0 < tqVItemsPerPair<B>(); q0 += kLanesPerPair)
+        {
+            int const q = q0 + lane / kPairs;
+            if (q < tqVItemsPerPair<B>())
             {
-                take(k / 2, 4 * (k % 2) + q, 8 * q, 0, 8);
+                int32_t off;
+                uint32_t mask, val;
+                tqVTileWord<D, B>(tau, pair, q, codeWords, off, mask, val);
+                putTileWord(tile, off, mask, val);
             }
         }
-        if (mask == 0)
-        {
-            continue;
-        }
-        uint32_t* word = reinterpret_cast<uint32_t*>(tile + tqTileUnitOffset(D, bits, L, U)) + k;
-        if (mask == 0xFFFFFFFFu)
-        {
-            *word = val; // no other slot has bits here
-        }
-        else
-        {
-            atomicAnd(word, ~mask);
-            atomicOr(word, val);
-        }
+    }
+
+    float scale;
+    if (a.layer.norm_correction)
+    {
+        // only the 8-bit codebook has a zero level: every code at it (a zero vector) gives scale 0
+        float const cn = __fsqrt_rn(orderedSum<D>(cq, lane));
+        scale = cn > 0.F ? __fdiv_rn(n, cn) : 0.F;
+    }
+    else
+    {
+        scale = __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
+    }
+    if (lane == 0)
+    {
+        *reinterpret_cast<uint16_t*>(block + dst.metaOff + dst.r * kTurboMetaBytes)
+            = __half_as_ushort(__float2half_rn(fminf(scale, 65504.F)));
     }
 }
 
@@ -194,17 +367,16 @@ template <int D>
 __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_constant__ QuantArgs const a)
 {
     constexpr int E = D / 32;
-    __shared__ float sq[kQuantWarps][D];
-    __shared__ uint8_t codes[kQuantWarps][D];
-    __shared__ float cbK[kQuantWarps][256];
-    __shared__ float cbV[kQuantWarps][256];
+    __shared__ __align__(16) float sq[kQuantWarps][D];
+    __shared__ __align__(16) float cq[kQuantWarps][D];
+    __shared__ __align__(16) uint32_t codeWords[kQuantWarps][D / 4];
 
     KvLayerDesc const& L = a.layer;
     int const H = L.num_kv_heads;
     int const warp = threadIdx.x >> 5;
     int const lane = threadIdx.x & 31;
     int const b = blockIdx.y;
-    int const wid = blockIdx.x * kQuantWarps + warp;
+    int const wid = blockIdx.x * (blockDim.x >> 5) + warp;
     int const which = wid & 1; // 0: K, 1: V (separate warps, in parallel)
     int const i = (wid >> 1) / H;
     int const h = (wid >> 1) % H;
@@ -214,137 +386,110 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     {
         return;
     }
-    int64_t const row = rowBegin + i;
-    int const pos = a.seq_lens[b] - qLen + i;
+    // every load that does not need the position first, so their latencies overlap
+    int const seqLen = a.seq_lens[b];
+    int const c0 = lane * E;
+    int64_t const hc = static_cast<int64_t>(h) * D + c0;
+    uint16_t xs[E], mu[E], sm[E], sg[E];
+    loadU16<E>(static_cast<uint16_t const*>(a.src[which]) + (rowBegin + i) * a.stride[which] + hc, xs);
+    uint16_t const* const meanT = which == 0 ? a.tables.k_mean : a.tables.v_mean;
+    uint16_t const* const smoothT = which == 0 ? a.tables.k_smooth : a.tables.v_smooth;
+    uint16_t const* const clipT = which == 0 ? a.tables.k_clip : a.tables.v_clip;
+    if (meanT != nullptr)
+    {
+        loadU16<E>(meanT + hc, mu);
+    }
+    if (smoothT != nullptr)
+    {
+        loadU16<E>(smoothT + hc, sm);
+    }
+    loadU16<E>(a.tables.signs + c0, sg);
+    float const gamma = clipT != nullptr ? h2f(__ldg(clipT + h)) : 1.F;
+    int const ns = L.sink_tokens;
+    int64_t const seqSlot = ns > 0 ? a.kv.seq_slot[b] : 0;
+    int const pos = seqLen - qLen + i;
     if (pos < 0)
     {
         return;
     }
+    SlotDest dst;
+    dst.blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + (pos >> a.tpb_shift)];
+    dst.r = pos & (L.tokens_per_block - 1);
+    dst.codesOff = which == 0 ? L.k_codes_off[h] : L.v_codes_off[h];
+    dst.metaOff = which == 0 ? L.k_meta_off[h] : L.v_meta_off[h];
+    int const bits = which == 0 ? L.k_bits[h] : L.v_bits[h];
+
+    // (x - mean) / smooth * signs, in fp32 (an absent table is mean 0 / smooth 1: exact no-ops)
     bool const bf16 = a.bf16 != 0;
+    float x[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e)
     {
-        int const kbits = L.k_bits[h];
-        int const vbits = L.v_bits[h];
-        for (int j = lane; j < (1 << kbits); j += 32)
+        float v = bf16 ? __bfloat162float(__ushort_as_bfloat16(xs[e])) : h2f(xs[e]);
+        if (meanT != nullptr)
         {
-            cbK[warp][j] = codebookAt(kbits, j);
+            v = __fsub_rn(v, h2f(mu[e]));
         }
-        for (int j = lane; j < (1 << vbits); j += 32)
+        if (smoothT != nullptr)
         {
-            cbV[warp][j] = codebookAt(vbits, j);
+            v = __fdiv_rn(v, h2f(sm[e]));
         }
-        __syncwarp();
+        x[e] = __fmul_rn(v, h2f(sg[e]));
     }
-
+    // Hadamard butterflies, len = 1, 2, ..., D/2
+#pragma unroll
+    for (int len = 1; len < D; len <<= 1)
     {
-        uint16_t const* mean = which == 0 ? a.tables.k_mean : a.tables.v_mean;
-        uint16_t const* smooth = which == 0 ? a.tables.k_smooth : a.tables.v_smooth;
-        uint16_t const* clip = which == 0 ? a.tables.k_clip : a.tables.v_clip;
-        float x[E];
-#pragma unroll
-        for (int e = 0; e < E; ++e)
+        if (len < E)
         {
-            int const c = lane * E + e;
-            float v = loadAct(a.src[which], row * a.stride[which] + static_cast<int64_t>(h) * D + c, bf16);
-            int64_t const hc = static_cast<int64_t>(h) * D + c;
-            v = __fsub_rn(v, tableOr(mean, hc, 0.F));
-            v = __fdiv_rn(v, tableOr(smooth, hc, 1.F));
-            x[e] = __fmul_rn(v, h2f(a.tables.signs[c]));
-        }
-        // Hadamard butterflies, len = 1, 2, ..., D/2
-#pragma unroll
-        for (int len = 1; len < D; len <<= 1)
-        {
-            if (len < E)
-            {
-#pragma unroll
-                for (int e = 0; e < E; ++e)
-                {
-                    if ((e & len) == 0)
-                    {
-                        float const p0 = x[e];
-                        float const p1 = x[e + len];
-                        x[e] = __fadd_rn(p0, p1);
-                        x[e + len] = __fsub_rn(p0, p1);
-                    }
-                }
-            }
-            else
-            {
-                int const m = len / E;
-                bool const upper = (lane & m) != 0;
-#pragma unroll
-                for (int e = 0; e < E; ++e)
-                {
-                    float const other = __shfl_xor_sync(0xffffffffu, x[e], m);
-                    x[e] = upper ? __fsub_rn(other, x[e]) : __fadd_rn(x[e], other);
-                }
-            }
-        }
-#pragma unroll
-        for (int e = 0; e < E; ++e)
-        {
-            x[e] = __fmul_rn(x[e], a.rsqrt_d);
-        }
-
-        if (pos < L.sink_tokens)
-        {
-            int64_t const slot = a.kv.seq_slot[b];
-            uint16_t* dst = a.kv.sink_pool + (((slot * H + h) * 2 + which) * L.sink_tokens + pos) * D;
 #pragma unroll
             for (int e = 0; e < E; ++e)
             {
-                dst[lane * E + e] = __half_as_ushort(__float2half_rn(x[e]));
+                if ((e & len) == 0)
+                {
+                    float const p0 = x[e];
+                    float const p1 = x[e + len];
+                    x[e] = __fadd_rn(p0, p1);
+                    x[e + len] = __fsub_rn(p0, p1);
+                }
             }
-            // and quantized into the block like every other token (readers use the fp16 copy)
         }
-
-        int const bits = which == 0 ? L.k_bits[h] : L.v_bits[h];
-        // norm, numpy order
-#pragma unroll
-        for (int e = 0; e < E; ++e)
+        else
         {
-            sq[warp][lane * E + e] = __fmul_rn(x[e], x[e]);
-        }
-        __syncwarp();
-        float const n = __fsqrt_rn(warpNumpySum<D>(sq[warp], lane));
-        float const gamma = tableOr(clip, h, 1.F);
-        float const f = n > 0.F ? __fdiv_rn(a.sqrt_d, __fmul_rn(gamma, n)) : 0.F;
-        int const nb = (1 << bits) - 1;
-        __syncwarp();
+            int const m = len / E;
+            bool const upper = (lane & m) != 0;
 #pragma unroll
-        for (int e = 0; e < E; ++e)
-        {
-            float const u = __fmul_rn(x[e], f);
-            int code = 0;
-            for (int j = 0; j < nb; ++j)
+            for (int e = 0; e < E; ++e)
             {
-                code += u > boundaryAt(bits, j) ? 1 : 0;
+                float const other = __shfl_xor_sync(0xffffffffu, x[e], m);
+                x[e] = upper ? __fsub_rn(other, x[e]) : __fadd_rn(x[e], other);
             }
-            codes[warp][lane * E + e] = static_cast<uint8_t>(code);
-            float const cv = (which == 0 ? cbK : cbV)[warp][code];
-            sq[warp][lane * E + e] = __fmul_rn(cv, cv);
         }
-        __syncwarp();
-        float const cn = __fsqrt_rn(warpNumpySum<D>(sq[warp], lane));
-        // only the 8-bit codebook has a zero level: every code at it (a zero vector) gives scale 0
-        float const scale = L.norm_correction ? (cn > 0.F ? __fdiv_rn(n, cn) : 0.F)
-                                              : __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
-        // block, slot and tile
-        int const T = L.tokens_per_block;
-        int64_t const blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + pos / T];
-        int const r = pos % T;
-        uint8_t* block = a.kv.pool + a.kv.layer_offset + blk * a.kv.block_stride;
-        __syncwarp();
-        writeTileSlot<D>(block + (which == 0 ? L.k_codes_off[h] : L.v_codes_off[h]) + (r / kTileTokens) * kTileTokens * (D * bits / 8),
-            which != 0, r % kTileTokens, bits, codes[warp], lane);
-        if (lane == 0)
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+    {
+        x[e] = __fmul_rn(x[e], a.rsqrt_d);
+    }
+
+    if (pos < ns)
+    {
+        // the fp16 copy; the token is also quantized into the block like every other one
+        uint16_t* const sink = a.kv.sink_pool + (((seqSlot * H + h) * 2 + which) * ns + pos) * D + c0;
+#pragma unroll
+        for (int e = 0; e < E; ++e)
         {
-            uint16_t const s16 = __half_as_ushort(__float2half_rn(fminf(scale, 65504.F)));
-            uint8_t* meta = block + (which == 0 ? L.k_meta_off[h] : L.v_meta_off[h]) + r * kTurboMetaBytes;
-            meta[0] = static_cast<uint8_t>(s16 & 0xFF);
-            meta[1] = static_cast<uint8_t>(s16 >> 8);
+            sink[e] = __half_as_ushort(__float2half_rn(x[e]));
         }
-        __syncwarp();
+    }
+
+    bool const isV = which != 0;
+    switch (bits)
+    {
+    case 2: quantizeStore<D, 2>(a, x, isV, gamma, sq[warp], cq[warp], codeWords[warp], dst, lane); break;
+    case 3: quantizeStore<D, 3>(a, x, isV, gamma, sq[warp], cq[warp], codeWords[warp], dst, lane); break;
+    case 4: quantizeStore<D, 4>(a, x, isV, gamma, sq[warp], cq[warp], codeWords[warp], dst, lane); break;
+    default: quantizeStore<D, 8>(a, x, isV, gamma, sq[warp], cq[warp], codeWords[warp], dst, lane); break;
     }
 }
 
@@ -447,10 +592,12 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     a.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(p.layer.head_dim)));
     a.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.layer.head_dim)));
     a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
+    a.tpb_shift = p.layer.tokens_per_block == 32 ? 5 : (p.layer.tokens_per_block == 64 ? 6 : 7);
     int64_t const warps = static_cast<int64_t>(maxQ) * p.layer.num_kv_heads * 2;
-    dim3 grid(static_cast<unsigned>((warps + kQuantWarps - 1) / kQuantWarps), static_cast<unsigned>(p.batch));
+    int const perCta = warps * p.batch <= kQuantSpreadWarps ? 1 : kQuantWarps;
+    dim3 grid(static_cast<unsigned>((warps + perCta - 1) / perCta), static_cast<unsigned>(p.batch));
     return dispatchHeadDim(p.layer.head_dim, [&](auto d) {
-        quantizeKvKernel<decltype(d)::value><<<grid, 32 * kQuantWarps, 0, stream>>>(a);
+        quantizeKvKernel<decltype(d)::value><<<grid, 32 * perCta, 0, stream>>>(a);
         return cudaGetLastError();
     });
 }
