@@ -47,6 +47,18 @@ struct QuantArgs
     float rsqrt_d;
     int32_t bf16;
     int32_t tpb_shift; // log2(tokens_per_block)
+    int32_t vec;       // k, v, their token strides and the tables allow 8-byte loads of 4 channels
+};
+
+// Stand-ins for absent tables (mean 0, smoothing 1), so that every load is issued unconditionally;
+// the arithmetic skips them (x - 0 and x / 1 are exact no-ops anyway).
+__device__ uint16_t const kZeroTable[kMaxHeadDim] = {};
+__device__ uint16_t const kOneTable[kMaxHeadDim] = {
+#define TQ_ONE8 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00
+#define TQ_ONE64 TQ_ONE8, TQ_ONE8, TQ_ONE8, TQ_ONE8, TQ_ONE8, TQ_ONE8, TQ_ONE8, TQ_ONE8
+    TQ_ONE64, TQ_ONE64, TQ_ONE64, TQ_ONE64,
+#undef TQ_ONE64
+#undef TQ_ONE8
 };
 
 __device__ __forceinline__ float codebookAt(int bits, int i)
@@ -96,9 +108,11 @@ __device__ __forceinline__ float boundaryConst(int j)
     }
 }
 
-// c[code] for code in [Lo, Lo + N): a select tree over the code's bits (no indexed loads).
+// c[code] from the boundary comparisons p[j] = (u > beta[j]), code in [Lo, Lo + N): a select tree
+// on the middle comparison of each range (p is monotone: p[j] implies p[j-1]; a NaN makes all
+// false), so c is ready a few selects after the comparisons.
 template <int B, int Lo, int N>
-__device__ __forceinline__ float codebookSelect(int code)
+__device__ __forceinline__ float codebookTree(bool const* p)
 {
     if constexpr (N == 1)
     {
@@ -106,9 +120,23 @@ __device__ __forceinline__ float codebookSelect(int code)
     }
     else
     {
-        float const lo = codebookSelect<B, Lo, N / 2>(code);
-        float const hi = codebookSelect<B, Lo + N / 2, N / 2>(code);
-        return (code & (N / 2)) != 0 ? hi : lo;
+        float const lo = codebookTree<B, Lo, N / 2>(p);
+        float const hi = codebookTree<B, Lo + N / 2, N / 2>(p);
+        return p[Lo + N / 2 - 1] ? hi : lo;
+    }
+}
+
+// Number of true p[Lo .. Lo + N) as a balanced sum.
+template <int Lo, int N>
+__device__ __forceinline__ int countTrue(bool const* p)
+{
+    if constexpr (N == 1)
+    {
+        return p[Lo] ? 1 : 0;
+    }
+    else
+    {
+        return countTrue<Lo, N / 2>(p) + countTrue<Lo + N / 2, N - N / 2>(p);
     }
 }
 
@@ -138,14 +166,14 @@ __device__ __forceinline__ int turboCode(float u, float& c)
     else
     {
         constexpr int kLevels = 1 << B;
-        int code = 0;
+        bool p[kLevels - 1];
 #pragma unroll
         for (int j = 0; j < kLevels - 1; ++j)
         {
-            code += u > boundaryConst<B>(j) ? 1 : 0;
+            p[j] = u > boundaryConst<B>(j);
         }
-        c = codebookSelect<B, 0, kLevels>(code);
-        return code;
+        c = codebookTree<B, 0, kLevels>(p);
+        return countTrue<0, kLevels - 1>(p);
     }
 }
 
@@ -175,37 +203,31 @@ __device__ __forceinline__ float orderedSum(float const* v, int lane)
     return total;
 }
 
-// E consecutive 16-bit values, one vector load when aligned.
-template <int E>
+// E consecutive 16-bit values: one vector load (Vec: the address is aligned to 2E bytes) or E loads.
+template <int E, bool Vec>
 __device__ __forceinline__ void loadU16(uint16_t const* p, uint16_t (&o)[E])
 {
-    uintptr_t const addr = reinterpret_cast<uintptr_t>(p);
-    if constexpr (E == 4)
+    if constexpr (Vec && E == 4)
     {
-        if ((addr & 7u) == 0)
-        {
-            uint2 const w = __ldg(reinterpret_cast<uint2 const*>(p));
-            o[0] = static_cast<uint16_t>(w.x);
-            o[1] = static_cast<uint16_t>(w.x >> 16);
-            o[2] = static_cast<uint16_t>(w.y);
-            o[3] = static_cast<uint16_t>(w.y >> 16);
-            return;
-        }
+        uint2 const w = __ldg(reinterpret_cast<uint2 const*>(p));
+        o[0] = static_cast<uint16_t>(w.x);
+        o[1] = static_cast<uint16_t>(w.x >> 16);
+        o[2] = static_cast<uint16_t>(w.y);
+        o[3] = static_cast<uint16_t>(w.y >> 16);
     }
-    else if constexpr (E == 2)
+    else if constexpr (Vec && E == 2)
     {
-        if ((addr & 3u) == 0)
-        {
-            uint32_t const w = __ldg(reinterpret_cast<uint32_t const*>(p));
-            o[0] = static_cast<uint16_t>(w);
-            o[1] = static_cast<uint16_t>(w >> 16);
-            return;
-        }
+        uint32_t const w = __ldg(reinterpret_cast<uint32_t const*>(p));
+        o[0] = static_cast<uint16_t>(w);
+        o[1] = static_cast<uint16_t>(w >> 16);
     }
+    else
+    {
 #pragma unroll
-    for (int e = 0; e < E; ++e)
-    {
-        o[e] = __ldg(p + e);
+        for (int e = 0; e < E; ++e)
+        {
+            o[e] = __ldg(p + e);
+        }
     }
 }
 
@@ -378,32 +400,48 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     int const b = blockIdx.y;
     int const wid = blockIdx.x * (blockDim.x >> 5) + warp;
     int const which = wid & 1; // 0: K, 1: V (separate warps, in parallel)
-    int const i = (wid >> 1) / H;
-    int const h = (wid >> 1) % H;
+    int i = 0;
+    int h = wid >> 1;
+    if (a.max_q_len > 1)
+    {
+        i = h / H;
+        h -= i * H;
+    }
+    else if (h >= H)
+    {
+        return;
+    }
     int rowBegin, qLen;
     seqRows(a.cu_q, b, rowBegin, qLen);
     if (i >= qLen)
     {
         return;
     }
-    // every load that does not need the position first, so their latencies overlap
+    // every load that does not need the position first, so that their latencies overlap
     int const seqLen = a.seq_lens[b];
     int const c0 = lane * E;
     int64_t const hc = static_cast<int64_t>(h) * D + c0;
-    uint16_t xs[E], mu[E], sm[E], sg[E];
-    loadU16<E>(static_cast<uint16_t const*>(a.src[which]) + (rowBegin + i) * a.stride[which] + hc, xs);
     uint16_t const* const meanT = which == 0 ? a.tables.k_mean : a.tables.v_mean;
     uint16_t const* const smoothT = which == 0 ? a.tables.k_smooth : a.tables.v_smooth;
     uint16_t const* const clipT = which == 0 ? a.tables.k_clip : a.tables.v_clip;
-    if (meanT != nullptr)
+    uint16_t const* const xp = static_cast<uint16_t const*>(a.src[which]) + (rowBegin + i) * a.stride[which] + hc;
+    uint16_t const* const mp = meanT != nullptr ? meanT + hc : kZeroTable + c0;
+    uint16_t const* const sp = smoothT != nullptr ? smoothT + hc : kOneTable + c0;
+    uint16_t xs[E], mu[E], sm[E], sg[E];
+    if (a.vec != 0)
     {
-        loadU16<E>(meanT + hc, mu);
+        loadU16<E, true>(xp, xs);
+        loadU16<E, true>(mp, mu);
+        loadU16<E, true>(sp, sm);
+        loadU16<E, true>(a.tables.signs + c0, sg);
     }
-    if (smoothT != nullptr)
+    else
     {
-        loadU16<E>(smoothT + hc, sm);
+        loadU16<E, false>(xp, xs);
+        loadU16<E, false>(mp, mu);
+        loadU16<E, false>(sp, sm);
+        loadU16<E, false>(a.tables.signs + c0, sg);
     }
-    loadU16<E>(a.tables.signs + c0, sg);
     float const gamma = clipT != nullptr ? h2f(__ldg(clipT + h)) : 1.F;
     int const ns = L.sink_tokens;
     int64_t const seqSlot = ns > 0 ? a.kv.seq_slot[b] : 0;
@@ -593,6 +631,13 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     a.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.layer.head_dim)));
     a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
     a.tpb_shift = p.layer.tokens_per_block == 32 ? 5 : (p.layer.tokens_per_block == 64 ? 6 : 7);
+    // 8-byte loads of 4 channels at d = 128 (4-byte loads of 2 channels at d = 64)
+    auto aligned8 = [](void const* q) { return q == nullptr || (reinterpret_cast<uintptr_t>(q) & 7u) == 0; };
+    a.vec = aligned8(p.k) && aligned8(p.v) && p.k_token_stride % 4 == 0 && p.v_token_stride % 4 == 0
+            && aligned8(p.tables.k_mean) && aligned8(p.tables.k_smooth) && aligned8(p.tables.v_mean)
+            && aligned8(p.tables.v_smooth) && aligned8(p.tables.signs)
+        ? 1
+        : 0;
     int64_t const warps = static_cast<int64_t>(maxQ) * p.layer.num_kv_heads * 2;
     int const perCta = warps * p.batch <= kQuantSpreadWarps ? 1 : kQuantWarps;
     dim3 grid(static_cast<unsigned>((warps + perCta - 1) / perCta), static_cast<unsigned>(p.batch));
