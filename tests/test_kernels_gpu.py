@@ -241,6 +241,33 @@ def test_decode_matches_float64_reference(d, h, g, bits, t, ns, lens, num_sms):
     assert err <= REL_TOL
 
 
+@pytest.mark.parametrize("num_sms", [
+    0,  # 157 splits of 128 keys: more than 16 CTA partials per row (the CTA reduce)
+    pytest.param(1, marks=pytest.mark.xfail(
+        strict=False,
+        reason="known precision limit: 12 splits of 1,696 keys; probabilities are 16-bit integers "
+               "against the split's running maximum, so with diffuse attention most keys get few "
+               "bits (measured rel err 1.6e-3 on H100, 2026-11-28)")),
+])
+def test_decode_long_sequence(num_sms):
+    rng = _rng()
+    d, h, g, t, ns, lens = 128, 1, 4, 64, 2, [20000, 7]
+    fmt = LayerFormat(d, (3,) * h, (3,) * h, sink_tokens=ns)
+    tables = _tables(h, d, rng)
+    quant, ref, layer, bt, slots, _ = _setup(fmt, tables, t, lens, rng)
+    q = (rng.normal(0, 1, (len(lens), h * g, d)) * 2).astype(np.float16)
+    out = torch.full((len(lens), h * g, d), float("nan"), dtype=torch.float16, device="cuda")
+    K.decode_attention(layer, _to_gpu(q), bt, lens, max(lens), out=out, num_sms=num_sms)
+    torch.cuda.synchronize()
+    want = np.concatenate([
+        reference_attention(quant, q[b:b + 1].astype(np.float32), *ref.read(bt[b], n, slots[b]))
+        for b, n in enumerate(lens)])
+    err = _rel(out, want)
+    splits = K.library().tq_decode_num_splits(len(lens), h, max(lens), num_sms)
+    print(f"decode long d={d} splits={splits}: rel err {err:.2e}")
+    assert err <= REL_TOL
+
+
 def test_decode_mixed_bits_per_head_and_bf16():
     rng = _rng()
     d, h, g = 128, 4, 4

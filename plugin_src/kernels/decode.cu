@@ -24,7 +24,8 @@
 // At the end the four warps of a CTA merge their splits in shared memory, so the workspace holds one
 // partial per (sequence, query head, CTA). decodeReduceKernel, a programmatic dependent launch of
 // the split kernel on sm_90+ (its CTAs are scheduled while the last split CTAs finish and wait for
-// them), combines those partials and applies R^-1, the value smoothing and mean.
+// them), combines those partials (one warp per (sequence, query head) for up to 16 partials, else one
+// CTA) and applies R^-1, the value smoothing and mean.
 #include "decode_kernel.cuh"
 #include "dispatch.cuh"
 #include "turboquant/kernels.h"
@@ -55,15 +56,137 @@ namespace
 constexpr int kDecCtasPerSm = kDecMinCtas; // __launch_bounds__ of the split kernel
 constexpr int kDecMinKeysPerSplit = 128;
 
+constexpr int kReduceWarps = 8; // (sequence, query head) rows per reduce CTA, one warp each
+constexpr int kReduceBatch = 16; // partial outputs a lane loads at once
+
+// Up to kReduceBatch partials: one warp per (sequence, query head), no shared memory and no
+// barrier: lane j holds the (max, sum) of partials j and j + 32, and channels PER*lane .. PER*lane +
+// PER-1 of every partial's output, loaded together with the maxima (the loop takes 16 partials per
+// round if it is ever given more); the weights go round by shuffles; then R^-1 (shuffle
+// butterflies), sv and mu_v. The value tables are read before waiting for the split kernel.
+template <int D>
+__global__ void __launch_bounds__(32 * kReduceWarps) decodeReduceKernel(ReduceArgs const a)
+{
+    constexpr int PER = D / 32;
+    static_assert(kDecMaxSplits / kDecWarps <= 64, "two partials per lane");
+    int const lane = threadIdx.x & 31;
+    int const row = blockIdx.x * kReduceWarps + (threadIdx.x >> 5);
+    if (row >= a.batch * a.num_q_heads)
+    {
+        return;
+    }
+    int const b = row / a.num_q_heads;
+    int const hq = row - b * a.num_q_heads;
+    int const n = a.num_splits;
+    int const head = hq / a.group;
+    float sv[PER], mu[PER], sg[PER];
+#pragma unroll
+    for (int e = 0; e < PER; ++e)
+    {
+        int const ch = PER * lane + e;
+        int64_t const hv = static_cast<int64_t>(head) * D + ch;
+        sv[e] = tableOr(a.v_smooth, hv, 1.F);
+        mu[e] = tableOr(a.v_mean, hv, 0.F);
+        sg[e] = h2f(a.signs[ch]);
+    }
+#if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // launched as a programmatic dependent of the split kernel: wait until its partials are written
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+    int64_t const base = static_cast<int64_t>(row) * n;
+    float2 const* ml = reinterpret_cast<float2 const*>(a.ws_ml) + base;
+    float const* wo = a.ws_o + base * D + PER * lane;
+    float2 const m0 = lane < n ? ml[lane] : make_float2(-INFINITY, 0.F);
+    float2 const m1 = lane + 32 < n ? ml[lane + 32] : make_float2(-INFINITY, 0.F);
+    float ov[kReduceBatch][PER];
+    auto loadBatch = [&](int s0) {
+#pragma unroll
+        for (int k = 0; k < kReduceBatch; ++k)
+        {
+            int const s = s0 + k;
+#pragma unroll
+            for (int e = 0; e < PER; ++e)
+            {
+                ov[k][e] = 0.F;
+            }
+            if (s < n) // every partial is written (zeros where a CTA had no keys)
+            {
+                if constexpr (PER == 4)
+                {
+                    float4 const v = *reinterpret_cast<float4 const*>(wo + static_cast<int64_t>(s) * D);
+                    ov[k][0] = v.x;
+                    ov[k][1] = v.y;
+                    ov[k][2] = v.z;
+                    ov[k][3] = v.w;
+                }
+                else
+                {
+                    float2 const v = *reinterpret_cast<float2 const*>(wo + static_cast<int64_t>(s) * D);
+                    ov[k][0] = v.x;
+                    ov[k][1] = v.y;
+                }
+            }
+        }
+    };
+    loadBatch(0);
+    float mx = fmaxf(m0.x, m1.x);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    }
+    float const w0 = m0.x == -INFINITY ? 0.F : exp2f(m0.x - mx);
+    float const w1 = m1.x == -INFINITY ? 0.F : exp2f(m1.x - mx);
+    float den = w0 * m0.y + w1 * m1.y;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        den += __shfl_xor_sync(0xffffffffu, den, o);
+    }
+    float x[PER] = {};
+    for (int s0 = 0; s0 < n; s0 += kReduceBatch)
+    {
+        if (s0 > 0)
+        {
+            loadBatch(s0);
+        }
+#pragma unroll
+        for (int k = 0; k < kReduceBatch; ++k)
+        {
+            int const s = s0 + k;
+            float const w = __shfl_sync(0xffffffffu, s < 32 ? w0 : w1, s & 31);
+#pragma unroll
+            for (int e = 0; e < PER; ++e)
+            {
+                x[e] += w * ov[k][e]; // w = 0 beyond n
+            }
+        }
+    }
+    float const inv = den > 0.F ? 1.F / den : 0.F;
+#pragma unroll
+    for (int e = 0; e < PER; ++e)
+    {
+        x[e] *= inv;
+    }
+    warpWht<PER>(x, lane);
+#pragma unroll
+    for (int e = 0; e < PER; ++e)
+    {
+        int const ch = PER * lane + e;
+        storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + ch, sv[e] * (x[e] * a.rsqrt_d * sg[e]) + mu[e], a.bf16 != 0);
+    }
+}
+
 constexpr int kReduceParts = 4; // thread groups of D threads, each summing every 4th CTA partial
 
-// One CTA of 4*D threads per (sequence, query head): combines the CTA partials, then R^-1, sv, mu_v.
+// More than kReduceBatch partials (long sequences at small batch): one CTA of 4*D threads per
+// (sequence, query head) combines the CTA partials, then R^-1, sv, mu_v.
 // The value tables are read before waiting for the split kernel; then every thread issues all of its
 // loads at once: (max, sum) of partial `tid`, and max and output channel c of partials pi, pi+4, ...
 // (group `pi` of D threads). The maximum is a block reduction (one barrier); the weighted sums and
 // the denominator share the second barrier; warp 0 applies the inverse rotation with shuffles.
 template <int D>
-__global__ void __launch_bounds__(D * kReduceParts) decodeReduceKernel(ReduceArgs const a)
+__global__ void __launch_bounds__(D * kReduceParts) decodeReduceBlockKernel(ReduceArgs const a)
 {
     constexpr int kThreads = D * kReduceParts;
     constexpr int kWarpsR = kThreads / 32;
@@ -375,8 +498,10 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     r.num_splits = parts;
     r.rsqrt_d = a.rsqrt_d;
     r.bf16 = a.bf16;
+    // one warp per (sequence, query head) when one round of loads covers every partial (measured
+    // faster from 3 to 8 partials); otherwise a CTA per row spreads the partials over 4*D threads
+    bool const warpRows = parts <= kReduceBatch;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(p.batch, p.num_q_heads);
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -385,8 +510,15 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     cfg.numAttrs = TQ_DEC_PDL && computeMajor() >= 9 ? 1 : 0;
     return dispatchHeadDim(p.layer.head_dim, [&](auto d) {
         constexpr int D = decltype(d)::value;
+        if (warpRows)
+        {
+            cfg.gridDim = dim3((p.batch * p.num_q_heads + kReduceWarps - 1) / kReduceWarps);
+            cfg.blockDim = dim3(32 * kReduceWarps);
+            return cudaLaunchKernelEx(&cfg, decodeReduceKernel<D>, r);
+        }
+        cfg.gridDim = dim3(p.batch, p.num_q_heads);
         cfg.blockDim = dim3(D * kReduceParts);
-        return cudaLaunchKernelEx(&cfg, decodeReduceKernel<D>, r);
+        return cudaLaunchKernelEx(&cfg, decodeReduceBlockKernel<D>, r);
     });
 }
 
