@@ -11,8 +11,9 @@
 //
 // The kernel is one short dependent chain per warp (a decode step launches ~100 warps), so it is
 // written for latency: every load that does not need the token's position is issued first, the
-// codebook is constant-bank operands (a select tree, and a closed form for 8 bits) instead of
-// indexed loads, and a small launch puts one warp in each CTA.
+// parameters every warp reads first sit together (the constant cache is cold at the start), the
+// codebook and its boundaries are immediate operands (a select tree on the boundary comparisons,
+// a closed form for 8 bits), and a decode step has its own instantiation without cu_q.
 #include "common.cuh"
 #include "dispatch.cuh"
 #include "quantize_tile.cuh"
@@ -27,27 +28,50 @@ namespace turboquant
 namespace detail
 {
 
-// Most warps of one CTA. A launch of few warps (a decode step) puts one warp in each CTA, so that
-// the warps spread over the multiprocessors instead of sharing one's shuffle and shared-memory pipe.
+// Warps of one CTA. The warps of a CTA share the multiprocessor's instruction and constant caches,
+// which a short kernel finds cold, and compete for its schedulers. Measured on the H100 (one decode
+// step, B=8, 8 KV heads, d=128, same run): 4 warps per CTA 3.08 us, 8 warps 3.40 us, 16 warps
+// 4.09 us; one warp per CTA was slower than 4 as well (benchmarks/NOTES.md).
 constexpr int kQuantWarps = 4;
-constexpr int kQuantSpreadWarps = 1024; // up to this many warps: one warp per CTA
 
+// Where one (KV head, K or V) goes in a block.
+struct QuantHead
+{
+    int32_t codes_off;
+    int32_t meta_off;
+};
+
+// The write kernel's parameters. A launch's parameters are read through each multiprocessor's
+// constant cache, cold at the kernel's start, so the fields every warp reads first are packed at
+// the start and per-head fields are compact.
 struct QuantArgs
 {
-    KvLayerDesc layer;
-    PagedKvPool kv;
-    LayerTablesView tables;
-    void const* src[2];     // k, v
+    void const* src[2]; // k, v
     int64_t stride[2];
-    int32_t const* cu_q;
     int32_t const* seq_lens;
-    int32_t batch;
+    int32_t const* cu_q;
+    uint16_t const* mean[2];   // null: absent
+    uint16_t const* smooth[2]; // null: absent
+    uint16_t const* clip[2];   // null: absent
+    uint16_t const* signs;
+    int32_t const* block_table;
+    uint8_t* pool;
+    int64_t block_stride;
+    int64_t layer_offset;
+    int32_t max_blocks_per_seq;
+    int32_t num_kv_heads;
+    int32_t tpb_shift; // log2(tokens_per_block)
+    int32_t sink_tokens;
+    int32_t norm_correction;
+    int32_t bf16;
+    int32_t vec; // k, v, their token strides and the tables allow 8-byte loads of 4 channels
     int32_t max_q_len;
     float sqrt_d;
     float rsqrt_d;
-    int32_t bf16;
-    int32_t tpb_shift; // log2(tokens_per_block)
-    int32_t vec;       // k, v, their token strides and the tables allow 8-byte loads of 4 channels
+    uint16_t* sink_pool;
+    int32_t const* seq_slot;
+    uint8_t bits[kMaxKvHeads][2];
+    QuantHead head[kMaxKvHeads][2];
 };
 
 // Stand-ins for absent tables (mean 0, smoothing 1), so that every load is issued unconditionally;
@@ -72,41 +96,19 @@ __device__ __forceinline__ float codebookAt(int bits, int i)
     }
 }
 
-// Codebook value / boundary at an index known at compile time (unrolled loops): constant-bank
-// operands, no indexed constant loads.
-template <int B>
-__device__ __forceinline__ float codebookConst(int m)
+// Codebook value / boundary at an index known at compile time: immediate operands (no constant
+// bank, whose cache is cold at the kernel's start).
+template <int B, int J>
+struct CodebookConst
 {
-    if constexpr (B == 2)
-    {
-        return kDevCodebook2[m];
-    }
-    else if constexpr (B == 3)
-    {
-        return kDevCodebook3[m];
-    }
-    else
-    {
-        return kDevCodebook4[m];
-    }
-}
+    static constexpr float value = B == 2 ? kCodebook2[J] : (B == 3 ? kCodebook3[J] : kCodebook4[J]);
+};
 
-template <int B>
-__device__ __forceinline__ float boundaryConst(int j)
+template <int B, int J>
+struct BoundaryConst
 {
-    if constexpr (B == 2)
-    {
-        return kDevBoundaries2[j];
-    }
-    else if constexpr (B == 3)
-    {
-        return kDevBoundaries3[j];
-    }
-    else
-    {
-        return kDevBoundaries4[j];
-    }
-}
+    static constexpr float value = B == 2 ? kBoundaries2[J] : (B == 3 ? kBoundaries3[J] : kBoundaries4[J]);
+};
 
 // c[code] from the boundary comparisons p[j] = (u > beta[j]), code in [Lo, Lo + N): a select tree
 // on the middle comparison of each range (p is monotone: p[j] implies p[j-1]; a NaN makes all
@@ -116,7 +118,7 @@ __device__ __forceinline__ float codebookTree(bool const* p)
 {
     if constexpr (N == 1)
     {
-        return codebookConst<B>(Lo);
+        return CodebookConst<B, Lo>::value;
     }
     else
     {
@@ -137,6 +139,17 @@ __device__ __forceinline__ int countTrue(bool const* p)
     else
     {
         return countTrue<Lo, N / 2>(p) + countTrue<Lo + N / 2, N - N / 2>(p);
+    }
+}
+
+// p[j] = u > beta[j] for j in [J, N).
+template <int B, int J, int N>
+__device__ __forceinline__ void compareBoundaries(float u, bool* p)
+{
+    if constexpr (J < N)
+    {
+        p[J] = u > BoundaryConst<B, J>::value;
+        compareBoundaries<B, J + 1, N>(u, p);
     }
 }
 
@@ -167,11 +180,7 @@ __device__ __forceinline__ int turboCode(float u, float& c)
     {
         constexpr int kLevels = 1 << B;
         bool p[kLevels - 1];
-#pragma unroll
-        for (int j = 0; j < kLevels - 1; ++j)
-        {
-            p[j] = u > boundaryConst<B>(j);
-        }
+        compareBoundaries<B, 0, kLevels - 1>(u, p);
         c = codebookTree<B, 0, kLevels>(p);
         return countTrue<0, kLevels - 1>(p);
     }
@@ -335,7 +344,7 @@ __device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&
     __syncwarp();
 
     // codes: whole 32-bit words of the tile (quantize_tile.cuh), before the second sum
-    uint8_t* const block = a.kv.pool + a.kv.layer_offset + dst.blk * a.kv.block_stride;
+    uint8_t* const block = a.pool + a.layer_offset + dst.blk * a.block_stride;
     uint8_t* const tile = block + dst.codesOff + (dst.r / kTileTokens) * kTileTokens * (D * B / 8);
     int const tau = dst.r % kTileTokens;
     if (!isV)
@@ -368,7 +377,7 @@ __device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&
     }
 
     float scale;
-    if (a.layer.norm_correction)
+    if (a.norm_correction)
     {
         // only the 8-bit codebook has a zero level: every code at it (a zero vector) gives scale 0
         float const cn = __fsqrt_rn(orderedSum<D>(cq, lane));
@@ -385,7 +394,8 @@ __device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&
     }
 }
 
-template <int D>
+// Decode: one new token per sequence (row b of k and v), no cu_q.
+template <int D, bool Decode>
 __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_constant__ QuantArgs const a)
 {
     constexpr int E = D / 32;
@@ -393,8 +403,7 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     __shared__ __align__(16) float cq[kQuantWarps][D];
     __shared__ __align__(16) uint32_t codeWords[kQuantWarps][D / 4];
 
-    KvLayerDesc const& L = a.layer;
-    int const H = L.num_kv_heads;
+    int const H = a.num_kv_heads;
     int const warp = threadIdx.x >> 5;
     int const lane = threadIdx.x & 31;
     int const b = blockIdx.y;
@@ -402,28 +411,28 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     int const which = wid & 1; // 0: K, 1: V (separate warps, in parallel)
     int i = 0;
     int h = wid >> 1;
-    if (a.max_q_len > 1)
+    int rowBegin = b;
+    int qLen = 1;
+    if constexpr (!Decode)
     {
         i = h / H;
         h -= i * H;
+        seqRows(a.cu_q, b, rowBegin, qLen);
+        if (i >= qLen)
+        {
+            return;
+        }
     }
-    else if (h >= H)
-    {
-        return;
-    }
-    int rowBegin, qLen;
-    seqRows(a.cu_q, b, rowBegin, qLen);
-    if (i >= qLen)
-    {
-        return;
-    }
+    // a decode grid may round up past the last head: such a warp loads head H-1's row, stores nothing
+    bool const live = h < H;
+    int const hl = live ? h : H - 1;
     // every load that does not need the position first, so that their latencies overlap
     int const seqLen = a.seq_lens[b];
     int const c0 = lane * E;
-    int64_t const hc = static_cast<int64_t>(h) * D + c0;
-    uint16_t const* const meanT = which == 0 ? a.tables.k_mean : a.tables.v_mean;
-    uint16_t const* const smoothT = which == 0 ? a.tables.k_smooth : a.tables.v_smooth;
-    uint16_t const* const clipT = which == 0 ? a.tables.k_clip : a.tables.v_clip;
+    int64_t const hc = static_cast<int64_t>(hl) * D + c0;
+    uint16_t const* const meanT = a.mean[which];
+    uint16_t const* const smoothT = a.smooth[which];
+    uint16_t const* const clipT = a.clip[which];
     uint16_t const* const xp = static_cast<uint16_t const*>(a.src[which]) + (rowBegin + i) * a.stride[which] + hc;
     uint16_t const* const mp = meanT != nullptr ? meanT + hc : kZeroTable + c0;
     uint16_t const* const sp = smoothT != nullptr ? smoothT + hc : kOneTable + c0;
@@ -433,29 +442,29 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
         loadU16<E, true>(xp, xs);
         loadU16<E, true>(mp, mu);
         loadU16<E, true>(sp, sm);
-        loadU16<E, true>(a.tables.signs + c0, sg);
+        loadU16<E, true>(a.signs + c0, sg);
     }
     else
     {
         loadU16<E, false>(xp, xs);
         loadU16<E, false>(mp, mu);
         loadU16<E, false>(sp, sm);
-        loadU16<E, false>(a.tables.signs + c0, sg);
+        loadU16<E, false>(a.signs + c0, sg);
     }
-    float const gamma = clipT != nullptr ? h2f(__ldg(clipT + h)) : 1.F;
-    int const ns = L.sink_tokens;
-    int64_t const seqSlot = ns > 0 ? a.kv.seq_slot[b] : 0;
+    float const gamma = clipT != nullptr ? h2f(__ldg(clipT + hl)) : 1.F;
+    int const ns = a.sink_tokens;
+    int64_t const seqSlot = ns > 0 ? a.seq_slot[b] : 0;
+    int const bits = a.bits[hl][which];
+    SlotDest dst;
+    dst.codesOff = a.head[hl][which].codes_off;
+    dst.metaOff = a.head[hl][which].meta_off;
     int const pos = seqLen - qLen + i;
-    if (pos < 0)
+    if (pos < 0 || !live)
     {
         return;
     }
-    SlotDest dst;
-    dst.blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + (pos >> a.tpb_shift)];
-    dst.r = pos & (L.tokens_per_block - 1);
-    dst.codesOff = which == 0 ? L.k_codes_off[h] : L.v_codes_off[h];
-    dst.metaOff = which == 0 ? L.k_meta_off[h] : L.v_meta_off[h];
-    int const bits = which == 0 ? L.k_bits[h] : L.v_bits[h];
+    dst.blk = a.block_table[static_cast<int64_t>(b) * a.max_blocks_per_seq + (pos >> a.tpb_shift)];
+    dst.r = pos & ((1 << a.tpb_shift) - 1);
 
     // (x - mean) / smooth * signs, in fp32 (an absent table is mean 0 / smooth 1: exact no-ops)
     bool const bf16 = a.bf16 != 0;
@@ -513,7 +522,7 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     if (pos < ns)
     {
         // the fp16 copy; the token is also quantized into the block like every other one
-        uint16_t* const sink = a.kv.sink_pool + (((seqSlot * H + h) * 2 + which) * ns + pos) * D + c0;
+        uint16_t* const sink = a.sink_pool + (((seqSlot * H + h) * 2 + which) * ns + pos) * D + c0;
 #pragma unroll
         for (int e = 0; e < E; ++e)
         {
@@ -616,21 +625,30 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     }
     QuantArgs a;
     std::memset(&a, 0, sizeof(a));
-    a.layer = p.layer;
-    a.kv = p.kv;
-    a.tables = p.tables;
+    KvLayerDesc const& L = p.layer;
     a.src[0] = p.k;
     a.src[1] = p.v;
     a.stride[0] = p.k_token_stride;
     a.stride[1] = p.v_token_stride;
-    a.cu_q = p.cu_q_lens;
     a.seq_lens = p.seq_lens;
-    a.batch = p.batch;
-    a.max_q_len = maxQ;
-    a.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(p.layer.head_dim)));
-    a.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.layer.head_dim)));
+    a.cu_q = p.cu_q_lens;
+    a.mean[0] = p.tables.k_mean;
+    a.mean[1] = p.tables.v_mean;
+    a.smooth[0] = p.tables.k_smooth;
+    a.smooth[1] = p.tables.v_smooth;
+    a.clip[0] = p.tables.k_clip;
+    a.clip[1] = p.tables.v_clip;
+    a.signs = p.tables.signs;
+    a.block_table = p.kv.block_table;
+    a.pool = p.kv.pool;
+    a.block_stride = p.kv.block_stride;
+    a.layer_offset = p.kv.layer_offset;
+    a.max_blocks_per_seq = p.kv.max_blocks_per_seq;
+    a.num_kv_heads = L.num_kv_heads;
+    a.tpb_shift = L.tokens_per_block == 32 ? 5 : (L.tokens_per_block == 64 ? 6 : 7);
+    a.sink_tokens = L.sink_tokens;
+    a.norm_correction = L.norm_correction;
     a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
-    a.tpb_shift = p.layer.tokens_per_block == 32 ? 5 : (p.layer.tokens_per_block == 64 ? 6 : 7);
     // 8-byte loads of 4 channels at d = 128 (4-byte loads of 2 channels at d = 64)
     auto aligned8 = [](void const* q) { return q == nullptr || (reinterpret_cast<uintptr_t>(q) & 7u) == 0; };
     a.vec = aligned8(p.k) && aligned8(p.v) && p.k_token_stride % 4 == 0 && p.v_token_stride % 4 == 0
@@ -638,11 +656,31 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
             && aligned8(p.tables.v_smooth) && aligned8(p.tables.signs)
         ? 1
         : 0;
-    int64_t const warps = static_cast<int64_t>(maxQ) * p.layer.num_kv_heads * 2;
-    int const perCta = warps * p.batch <= kQuantSpreadWarps ? 1 : kQuantWarps;
+    a.max_q_len = maxQ;
+    a.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(L.head_dim)));
+    a.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(L.head_dim)));
+    a.sink_pool = p.kv.sink_pool;
+    a.seq_slot = p.kv.seq_slot;
+    for (int h = 0; h < L.num_kv_heads; ++h)
+    {
+        a.bits[h][0] = L.k_bits[h];
+        a.bits[h][1] = L.v_bits[h];
+        a.head[h][0] = QuantHead{L.k_codes_off[h], L.k_meta_off[h]};
+        a.head[h][1] = QuantHead{L.v_codes_off[h], L.v_meta_off[h]};
+    }
+    bool const decode = p.cu_q_lens == nullptr;
+    int64_t const warps = static_cast<int64_t>(maxQ) * L.num_kv_heads * 2;
+    int const perCta = static_cast<int>(warps < kQuantWarps ? warps : kQuantWarps);
     dim3 grid(static_cast<unsigned>((warps + perCta - 1) / perCta), static_cast<unsigned>(p.batch));
-    return dispatchHeadDim(p.layer.head_dim, [&](auto d) {
-        quantizeKvKernel<decltype(d)::value><<<grid, 32 * perCta, 0, stream>>>(a);
+    return dispatchHeadDim(L.head_dim, [&](auto d) {
+        if (decode)
+        {
+            quantizeKvKernel<decltype(d)::value, true><<<grid, 32 * perCta, 0, stream>>>(a);
+        }
+        else
+        {
+            quantizeKvKernel<decltype(d)::value, false><<<grid, 32 * perCta, 0, stream>>>(a);
+        }
         return cudaGetLastError();
     });
 }
