@@ -170,6 +170,47 @@ def test_write_bytes_match_reference(d, kb, vb, t, ns, nc, act):
     assert np.array_equal(sink_got.view(np.uint16), ref.sinks.view(np.uint16)), "sink pool differs"
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_write_from_unaligned_strided_rows(d):
+    """k and v rows at an odd token stride, 2 bytes off 8-byte alignment: the write kernel's
+    element-by-element load path (aligned inputs take the vector loads)."""
+    rng = _rng()
+    fmt = LayerFormat(d, (3, 8), (4, 2), sink_tokens=2, norm_correction=True)
+    h, t = fmt.kv_heads, 64
+    tables = _tables(h, d, rng)
+    lens = [int(x) for x in rng.integers(1, 200, 3)] + [1, 70]
+    bt, num_blocks = _block_tables(lens, t, rng)
+    quant = LayerQuantizer(fmt, tables)
+    ref = _reused_pool(quant, num_blocks, t, len(lens), rng)
+    layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
+    layer.pool.copy_(_to_gpu(ref.pool))
+    ks = [_kv(n, h, d, rng) for n in lens]
+    vs = [_kv(n, h, d, rng) for n in lens]
+
+    def strided(x):
+        # [n, h, d] -> a view of a NaN-filled buffer with token stride h*d + 1, starting one element in
+        buf = torch.full((x.shape[0], h * d + 1), float("nan"), dtype=torch.float16, device="cuda")
+        view = buf[:, 1:].unflatten(1, (h, d))
+        view.copy_(_to_gpu(x))
+        return view
+
+    pre = [n - 1 for n in lens]
+    cu = np.concatenate([[0], np.cumsum(pre)]).astype(np.int32)
+    kp = strided(np.concatenate([k[:-1] for k in ks]))
+    vp = strided(np.concatenate([v[:-1] for v in vs]))
+    assert kp.stride(0) % 4 != 0 and kp.data_ptr() % 8 != 0
+    K.quantize_kv(layer, kp, vp, bt, pre, cu_q_lens=cu, max_q_len=max(pre))
+    K.quantize_kv(layer, strided(np.stack([k[-1] for k in ks])), strided(np.stack([v[-1] for v in vs])), bt, lens)
+    torch.cuda.synchronize()
+    slots = np.arange(len(lens), dtype=np.int32)
+    for b, n in enumerate(lens):
+        ref.write(ks[b].astype(np.float32), vs[b].astype(np.float32), np.arange(n), bt, np.full(n, b), slots)
+    bad = int((layer.pool.cpu().numpy() != ref.pool).sum())
+    print(f"write from unaligned strided rows d={d}: {bad} mismatching bytes")
+    assert bad == 0
+    assert np.array_equal(layer.sink_pool.cpu().numpy().view(np.uint16), ref.sinks.view(np.uint16)), "sink pool differs"
+
+
 @pytest.mark.parametrize("t", [32, 128])
 def test_write_zero_and_tiny_vectors(t):
     """Zero vectors (8-bit: every code at the zero level, scale 0) and tiny ones, beside normal ones."""
