@@ -315,6 +315,34 @@ int computeMajor()
     return major;
 }
 
+// Whether `kern` may be a programmatic dependent launch on the current device: the device is sm_90+
+// and the code it runs was compiled for sm_90+, so it contains the griddepcontrol.wait (a library
+// built only for sm_80/sm_89 runs on a Hopper GPU through PTX compiled for sm_80, without it).
+// Checked once per kernel and device.
+template <auto Kern>
+bool pdlCapable()
+{
+    constexpr int kDevices = 64;
+    static signed char known[kDevices] = {}; // 0 unknown, 1 yes, -1 no
+    int dev = 0;
+    if (!TQ_DEC_PDL || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices)
+    {
+        return false;
+    }
+    if (known[dev] == 0)
+    {
+        cudaFuncAttributes fa{};
+        cudaError_t const e = computeMajor() >= 9 ? cudaFuncGetAttributes(&fa, Kern) : cudaErrorNotSupported;
+        if (e != cudaSuccess && e != cudaErrorNotSupported)
+        {
+            (void) cudaGetLastError(); // our failed query is not the caller's error
+        }
+        bool const ok = e == cudaSuccess && fa.ptxVersion >= 90;
+        known[dev] = ok ? 1 : -1;
+    }
+    return known[dev] == 1;
+}
+
 int hsubOf(int32_t num_q_heads, int32_t num_kv_heads)
 {
     int const group = std::max(1, num_q_heads / std::max(num_kv_heads, 1));
@@ -507,17 +535,18 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = TQ_DEC_PDL && computeMajor() >= 9 ? 1 : 0;
     return dispatchHeadDim(p.layer.head_dim, [&](auto d) {
         constexpr int D = decltype(d)::value;
         if (warpRows)
         {
             cfg.gridDim = dim3((p.batch * p.num_q_heads + kReduceWarps - 1) / kReduceWarps);
             cfg.blockDim = dim3(32 * kReduceWarps);
+            cfg.numAttrs = pdlCapable<decodeReduceKernel<D>>() ? 1 : 0;
             return cudaLaunchKernelEx(&cfg, decodeReduceKernel<D>, r);
         }
         cfg.gridDim = dim3(p.batch, p.num_q_heads);
         cfg.blockDim = dim3(D * kReduceParts);
+        cfg.numAttrs = pdlCapable<decodeReduceBlockKernel<D>>() ? 1 : 0;
         return cudaLaunchKernelEx(&cfg, decodeReduceBlockKernel<D>, r);
     });
 }
