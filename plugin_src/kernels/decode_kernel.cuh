@@ -34,10 +34,18 @@ constexpr int kQMax = 16383;                 // |q| is a 14-bit integer: hi = q 
 constexpr float kPMax = 65535.F;             // p' is a 16-bit unsigned integer: hi, lo = its two bytes (u8)
 constexpr float kMaxSlack = 3.F;             // the running maximum moves only when a score exceeds it
                                              // by 3 (log2 units), so p <= 8
+#ifndef TQ_DEC_P_BOUND
+// 0: p' against a grow-only bound (8x the largest V scale seen, the lazy maximum's slack); the
+//    tested default. 1 (experimental, compiled but never run on a GPU yet): a per-head bound on
+//    p * v_scale that follows each tile and shrinks by kPBoundShrink, for long splits with diffuse
+//    attention (benchmarks/NOTES.md, benchmarks/sim_pquant.py)
+#define TQ_DEC_P_BOUND 0
+#endif
 #ifndef TQ_DEC_PDL
 #define TQ_DEC_PDL 1 // the reduce kernel is a programmatic dependent launch of the split kernel (sm_90+)
 #endif
-constexpr int kMaxSplitKeys = 32768;         // int32 accumulators of O cannot overflow within a split
+constexpr int kMaxSplitKeys = 32768;
+constexpr float kPBoundShrink = 64.F;        // TQ_DEC_P_BOUND: a tile 64x below the bound re-bounds         // int32 accumulators of O cannot overflow within a split
 
 struct DecodeArgs
 {
@@ -544,16 +552,34 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     // ---- the quantized tiles ---------------------------------------------------------------------
     uint16_t* pbuf = pbufAll + warp * 2 * 8 * 32;
 
+#if TQ_DEC_P_BOUND
+    // per head (this lane's head of each n-tile): p' = p * vs * pfH <= 65535 against a bound pvB on
+    // p * vs that follows the tiles and also shrinks (benchmarks/sim_pquant.py)
+    float pvB[NT];
+    float pfH[NT];
+    float oScaleH[NT]; // 1 / (pfH * lambda_v)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+    {
+        pvB[nt] = 0.F;
+        pfH[nt] = 0.F;
+        oScaleH[nt] = 0.F;
+    }
+    auto oScaleOf = [&](int nt) { return oScaleH[nt]; };
+#else
     float vsMax = 0.F;     // V scales seen so far may reach this: p' = p * vs * pf <= kQMax
     float pf = 0.F;        // p' scale
     float oScale = 0.F;    // 1 / (pf * lambda_v)
+    auto oScaleOf = [&](int) { return oScale; };
+#endif
 
     auto flush = [&](int nt) {
+        float const os = oScaleOf(nt);
 #pragma unroll
         for (int m = 0; m < MT; ++m)
         {
-            oF[m][nt][0] += (static_cast<float>(accO[m][nt][0]) * 256.F + static_cast<float>(accO[m][nt][1])) * oScale;
-            oF[m][nt][1] += (static_cast<float>(accO[m][nt][2]) * 256.F + static_cast<float>(accO[m][nt][3])) * oScale;
+            oF[m][nt][0] += (static_cast<float>(accO[m][nt][0]) * 256.F + static_cast<float>(accO[m][nt][1])) * os;
+            oF[m][nt][1] += (static_cast<float>(accO[m][nt][2]) * 256.F + static_cast<float>(accO[m][nt][3])) * os;
 #pragma unroll
             for (int k = 0; k < 4; ++k)
             {
@@ -584,6 +610,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         bool const laneValid = lane >= lo && lane < hi;
         float const ksL = h2f(ksc);
         float const vsL = laneValid ? h2f(vsc) : 0.F;
+#if !TQ_DEC_P_BOUND
         if (__any_sync(0xffffffffu, vsL > vsMax)) // rare: the V-scale bound grows
         {
             float vmx = vsL;
@@ -601,6 +628,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             pf = __fdividef(kPMax, vsMax * exp2f(kMaxSlack));
             oScale = __fdividef(kInvLambdaV, pf);
         }
+#endif
 
         // S^T = K Q^T: m-tile mt holds slots 16mt + g (rows) and 16mt + 8 + g
         int accS[2][NT][4];
@@ -689,6 +717,42 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
                 mRun[nt] = gm;
             }
             bool const headOk = 4 * nt + t < nh;
+#if TQ_DEC_P_BOUND
+            float pv[4];
+            float pm = 0.F;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+            {
+                float const p = okI[i] ? exp2f(sc[i] - mRun[nt]) : 0.F;
+                lRun[nt] += p;
+                pv[i] = p * vsI[i];
+                pm = fmaxf(pm, pv[i]);
+            }
+            // the head's largest p * vs in this tile (its 8 lanes differ in g)
+            pm = fmaxf(pm, __shfl_xor_sync(0xffffffffu, pm, 4));
+            pm = fmaxf(pm, __shfl_xor_sync(0xffffffffu, pm, 8));
+            pm = fmaxf(pm, __shfl_xor_sync(0xffffffffu, pm, 16));
+            // a new bound when this tile would overflow it, or would use less than 1/kPBoundShrink
+            // of its range (every lane of a head decides alike)
+            bool const rebound = headOk && pm > 1e-30F && (pm > pvB[nt] || pm * kPBoundShrink < pvB[nt]);
+            if (__any_sync(0xffffffffu, rebound))
+            {
+                if (rebound)
+                {
+                    flush(nt);
+                    pvB[nt] = pm * 1.25F;
+                    pfH[nt] = __fdividef(kPMax, pvB[nt]);
+                    oScaleH[nt] = __fdividef(kInvLambdaV, pfH[nt]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+            {
+                // p * vs <= pvB: p' fits 16 bits; bytes (lo, hi) are the two u8 columns
+                uint32_t const pi = headOk ? min(__float2uint_rn(pv[i] * pfH[nt]), 65535u) : 0u;
+                pb[(4 * nt + t) * 32 + g + 8 * i] = static_cast<uint16_t>(pi);
+            }
+#else
 #pragma unroll
             for (int i = 0; i < 4; ++i)
             {
@@ -698,6 +762,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
                 uint32_t const pi = headOk ? min(__float2uint_rn(p * vsI[i] * pf), 65535u) : 0u;
                 pb[(4 * nt + t) * 32 + g + 8 * i] = static_cast<uint16_t>(pi);
             }
+#endif
         }
         __syncwarp();
         uint32_t pB[NT][2];
