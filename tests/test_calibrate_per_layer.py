@@ -275,3 +275,23 @@ def test_cli_per_layer_windows_then_eval(tmp_path):
     if len(set(ws)) > 1:
         assert "recent windows per layer" in row["description"]
     assert np.isfinite(row["ppl"])
+
+
+def test_cli_default_window_is_16_where_the_budget_fits(tmp_path):
+    """--recent auto (the default): 16 tokens, 8 or none when the budget cannot hold them."""
+    from click.testing import CliRunner
+
+    from test_cache import save_tiny_model_dir
+    from turboquant_trt.cli import cli
+
+    model = save_tiny_model_dir(str(tmp_path / "model"))
+    text = tmp_path / "text.txt"
+    text.write_bytes(("Sphinx of black quartz, judge my vow.\n" * 12).encode())
+    r = CliRunner().invoke(cli, ["calibrate", "--model", model, "--data", str(text), "--windows",
+                                 "1", "--ctx", "64", "--bits", "3.2,2.5,2.35", "--queries", "16",
+                                 "--out", str(tmp_path / "a")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    for b, w in (("3.20", 16), ("2.50", 8), ("2.35", 0)):
+        man = json.load(open(tmp_path / f"a-b{b}.json"))
+        assert [lf["recent_tokens"] for lf in man["format"]["layers"]] == [w, w], b
+        assert man["bits_per_element"] <= float(b) + 1e-9

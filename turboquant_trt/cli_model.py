@@ -114,12 +114,14 @@ def _git_commit() -> str:
                    f"table per budget (e.g. {FAMILY_BUDGETS}).")
 @click.option("--sinks", type=click.IntRange(0, 16), default=1, show_default=True,
               help="Leading tokens of every sequence kept in fp16.")
-@click.option("--recent", "recent_text", default="0", show_default=True,
+@click.option("--recent", "recent_text", default="auto", show_default=True,
               help="Recent-token window w (0-64, docs/format.md §5.2): each sequence's last w "
                    "tokens are also kept in fp16 and read instead of their codes; counted in the "
-                   "bits. A comma list (e.g. 0,8,16) writes tables for each window from one "
-                   "capture (NAME-w<w>...), or is the choice per layer with --window-choice "
-                   "per-layer. Not run by the CUDA kernels yet.")
+                   "bits. auto: 16, or 8 or 0 for a budget too small for 16 (per budget). A comma "
+                   "list (e.g. 0,8,16) writes tables for each window from one capture "
+                   "(NAME-w<w>...), or is the choice per layer with --window-choice per-layer. "
+                   "The CUDA kernels and the plugin do not read the window yet: --recent 0 makes "
+                   "tables they run.")
 @click.option("--window-choice", type=click.Choice(["fixed", "per-layer", "both"]),
               default="fixed", show_default=True,
               help="fixed: one table per --recent value, every layer with that window "
@@ -146,13 +148,16 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
 
     \b
     Recent-token windows (--recent): each window costs 16*w/1024 bits/element in the layers
-    that keep it. With several --recent values the sensitivity is estimated once per window
+    that keep it. The default (auto) keeps 16 tokens when the budget fits them (3.2 bits on
+    SmolLM2-135M: +2.9% perplexity on wikitext-2 instead of +9.0% without a window, see
+    docs/accuracy.md); the CUDA kernels do not read the window yet (--recent 0 for them). With several --recent values the sensitivity is estimated once per window
     on the same capture; --window-choice per-layer then picks every layer's window and bits
     jointly (an exact minimum of the summed estimate under the budget, every byte counted).
 
     \b
     Examples:
       turboquant calibrate --out tables/smollm2-b3.2              # model-generated text
+      turboquant calibrate --recent 0 --out tables/kernel-b3.2    # no window (GPU kernels)
       turboquant calibrate --data wiki.txt --skip-tokens 20480 --bits 6,5,4,3.2,2.8,2.5,2.3 \\
           --out tables/smollm2
       turboquant calibrate --data wiki.txt --skip-tokens 20480 --bits 3.2,2.5 \\
@@ -174,8 +179,10 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
     from .scale_table import ScaleTableError, table_paths
 
     budgets = _budgets(bits_text)
-    recents = _windows_list(recent_text)
-    jobs = []  # (window or PER_LAYER, budget, output name)
+    auto = recent_text.strip().lower() == "auto"
+    recents = [AUTO] if auto and window_choice == "fixed" else (
+        sorted(AUTO_WINDOWS) if auto else _windows_list(recent_text))
+    jobs = []  # (window, AUTO or PER_LAYER; budget; output name)
     if window_choice in ("fixed", "both"):
         for r in recents:
             base = _strip(out) + (f"-w{r}" if len(recents) > 1 else "")
@@ -197,10 +204,16 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
     # budgets are checked before calibrating: one below the smallest format of its window is
     # skipped with a message (an error when nothing remains)
     ident = lm.identity
+
+    def smallest(w):
+        return 2 + overhead_bits(ident.num_layers, ident.num_kv_heads, ident.head_dim, sinks, w)
+
+    jobs = [(next((w for w in AUTO_WINDOWS if b >= smallest(w) - 1e-9), 0) if r == AUTO else r,
+             b, n) for r, b, n in jobs]
     keep = []
     for r, b, n in jobs:
         rw = min(recents) if r == PER_LAYER else r
-        need = 2 + overhead_bits(ident.num_layers, ident.num_kv_heads, ident.head_dim, sinks, rw)
+        need = smallest(rw)
         if b < need - 1e-9:
             msg = (f"--bits {b} is below the smallest format with a {rw}-token window: 2-bit "
                    f"codes plus fp16 scales, {sinks} sink token(s), the window and tables need "
@@ -227,7 +240,8 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
         source = {"source": "generated", "sampling": "temperature 1, top-p 0.95, from BOS",
                   "seed": seed, "sequences": n_windows, "ctx": ctx, "tokens": n_windows * ctx}
     try:
-        res0 = run_calibration(lm.model, win, sinks=sinks, recent=recents[0], queries=queries,
+        first = jobs[0][0] if jobs[0][0] != PER_LAYER else recents[0]
+        res0 = run_calibration(lm.model, win, sinks=sinks, recent=first, queries=queries,
                                progress_factory=_bar)
     except CalibrationError as e:
         _fail(str(e))
@@ -235,7 +249,7 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
             "date": datetime.date.today().isoformat(), "commit": _git_commit()}
     rows = []
     seconds = res0.seconds
-    by_window = {recents[0]: res0}
+    by_window = {first: res0}
     need = recents if any(r == PER_LAYER for r, _, _ in jobs) else []
     for r in need + [r for r, _, _ in jobs if r != PER_LAYER]:
         if r not in by_window:
@@ -265,6 +279,8 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
 
 
 PER_LAYER = -1  # a job whose windows are chosen per layer
+AUTO = -2       # a job whose window is the largest of AUTO_WINDOWS that its budget fits
+AUTO_WINDOWS = (16, 8, 0)
 
 
 def _window_text(fmt) -> str:
