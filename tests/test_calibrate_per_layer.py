@@ -208,9 +208,6 @@ def test_mixed_windows_round_trip_and_cache(tmp_path, calibrated):
     assert (got - b).abs().max() > 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="cache.turboquant_attention hands window-less layers to "
-                   "SDPA with the mask transformers gives a custom attention function (None), "
-                   "so a multi-token update after earlier tokens is causal from the wrong corner")
 def test_window_less_layer_in_chunked_prefill_with_window_attention(calibrated):
     from turboquant_trt.cache import use_turboquant_attention
 

@@ -358,6 +358,12 @@ def turboquant_attention(module, query, key, value, attention_mask, scaling=None
 
     win: RecentWindow | None = getattr(key, WINDOW_ATTR, None)
     if win is None:
+        q, kl = query.shape[-2], key.shape[-2]
+        if attention_mask is None and 1 < q < kl:
+            # transformers gives a custom attention function no mask; SDPA's is_causal would be
+            # causal from the top-left corner, wrong for new tokens after cached ones
+            qpos = torch.arange(kl - q, kl, device=query.device)[:, None]
+            attention_mask = (torch.arange(kl, device=query.device)[None, :] <= qpos)[None, None]
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     length, new, w, e0 = win.length, win.new, win.w, win.start
