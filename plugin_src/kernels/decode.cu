@@ -57,18 +57,50 @@ constexpr int kDecCtasPerSm = kDecMinCtas; // __launch_bounds__ of the split ker
 constexpr int kDecMinKeysPerSplit = 128;
 
 constexpr int kReduceWarps = 8; // (sequence, query head) rows per reduce CTA, one warp each
-constexpr int kReduceBatch = 16; // partial outputs a lane loads at once
+constexpr int kReduceBatch = 16; // at most this many partials per row go to the warp reduce
+
+// The end of a reduce row, held by one warp (lane: channels PER*lane .. PER*lane + PER-1): the
+// value tables of the row's KV head, read before waiting for the split kernel (they do not come
+// from it), then R^-1 (shuffle butterflies), sv and mu_v on the normalized output, and the store.
+template <int D>
+struct ReduceRowOut
+{
+    static constexpr int PER = D / 32;
+    float sv[PER], mu[PER], sg[PER];
+
+    __device__ __forceinline__ void load(ReduceArgs const& a, int head, int lane)
+    {
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            int const ch = PER * lane + e;
+            int64_t const hv = static_cast<int64_t>(head) * D + ch;
+            sv[e] = tableOr(a.v_smooth, hv, 1.F);
+            mu[e] = tableOr(a.v_mean, hv, 0.F);
+            sg[e] = h2f(a.signs[ch]);
+        }
+    }
+
+    __device__ __forceinline__ void store(ReduceArgs const& a, float (&x)[PER], int b, int hq, int lane) const
+    {
+        warpWht<PER>(x, lane);
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            int const ch = PER * lane + e;
+            storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + ch,
+                sv[e] * (x[e] * a.rsqrt_d * sg[e]) + mu[e], a.bf16 != 0);
+        }
+    }
+};
 
 // Up to kReduceBatch partials: one warp per (sequence, query head), no shared memory and no
-// barrier: lane j holds the (max, sum) of partials j and j + 32, and channels PER*lane .. PER*lane +
-// PER-1 of every partial's output, loaded together with the maxima (the loop takes 16 partials per
-// round if it is ever given more); the weights go round by shuffles; then R^-1 (shuffle
-// butterflies), sv and mu_v. The value tables are read before waiting for the split kernel.
+// barrier: lane j holds the (max, sum) of partial j and channels PER*lane .. PER*lane + PER-1 of
+// every partial's output, all loaded at once; the weights go round by shuffles.
 template <int D>
 __global__ void __launch_bounds__(32 * kReduceWarps) decodeReduceKernel(ReduceArgs const a)
 {
     constexpr int PER = D / 32;
-    static_assert(kDecMaxSplits / kDecWarps <= 64, "two partials per lane");
     int const lane = threadIdx.x & 31;
     int const row = blockIdx.x * kReduceWarps + (threadIdx.x >> 5);
     if (row >= a.batch * a.num_q_heads)
@@ -77,89 +109,62 @@ __global__ void __launch_bounds__(32 * kReduceWarps) decodeReduceKernel(ReduceAr
     }
     int const b = row / a.num_q_heads;
     int const hq = row - b * a.num_q_heads;
-    int const n = a.num_splits;
-    int const head = hq / a.group;
-    float sv[PER], mu[PER], sg[PER];
-#pragma unroll
-    for (int e = 0; e < PER; ++e)
-    {
-        int const ch = PER * lane + e;
-        int64_t const hv = static_cast<int64_t>(head) * D + ch;
-        sv[e] = tableOr(a.v_smooth, hv, 1.F);
-        mu[e] = tableOr(a.v_mean, hv, 0.F);
-        sg[e] = h2f(a.signs[ch]);
-    }
-#if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // launched as a programmatic dependent of the split kernel: wait until its partials are written
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+    int const n = a.num_splits; // <= kReduceBatch (the host chooses this kernel so)
+    ReduceRowOut<D> fin;
+    fin.load(a, hq / a.group, lane);
+    waitForSplitKernel();
     int64_t const base = static_cast<int64_t>(row) * n;
-    float2 const* ml = reinterpret_cast<float2 const*>(a.ws_ml) + base;
     float const* wo = a.ws_o + base * D + PER * lane;
-    float2 const m0 = lane < n ? ml[lane] : make_float2(-INFINITY, 0.F);
-    float2 const m1 = lane + 32 < n ? ml[lane + 32] : make_float2(-INFINITY, 0.F);
+    float2 const m = lane < n ? reinterpret_cast<float2 const*>(a.ws_ml)[base + lane] : make_float2(-INFINITY, 0.F);
     float ov[kReduceBatch][PER];
-    auto loadBatch = [&](int s0) {
 #pragma unroll
-        for (int k = 0; k < kReduceBatch; ++k)
+    for (int k = 0; k < kReduceBatch; ++k)
+    {
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
         {
-            int const s = s0 + k;
-#pragma unroll
-            for (int e = 0; e < PER; ++e)
+            ov[k][e] = 0.F;
+        }
+        if (k < n) // every partial is written (zeros where a CTA had no keys)
+        {
+            if constexpr (PER == 4)
             {
-                ov[k][e] = 0.F;
+                float4 const v = *reinterpret_cast<float4 const*>(wo + static_cast<int64_t>(k) * D);
+                ov[k][0] = v.x;
+                ov[k][1] = v.y;
+                ov[k][2] = v.z;
+                ov[k][3] = v.w;
             }
-            if (s < n) // every partial is written (zeros where a CTA had no keys)
+            else
             {
-                if constexpr (PER == 4)
-                {
-                    float4 const v = *reinterpret_cast<float4 const*>(wo + static_cast<int64_t>(s) * D);
-                    ov[k][0] = v.x;
-                    ov[k][1] = v.y;
-                    ov[k][2] = v.z;
-                    ov[k][3] = v.w;
-                }
-                else
-                {
-                    float2 const v = *reinterpret_cast<float2 const*>(wo + static_cast<int64_t>(s) * D);
-                    ov[k][0] = v.x;
-                    ov[k][1] = v.y;
-                }
+                float2 const v = *reinterpret_cast<float2 const*>(wo + static_cast<int64_t>(k) * D);
+                ov[k][0] = v.x;
+                ov[k][1] = v.y;
             }
         }
-    };
-    loadBatch(0);
-    float mx = fmaxf(m0.x, m1.x);
+    }
+    float mx = m.x;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
     {
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     }
-    float const w0 = m0.x == -INFINITY ? 0.F : exp2f(m0.x - mx);
-    float const w1 = m1.x == -INFINITY ? 0.F : exp2f(m1.x - mx);
-    float den = w0 * m0.y + w1 * m1.y;
+    float const wt = m.x == -INFINITY ? 0.F : exp2f(m.x - mx);
+    float den = wt * m.y;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
     {
         den += __shfl_xor_sync(0xffffffffu, den, o);
     }
     float x[PER] = {};
-    for (int s0 = 0; s0 < n; s0 += kReduceBatch)
+#pragma unroll
+    for (int k = 0; k < kReduceBatch; ++k)
     {
-        if (s0 > 0)
-        {
-            loadBatch(s0);
-        }
+        float const w = __shfl_sync(0xffffffffu, wt, k); // 0 beyond n
 #pragma unroll
-        for (int k = 0; k < kReduceBatch; ++k)
+        for (int e = 0; e < PER; ++e)
         {
-            int const s = s0 + k;
-            float const w = __shfl_sync(0xffffffffu, s < 32 ? w0 : w1, s & 31);
-#pragma unroll
-            for (int e = 0; e < PER; ++e)
-            {
-                x[e] += w * ov[k][e]; // w = 0 beyond n
-            }
+            x[e] += w * ov[k][e];
         }
     }
     float const inv = den > 0.F ? 1.F / den : 0.F;
@@ -168,20 +173,14 @@ __global__ void __launch_bounds__(32 * kReduceWarps) decodeReduceKernel(ReduceAr
     {
         x[e] *= inv;
     }
-    warpWht<PER>(x, lane);
-#pragma unroll
-    for (int e = 0; e < PER; ++e)
-    {
-        int const ch = PER * lane + e;
-        storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + ch, sv[e] * (x[e] * a.rsqrt_d * sg[e]) + mu[e], a.bf16 != 0);
-    }
+    fin.store(a, x, b, hq, lane);
 }
 
 constexpr int kReduceParts = 4; // thread groups of D threads, each summing every 4th CTA partial
 
 // More than kReduceBatch partials (long sequences at small batch): one CTA of 4*D threads per
-// (sequence, query head) combines the CTA partials, then R^-1, sv, mu_v.
-// The value tables are read before waiting for the split kernel; then every thread issues all of its
+// (sequence, query head) combines the CTA partials, then R^-1, sv, mu_v (ReduceRowOut).
+// After the wait for the split kernel every thread issues all of its
 // loads at once: (max, sum) of partial `tid`, and max and output channel c of partials pi, pi+4, ...
 // (group `pi` of D threads). The maximum is a block reduction (one barrier); the weighted sums and
 // the denominator share the second barrier; warp 0 applies the inverse rotation with shuffles.
@@ -204,24 +203,12 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceBlockKernel(Redu
     int const c = tid % D;
     int const pi = tid / D;
     int const n = a.num_splits;
-    int const head = hq / a.group;
-    float sv[PER], mu[PER], sg[PER];
+    ReduceRowOut<D> fin;
     if (wid == 0)
     {
-#pragma unroll
-        for (int e = 0; e < PER; ++e)
-        {
-            int const ch = PER * lane + e;
-            int64_t const hv = static_cast<int64_t>(head) * D + ch;
-            sv[e] = tableOr(a.v_smooth, hv, 1.F);
-            mu[e] = tableOr(a.v_mean, hv, 0.F);
-            sg[e] = h2f(a.signs[ch]);
-        }
+        fin.load(a, hq / a.group, lane);
     }
-#if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // launched as a programmatic dependent of the split kernel: wait until its partials are written
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+    waitForSplitKernel();
     int64_t const base = (static_cast<int64_t>(b) * a.num_q_heads + hq) * n;
     float2 const v = tid < n ? reinterpret_cast<float2 const*>(a.ws_ml)[base + tid] : make_float2(-INFINITY, 0.F);
     float mk[kPer];
@@ -293,14 +280,7 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceBlockKernel(Redu
         }
         x[e] = acc * inv;
     }
-    warpWht<PER>(x, lane);
-#pragma unroll
-    for (int e = 0; e < PER; ++e)
-    {
-        int const ch = PER * lane + e;
-        float const outv = sv[e] * (x[e] * a.rsqrt_d * sg[e]) + mu[e];
-        storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + ch, outv, a.bf16 != 0);
-    }
+    fin.store(a, x, b, hq, lane);
 }
 
 // Compute capability major of the current device (programmatic dependent launch needs 9.0+).

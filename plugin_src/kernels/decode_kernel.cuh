@@ -71,28 +71,9 @@ struct DecodeArgs
     uint8_t heads[kMaxKvHeads];
 };
 
+// lambda_b of the int8-grid codebook c_b = e_b / lambda_b (docs/format.md §3.1)
 template <int B>
-struct CodebookI8;
-template <>
-struct CodebookI8<2>
-{
-    static constexpr float lambda = kCodebookLambda2;
-};
-template <>
-struct CodebookI8<3>
-{
-    static constexpr float lambda = kCodebookLambda3;
-};
-template <>
-struct CodebookI8<4>
-{
-    static constexpr float lambda = kCodebookLambda4;
-};
-template <>
-struct CodebookI8<8>
-{
-    static constexpr float lambda = kCodebookLambda8;
-};
+constexpr float kCodebookLambda = B == 2 ? kCodebookLambda2 : B == 3 ? kCodebookLambda3 : B == 4 ? kCodebookLambda4 : kCodebookLambda8;
 
 // int8 codebook bytes as PRMT tables: t[0] = e[0..3], t[1] = e[4..7], t[2] = e[8..11], t[3] = e[12..15].
 template <int B>
@@ -233,6 +214,23 @@ __device__ __forceinline__ void warpWht(float (&x)[PER], int lane)
     }
 }
 
+// Programmatic dependent launch (sm_90+ code only; the host enables it only for such code): the
+// split kernel lets the reduce kernel be scheduled once every split CTA has started, and the reduce
+// waits for the whole split grid (its memory included) before it reads the partials.
+__device__ __forceinline__ void allowReduceLaunch()
+{
+#if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+__device__ __forceinline__ void waitForSplitKernel()
+{
+#if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // One pipeline stage of a warp: the K tile, the V tile, then 32 K scales and 32 V scales (fp16).
 template <int D, int KB, int VB>
 struct DecStage
@@ -301,8 +299,8 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     constexpr int KS = D / 32;      // k-steps of S^T = K Q^T
     constexpr int MT = D / 16;      // m-tiles of O^T = V^T P^T
     constexpr float kNegInf = -INFINITY;
-    constexpr float kInvLambdaK = 1.F / CodebookI8<KB>::lambda;
-    constexpr float kInvLambdaV = 1.F / CodebookI8<VB>::lambda;
+    constexpr float kInvLambdaK = 1.F / kCodebookLambda<KB>;
+    constexpr float kInvLambdaV = 1.F / kCodebookLambda<VB>;
 
     extern __shared__ __align__(16) uint8_t smem[];
     float* qf = reinterpret_cast<float*>(smem);                                   // [8][D]
@@ -319,11 +317,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     int const hs = blockIdx.z % a.hsub;
     int const hq0 = head * a.group + hs * kDecHeadsPerCta;
     int const nh = min(kDecHeadsPerCta, a.group - hs * kDecHeadsPerCta); // query heads of this CTA
-#if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // the reduce kernel may be scheduled once every CTA of this grid has started (it waits for the
-    // whole grid before reading the partials)
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
+    allowReduceLaunch();
     int const seqLen = a.seq_lens[b];
     int const T = L.tokens_per_block;
     int const tShift = __ffs(T) - 1; // T is a power of two
