@@ -260,6 +260,21 @@ DECODE_CASES = [
 ]
 
 
+def _decode_error(rng, fmt, tables, g, t, lens, num_sms) -> tuple[float, int]:
+    """Relative error of decode_attention (poisoned output, fresh random queries) against the
+    float64 reference over the same dequantized cache, and the number of splits used."""
+    h, d = fmt.kv_heads, fmt.head_dim
+    quant, ref, layer, bt, slots, _ = _setup(fmt, tables, t, lens, rng)
+    q = (rng.normal(0, 1, (len(lens), h * g, d)) * 2).astype(np.float16)
+    out = torch.full((len(lens), h * g, d), float("nan"), dtype=torch.float16, device="cuda")
+    K.decode_attention(layer, _to_gpu(q), bt, lens, max(lens), out=out, num_sms=num_sms)
+    torch.cuda.synchronize()
+    want = np.concatenate([
+        reference_attention(quant, q[b:b + 1].astype(np.float32), *ref.read(bt[b], n, slots[b]))
+        for b, n in enumerate(lens)])
+    return _rel(out, want), K.library().tq_decode_num_splits(len(lens), h, max(lens), num_sms)
+
+
 @pytest.mark.parametrize("d,h,g,bits,t,ns,lens", DECODE_CASES)
 @pytest.mark.parametrize("num_sms", [0, 1])
 def test_decode_matches_float64_reference(d, h, g, bits, t, ns, lens, num_sms):
@@ -267,17 +282,7 @@ def test_decode_matches_float64_reference(d, h, g, bits, t, ns, lens, num_sms):
     fmt = LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns,
                       norm_correction=bool(rng.integers(0, 2)))
     tables = _tables(h, d, rng, plain=bool(rng.integers(0, 4) == 0))
-    quant, ref, layer, bt, slots, _ = _setup(fmt, tables, t, lens, rng)
-    hq = h * g
-    q = (rng.normal(0, 1, (len(lens), hq, d)) * 2).astype(np.float16)
-    out = torch.full((len(lens), hq, d), float("nan"), dtype=torch.float16, device="cuda")
-    K.decode_attention(layer, _to_gpu(q), bt, lens, max(lens), out=out, num_sms=num_sms)
-    torch.cuda.synchronize()
-    want = np.concatenate([
-        reference_attention(quant, q[b:b + 1].astype(np.float32), *ref.read(bt[b], n, slots[b]))
-        for b, n in enumerate(lens)])
-    err = _rel(out, want)
-    splits = K.library().tq_decode_num_splits(len(lens), h, max(lens), num_sms)
+    err, splits = _decode_error(rng, fmt, tables, g, t, lens, num_sms)
     print(f"decode d={d} H={h} g={g} bits={bits} T={t} ns={ns} splits={splits}: rel err {err:.2e}")
     assert err <= REL_TOL
 
@@ -292,19 +297,9 @@ def test_decode_matches_float64_reference(d, h, g, bits, t, ns, lens, num_sms):
 ])
 def test_decode_long_sequence(num_sms):
     rng = _rng()
-    d, h, g, t, ns, lens = 128, 1, 4, 64, 2, [20000, 7]
-    fmt = LayerFormat(d, (3,) * h, (3,) * h, sink_tokens=ns)
-    tables = _tables(h, d, rng)
-    quant, ref, layer, bt, slots, _ = _setup(fmt, tables, t, lens, rng)
-    q = (rng.normal(0, 1, (len(lens), h * g, d)) * 2).astype(np.float16)
-    out = torch.full((len(lens), h * g, d), float("nan"), dtype=torch.float16, device="cuda")
-    K.decode_attention(layer, _to_gpu(q), bt, lens, max(lens), out=out, num_sms=num_sms)
-    torch.cuda.synchronize()
-    want = np.concatenate([
-        reference_attention(quant, q[b:b + 1].astype(np.float32), *ref.read(bt[b], n, slots[b]))
-        for b, n in enumerate(lens)])
-    err = _rel(out, want)
-    splits = K.library().tq_decode_num_splits(len(lens), h, max(lens), num_sms)
+    d, h = 128, 1
+    fmt = LayerFormat(d, (3,) * h, (3,) * h, sink_tokens=2)
+    err, splits = _decode_error(rng, fmt, _tables(h, d, rng), 4, 64, [20000, 7], num_sms)
     print(f"decode long d={d} splits={splits}: rel err {err:.2e}")
     assert err <= REL_TOL
 
