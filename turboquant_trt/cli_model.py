@@ -35,12 +35,17 @@ def _bar(total: int, desc: str):
                 disable=not sys.stderr.isatty() and os.environ.get("TQ_PROGRESS") != "1")
 
 
-def _budgets(text: str) -> list[float]:
+def _number_list(text: str, cast, what: str, option: str) -> list:
+    """Comma-separated numbers of an option; a clear usage error when one does not parse."""
     try:
-        vals = [float(x) for x in text.replace(" ", "").split(",") if x]
+        return [cast(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise click.BadParameter(f"expected numbers separated by commas, got {text!r}",
-                                 param_hint="--bits") from None
+        raise click.BadParameter(f"expected {what} separated by commas, got {text!r}",
+                                 param_hint=option) from None
+
+
+def _budgets(text: str) -> list[float]:
+    vals = _number_list(text, float, "numbers", "--bits")
     if not vals or any(v <= 0 or v > 16 for v in vals):
         raise click.BadParameter("bit budgets must be in (0, 16]", param_hint="--bits")
     return vals
@@ -294,11 +299,7 @@ def _window_text(fmt) -> str:
 def _windows_list(text: str) -> list[int]:
     from .format import MAX_RECENT_TOKENS
 
-    try:
-        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise click.BadParameter(f"expected whole numbers separated by commas, got {text!r}",
-                                 param_hint="--recent") from None
+    vals = _number_list(text, int, "whole numbers", "--recent")
     if not vals or any(v < 0 or v > MAX_RECENT_TOKENS for v in vals):
         raise click.BadParameter(f"recent-token windows must be between 0 and {MAX_RECENT_TOKENS}",
                                  param_hint="--recent")
