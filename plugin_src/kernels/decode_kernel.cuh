@@ -34,18 +34,12 @@ constexpr int kQMax = 16383;                 // |q| is a 14-bit integer: hi = q 
 constexpr float kPMax = 65535.F;             // p' is a 16-bit unsigned integer: hi, lo = its two bytes (u8)
 constexpr float kMaxSlack = 3.F;             // the running maximum moves only when a score exceeds it
                                              // by 3 (log2 units), so p <= 8
-#ifndef TQ_DEC_P_BOUND
-// 0: p' against a grow-only bound (8x the largest V scale seen, the lazy maximum's slack); the
-//    tested default. 1 (experimental, compiled but never run on a GPU yet): a per-head bound on
-//    p * v_scale that follows each tile and shrinks by kPBoundShrink, for long splits with diffuse
-//    attention (benchmarks/NOTES.md, benchmarks/sim_pquant.py)
-#define TQ_DEC_P_BOUND 0
-#endif
 #ifndef TQ_DEC_PDL
 #define TQ_DEC_PDL 1 // the reduce kernel is a programmatic dependent launch of the split kernel (sm_90+)
 #endif
-constexpr int kMaxSplitKeys = 32768;
-constexpr float kPBoundShrink = 64.F;        // TQ_DEC_P_BOUND: a tile 64x below the bound re-bounds         // int32 accumulators of O cannot overflow within a split
+constexpr int kMaxSplitKeys = 32768;         // int32 accumulators of O cannot overflow within a split
+constexpr float kPBoundShrink = 64.F;   // a head's tile this far below its p * v_scale bound re-bounds
+constexpr float kPBoundHeadroom = 1.25F; // a new bound is the tile's largest p * v_scale times this
 
 struct DecodeArgs
 {
@@ -546,7 +540,6 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     // ---- the quantized tiles ---------------------------------------------------------------------
     uint16_t* pbuf = pbufAll + warp * 2 * 8 * 32;
 
-#if TQ_DEC_P_BOUND
     // per head (this lane's head of each n-tile): p' = p * vs * pfH <= 65535 against a bound pvB on
     // p * vs that follows the tiles and also shrinks (benchmarks/sim_pquant.py)
     float pvB[NT];
@@ -559,16 +552,9 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         pfH[nt] = 0.F;
         oScaleH[nt] = 0.F;
     }
-    auto oScaleOf = [&](int nt) { return oScaleH[nt]; };
-#else
-    float vsMax = 0.F;     // V scales seen so far may reach this: p' = p * vs * pf <= kQMax
-    float pf = 0.F;        // p' scale
-    float oScale = 0.F;    // 1 / (pf * lambda_v)
-    auto oScaleOf = [&](int) { return oScale; };
-#endif
 
     auto flush = [&](int nt) {
-        float const os = oScaleOf(nt);
+        float const os = oScaleH[nt];
 #pragma unroll
         for (int m = 0; m < MT; ++m)
         {
@@ -601,28 +587,6 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         // slots of this tile that count: [max(pos0, ns), ke)
         int const lo = max(pos0, ns) - pos0;
         int const hi = ke - pos0;
-        bool const laneValid = lane >= lo && lane < hi;
-        float const ksL = h2f(ksc);
-        float const vsL = laneValid ? h2f(vsc) : 0.F;
-#if !TQ_DEC_P_BOUND
-        if (__any_sync(0xffffffffu, vsL > vsMax)) // rare: the V-scale bound grows
-        {
-            float vmx = vsL;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
-            {
-                vmx = fmaxf(vmx, __shfl_xor_sync(0xffffffffu, vmx, o));
-            }
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-            {
-                flush(nt);
-            }
-            vsMax = vmx * 1.25F;
-            pf = __fdividef(kPMax, vsMax * exp2f(kMaxSlack));
-            oScale = __fdividef(kInvLambdaV, pf);
-        }
-#endif
 
         // S^T = K Q^T: m-tile mt holds slots 16mt + g (rows) and 16mt + 8 + g
         int accS[2][NT][4];
@@ -663,7 +627,10 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             }
         }
 
+        uint16_t* pb = pbuf + buf * 8 * 32;
         // softmax on the 4 slots g + 8i of head 4nt + t held by this thread
+        float const ksL = h2f(ksc);
+        float const vsL = lane >= lo && lane < hi ? h2f(vsc) : 0.F;
         float ksI[4];
         float vsI[4];
         bool okI[4];
@@ -675,7 +642,6 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             vsI[i] = __shfl_sync(0xffffffffu, vsL, slot);
             okI[i] = slot >= lo && slot < hi;
         }
-        uint16_t* pb = pbuf + buf * 8 * 32;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
         {
@@ -711,7 +677,6 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
                 mRun[nt] = gm;
             }
             bool const headOk = 4 * nt + t < nh;
-#if TQ_DEC_P_BOUND
             float pv[4];
             float pm = 0.F;
 #pragma unroll
@@ -734,7 +699,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
                 if (rebound)
                 {
                     flush(nt);
-                    pvB[nt] = pm * 1.25F;
+                    pvB[nt] = pm * kPBoundHeadroom;
                     pfH[nt] = __fdividef(kPMax, pvB[nt]);
                     oScaleH[nt] = __fdividef(kInvLambdaV, pfH[nt]);
                 }
@@ -742,21 +707,11 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 #pragma unroll
             for (int i = 0; i < 4; ++i)
             {
-                // p * vs <= pvB: p' fits 16 bits; bytes (lo, hi) are the two u8 columns
-                uint32_t const pi = headOk ? min(__float2uint_rn(pv[i] * pfH[nt]), 65535u) : 0u;
+                // p * vs <= pvB: p' <= 65535 (heads beyond nh never re-bound: pfH = 0, p' = 0);
+                // bytes (lo, hi) are the two u8 columns
+                uint32_t const pi = __float2uint_rn(pv[i] * pfH[nt]);
                 pb[(4 * nt + t) * 32 + g + 8 * i] = static_cast<uint16_t>(pi);
             }
-#else
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-            {
-                float const p = okI[i] ? exp2f(sc[i] - mRun[nt]) : 0.F;
-                lRun[nt] += p;
-                // p <= 2^kMaxSlack and vs <= vsMax: p' fits 16 bits; bytes (lo, hi) are the two u8 columns
-                uint32_t const pi = headOk ? min(__float2uint_rn(p * vsI[i] * pf), 65535u) : 0u;
-                pb[(4 * nt + t) * 32 + g + 8 * i] = static_cast<uint16_t>(pi);
-            }
-#endif
         }
         __syncwarp();
         uint32_t pB[NT][2];
