@@ -3,13 +3,15 @@
 
 decodeSplitKernel (plugin_src/kernels/decode_kernel.cuh) multiplies each key's softmax weight
 p = 2^(s - m) (m: the split's running maximum, moved only when a tile's best score exceeds it by 3)
-by the key's V scale and rounds the product to a 16-bit integer p' against a bound that only grows
-(8x the largest V scale seen so far, x1.25 headroom); O accumulates p' * code exactly in int32 and
-is folded into fp32 whenever the bound or m moves. This script replays that arithmetic per tile of
-32 keys on random scores (normal, sigma in log2 units) and 3-bit codes, and compares with the exact
-weighted sum. `--shrink F` models the alternative where the bound follows each tile's largest
-p * v_scale and also shrinks (with a fold) when a tile's maximum falls F times below it. Only the
-probability quantization is modelled (scores, scales and codes are exact).
+by the key's V scale and rounds the product to a 16-bit integer p' against a bound; O accumulates
+p' * code exactly in int32 and is folded into fp32 whenever the bound or m moves. This script
+replays that arithmetic per tile of 32 keys on random scores (normal, sigma in log2 units) and
+3-bit codes, and compares with the exact weighted sum, for two bounds:
+- 'grow': the kernel up to 2026-11-28 (451d9ec): 8x the largest V scale seen so far (x1.25), only
+  growing; it loses resolution over long splits with diffuse attention;
+- `--shrink F`: the kernel since 543662c (F = 64): per head, 1.25x the largest p * v_scale of the
+  tile that set it, set again when a tile exceeds it or falls F times below it.
+Only the probability quantization is modelled (scores, scales and codes are exact).
 
     python benchmarks/sim_pquant.py [--sigma 1 2 4 6.5] [--keys 32768] [--split 1376 128] [--shrink 16 64]
 """
@@ -82,7 +84,7 @@ def main():
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
     modes = [None] + list(a.shrink)
-    print("relative error (mean of trials) and folds per tile; 'grow' = the kernel today")
+    print("relative error (mean of trials) and folds per tile; 'shrink 64x' = the kernel today")
     for sigma in a.sigma:
         for split in a.split:
             res = {mode: [] for mode in modes}

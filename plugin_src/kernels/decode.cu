@@ -12,11 +12,13 @@
 //   - the per-vector K scale, 1/lambda and the softmax scale multiply the integer score once per
 //     (slot, head); the online softmax keeps a running maximum per head that moves only when a
 //     score exceeds it by more than 3 (log2 units), so p <= 8 (a warp vote detects the rare growth);
-//   - p' = p * v_scale is quantized to a 16-bit unsigned integer against 8x the largest V scale
-//     seen so far (x1.25 headroom); its two bytes are the u8 hi/lo columns of P^T (through a small
-//     per-warp shared buffer), and O^T += V^T P^T accumulates in int32 (s8 x u8 MMA); the int32
-//     accumulator is folded into fp32 whenever the running maximum or the V-scale bound grows, and
-//     at the end of the split (splits are at most 32K keys, so it cannot overflow);
+//   - p' = p * v_scale is quantized to a 16-bit unsigned integer against a bound per head that
+//     follows the tiles: 1.25x the head's largest p * v_scale of the tile that set it, set again
+//     when a tile exceeds it or falls 64x below it (so long splits with diffuse attention keep their
+//     resolution); its two bytes are the u8 hi/lo columns of P^T (through a small per-warp shared
+//     buffer), and O^T += V^T P^T accumulates in int32 (s8 x u8 MMA); the int32 accumulator is
+//     folded into fp32 whenever the running maximum or the bound moves, and at the end of the split
+//     (splits are at most 32K keys, so it cannot overflow);
 //   - each warp streams its tiles through 2-4 shared-memory stages filled by cp.async (consecutive
 //     lanes copy consecutive 16-byte pieces of the contiguous tile); the first copies are issued
 //     before the query prologue.
