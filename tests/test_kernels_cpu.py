@@ -8,10 +8,15 @@ from turboquant_trt import kernels as K  # noqa: E402
 from turboquant_trt.format import LayerFormat  # noqa: E402
 
 
-def test_window_formats_are_refused_before_any_kernel_call():
+def test_window_formats_allocate_a_ring_and_context_refuses_them():
     fmt = LayerFormat(64, (3, 3), (3, 3), recent_tokens=8)
-    with pytest.raises(K.KernelError, match="recent_tokens=8"):
-        K.KernelLayer.allocate(fmt, num_blocks=2, tokens_per_block=32, num_slots=1, device="cpu")
+    lay = K.KernelLayer.allocate(fmt, num_blocks=2, tokens_per_block=32, num_slots=3, device="cpu")
+    assert tuple(lay.recent_pool.shape) == (3, 2, 2, 8, 64)
+    assert torch.isnan(lay.recent_pool.float()).all()
+    # the context kernel does not read the window yet: refused before any library call
+    q = torch.zeros((2, 6, 64), dtype=torch.float16)
+    with pytest.raises(K.KernelError, match="recent_tokens=8: context attention"):
+        K.context_attention(lay, q, q[:, :2], q[:, :2], [[0, 1]], [2], [2], 2, 2)
 
 
 def test_window_free_format_allocates_on_cpu():
@@ -19,3 +24,4 @@ def test_window_free_format_allocates_on_cpu():
     lay = K.KernelLayer.allocate(fmt, num_blocks=3, tokens_per_block=64, num_slots=2, device="cpu")
     assert tuple(lay.pool.shape) == (3, fmt.block_layout(64).block_bytes)
     assert tuple(lay.sink_pool.shape) == (2, 2, 2, 1, 64)
+    assert tuple(lay.recent_pool.shape) == (2, 2, 2, 1, 64)

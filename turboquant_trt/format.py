@@ -188,12 +188,13 @@ class LayerFormat:
         return 16.0 / self.bits_per_element(ref_tokens, tables)
 
     def kernel_unsupported(self) -> str | None:
-        """Why the CUDA kernels cannot run this format yet (None when they can, as far as the
-        format's fields go; `turboquant_trt.kernels.is_supported` checks kind/bits/head_dim)."""
+        """Why the CUDA kernels together with the TensorRT plugin cannot serve this format yet
+        (None when they can, as far as the format's fields go; `turboquant_trt.kernels.is_supported`
+        checks kind/bits/head_dim)."""
         if self.recent_tokens:
-            return (f"recent_tokens={self.recent_tokens}: the CUDA kernels and the TensorRT plugin "
-                    "do not read the recent-token ring yet (docs/format.md §5.2); only the Python "
-                    "reference and cache implement it")
+            return (f"recent_tokens={self.recent_tokens}: the context (prefill) kernel and the "
+                    "TensorRT plugin do not read the recent-token ring yet (docs/format.md §5.2; the "
+                    "write, dequantize and decode kernels do); calibrate with --recent 0 for them")
         return None
 
     def block_layout(self, tokens_per_block: int) -> BlockLayout:

@@ -22,6 +22,7 @@ from typing import Optional
 from .format import FORMAT_VERSION, LayerFormat
 
 MAX_KV_HEADS = 128
+_CAPI_VERSION = 2  # TQ_CAPI_VERSION of plugin_src/include/turboquant/capi.h
 _ROOT = Path(__file__).resolve().parent
 _BUILD_HINT = ("build it with build_scripts/build_cuda.sh (needs nvcc and cmake), or reinstall with "
                "nvcc on PATH (pip install -e .), or point TURBOQUANT_LIB at libturboquant.so")
@@ -45,11 +46,11 @@ class _LayerC(ctypes.Structure):
     _fields_ = [
         ("head_dim", ctypes.c_int32), ("num_kv_heads", ctypes.c_int32),
         ("tokens_per_block", ctypes.c_int32), ("sink_tokens", ctypes.c_int32),
-        ("norm_correction", ctypes.c_int32),
+        ("norm_correction", ctypes.c_int32), ("recent_tokens", ctypes.c_int32),
         ("k_bits", ctypes.c_int32 * MAX_KV_HEADS), ("v_bits", ctypes.c_int32 * MAX_KV_HEADS),
         ("pool", ctypes.c_void_p), ("block_stride", ctypes.c_int64), ("layer_offset", ctypes.c_int64),
         ("block_table", ctypes.c_void_p), ("max_blocks_per_seq", ctypes.c_int32),
-        ("sink_pool", ctypes.c_void_p), ("seq_slot", ctypes.c_void_p),
+        ("sink_pool", ctypes.c_void_p), ("seq_slot", ctypes.c_void_p), ("recent_pool", ctypes.c_void_p),
         ("k_mean", ctypes.c_void_p), ("k_smooth", ctypes.c_void_p), ("v_mean", ctypes.c_void_p),
         ("v_smooth", ctypes.c_void_p), ("k_clip", ctypes.c_void_p), ("v_clip", ctypes.c_void_p),
         ("signs", ctypes.c_void_p),
@@ -68,7 +69,7 @@ def library() -> ctypes.CDLL:
             except OSError as e:
                 raise KernelError(f"{path} could not be loaded ({e}); {_BUILD_HINT}") from None
             _declare(lib)
-            if lib.tq_capi_version() != 1 or lib.tq_layer_struct_size() != ctypes.sizeof(_LayerC):
+            if lib.tq_capi_version() != _CAPI_VERSION or lib.tq_layer_struct_size() != ctypes.sizeof(_LayerC):
                 raise KernelError(f"{path} does not match this Python package (C API version or "
                                   f"struct size differ); rebuild it: {_BUILD_HINT}")
             version = _format_version(lib)
@@ -164,6 +165,7 @@ class KernelLayer:
     pool: "object"                 # uint8 [num_blocks, block_stride]
     sink_pool: "object"            # fp16 [num_slots, H, 2, max(n_s,1), d]
     signs: "object"                # fp16 [d]
+    recent_pool: Optional[object] = None  # fp16 [num_slots, H, 2, max(w,1), d] (docs/format.md §5.2)
     k_mean: Optional[object] = None     # fp16 [H, d]
     k_smooth: Optional[object] = None
     v_mean: Optional[object] = None
@@ -175,11 +177,9 @@ class KernelLayer:
     @classmethod
     def allocate(cls, fmt: LayerFormat, num_blocks: int, tokens_per_block: int, num_slots: int,
                  tables=None, device="cuda", fill: int = 0xA5) -> "KernelLayer":
-        """A pool of ``num_blocks`` blocks filled with ``fill`` and an fp16 sink pool (NaN)."""
+        """A pool of ``num_blocks`` blocks filled with ``fill``, an fp16 sink pool and an fp16
+        recent-token ring (both NaN)."""
         import torch
-        why = fmt.kernel_unsupported()
-        if why:
-            raise KernelError(why)
         lay = fmt.block_layout(tokens_per_block)
         pool = torch.full((num_blocks, lay.block_bytes), fill, dtype=torch.uint8, device=device)
         ns = max(fmt.sink_tokens, 1)
@@ -192,7 +192,9 @@ class KernelLayer:
         def h(x):
             return torch.as_tensor(x).to(device=device, dtype=torch.float16).contiguous()
 
-        return cls(fmt, tokens_per_block, pool, sink, h(tables.signs), h(tables.k_mean),
+        ring = torch.full((num_slots, fmt.kv_heads, 2, max(fmt.recent_tokens, 1), fmt.head_dim),
+                          float("nan"), dtype=torch.float16, device=device)
+        return cls(fmt, tokens_per_block, pool, sink, h(tables.signs), ring, h(tables.k_mean),
                    h(tables.k_smooth), h(tables.v_mean), h(tables.v_smooth), h(tables.k_clip),
                    h(tables.v_clip))
 
@@ -200,15 +202,13 @@ class KernelLayer:
         fmt = self.fmt
         if fmt.kind != "turbo" or not fmt.rotation:
             raise KernelError("the kernels implement kind 'turbo' with rotation only")
-        why = fmt.kernel_unsupported()
-        if why:
-            raise KernelError(why)
         s = _LayerC()
         s.head_dim = fmt.head_dim
         s.num_kv_heads = fmt.kv_heads
         s.tokens_per_block = self.tokens_per_block
         s.sink_tokens = fmt.sink_tokens
         s.norm_correction = int(fmt.norm_correction)
+        s.recent_tokens = fmt.recent_tokens
         for h in range(fmt.kv_heads):
             s.k_bits[h] = fmt.k_bits[h]
             s.v_bits[h] = fmt.v_bits[h]
@@ -219,6 +219,7 @@ class KernelLayer:
         s.max_blocks_per_seq = int(block_table.shape[1])
         s.sink_pool = _ptr(self.sink_pool)
         s.seq_slot = _ptr(seq_slot)
+        s.recent_pool = _ptr(self.recent_pool)
         for name in ("k_mean", "k_smooth", "v_mean", "v_smooth", "k_clip", "v_clip", "signs"):
             setattr(s, name, _ptr(getattr(self, name)))
         return s
@@ -315,6 +316,10 @@ def context_attention(layer: KernelLayer, q, k, v, block_table, q_lens, seq_lens
     """Causal attention of new tokens q [total, Hq, d] (rows packed per sequence) over the cache
     [0, position]; writes k, v [total, H, d] into the pool first when write_kv."""
     import torch
+    if layer.fmt.recent_tokens:
+        raise KernelError(f"recent_tokens={layer.fmt.recent_tokens}: context attention does not read "
+                          "the recent-token window yet (docs/format.md §5.2); write, dequantize and "
+                          "decode do")
     dev = q.device
     bt, ql, sl = _i32(block_table, dev), _i32(q_lens, dev), _i32(seq_lens, dev)
     slot = _i32(seq_slot if seq_slot is not None else range(sl.shape[0]), dev)

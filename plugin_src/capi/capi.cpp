@@ -36,6 +36,7 @@ char const* toViews(TqLayerC const* c, turboquant::KvLayerDesc& d, turboquant::P
     d.num_kv_heads = c->num_kv_heads;
     d.tokens_per_block = c->tokens_per_block;
     d.sink_tokens = c->sink_tokens;
+    d.recent_tokens = c->recent_tokens;
     d.kind = QuantKind::kTurbo;
     d.rotation = 1;
     d.norm_correction = c->norm_correction ? 1 : 0;
@@ -67,6 +68,7 @@ char const* toViews(TqLayerC const* c, turboquant::KvLayerDesc& d, turboquant::P
     kv.max_blocks_per_seq = c->max_blocks_per_seq;
     kv.sink_pool = static_cast<uint16_t*>(c->sink_pool);
     kv.seq_slot = c->seq_slot;
+    kv.recent_pool = static_cast<uint16_t*>(c->recent_pool);
     t.k_mean = static_cast<uint16_t const*>(c->k_mean);
     t.k_smooth = static_cast<uint16_t const*>(c->k_smooth);
     t.v_mean = static_cast<uint16_t const*>(c->v_mean);
@@ -90,6 +92,10 @@ char const* toViews(TqLayerC const* c, turboquant::KvLayerDesc& d, turboquant::P
     if (d.sink_tokens > 0 && (kv.sink_pool == nullptr || kv.seq_slot == nullptr))
     {
         return "sink_tokens > 0 needs sink_pool and seq_slot";
+    }
+    if (d.recent_tokens > 0 && (kv.recent_pool == nullptr || kv.seq_slot == nullptr))
+    {
+        return "recent_tokens > 0 needs recent_pool and seq_slot";
     }
     return nullptr;
 }
@@ -275,6 +281,11 @@ int32_t tq_context_attention(TqLayerC const* layer, void const* q, int64_t q_tok
     if (char const* why = toViews(layer, p.layer, p.kv, p.tables, num_q_heads))
     {
         return fail(why);
+    }
+    if (p.layer.recent_tokens > 0)
+    {
+        return fail("context attention does not read the recent-token window yet (recent_tokens > 0; "
+                    "docs/format.md §5.2): only write, dequantize and decode do");
     }
     p.q = q;
     p.q_token_stride = q_token_stride;

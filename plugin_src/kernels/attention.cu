@@ -188,6 +188,10 @@ char const* checkCommon(KvLayerDesc const& layer, PagedKvPool const& kv, LayerTa
     {
         return "sink_tokens > 0 needs sink_pool and seq_slot";
     }
+    if (layer.recent_tokens > 0 && (kv.recent_pool == nullptr || kv.seq_slot == nullptr))
+    {
+        return "recent_tokens > 0 needs recent_pool and seq_slot";
+    }
     if (tables.signs == nullptr)
     {
         return "tables.signs (the rotation's sign vector) is required";
@@ -323,7 +327,8 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
 {
     if (checkCommon(p.layer, p.kv, p.tables, p.num_q_heads) != nullptr || p.q == nullptr || p.out == nullptr
         || p.q_lens == nullptr || p.seq_lens == nullptr || p.batch < 0 || p.max_seq_len < 1 || p.max_q_len < 0
-        || p.total_q_tokens < 0 || (p.write_kv && (p.k == nullptr || p.v == nullptr)))
+        || p.total_q_tokens < 0 || (p.write_kv && (p.k == nullptr || p.v == nullptr))
+        || p.layer.recent_tokens > 0) // the recent-token window is not read here yet
     {
         return cudaErrorInvalidValue;
     }

@@ -392,6 +392,10 @@ char const* checkDecode(DecodeAttentionParams const& p)
     {
         return "sinks need sink_pool and seq_slot";
     }
+    if (p.layer.recent_tokens > 0 && (p.kv.recent_pool == nullptr || p.kv.seq_slot == nullptr))
+    {
+        return "a recent-token window needs recent_pool and seq_slot";
+    }
     if (p.tables.signs == nullptr || p.q == nullptr || p.out == nullptr || p.seq_lens == nullptr || p.batch < 0
         || p.max_seq_len < 1)
     {

@@ -323,6 +323,9 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     int const split = blockIdx.x * kDecWarps + warp;
     int const kb = split * a.split_len;
     int const ke = min(kb + a.split_len, seqLen);
+    // the recent-token window [wb, seqLen) is read from the fp16 ring, not from the tiles
+    int const wb = max(ns, seqLen - L.recent_tokens);
+    int const keQ = max(kb, min(ke, wb)); // quantized keys of this split: [max(kb, ns), keQ)
 
     // ---- the first tiles' copies start before the query prologue, which hides behind them ---------
     uint8_t const* layerBase = a.kv.pool + a.kv.layer_offset;
@@ -338,7 +341,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     using Stage = DecStage<D, KB, VB>;
     constexpr int STAGES = Stage::stages;
     uint8_t* stageBase = smem + decodePrologueBytes<D>() + warp * STAGES * Stage::bytes;
-    int const numTiles = (ke - kb + kDecTile - 1) / kDecTile;
+    int const numTiles = (keQ - kb + kDecTile - 1) / kDecTile;
     int const blk0 = kb >> tShift;
     int winBase = 0;
     int winVal = lane < a.kv.max_blocks_per_seq - blk0 ? __ldg(btab + blk0 + lane) : 0;
@@ -483,57 +486,68 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         }
     }
 
-    uint16_t const* sinkBase = nullptr;
-    int64_t const sinkRow = static_cast<int64_t>(ns > 0 ? ns : 1) * D;
-    if (ns > 0)
-    {
-        sinkBase = a.kv.sink_pool + (static_cast<int64_t>(a.kv.seq_slot[b]) * L.num_kv_heads + head) * 2 * sinkRow;
-    }
-
-    // ---- sink tokens (fp16, transformed domain): exact fp32 path --------------------------------
-    if (ns > 0 && kb < ns)
-    {
-        int const pe = min(ns, ke);
-        for (int p = kb; p < pe; ++p)
+    // ---- sink tokens and the recent-token window (fp16, transformed domain): exact fp32 path ------
+    // one key at a time: krow, vrow are its K and V rows (d fp16 values each)
+    auto exactKey = [&](uint16_t const* krow, uint16_t const* vrow) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
         {
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+            int const hh = 4 * nt + t;
+            float part = 0.F;
+            for (int c = g; c < D; c += 8)
             {
-                int const hh = 4 * nt + t;
-                float part = 0.F;
-                for (int c = g; c < D; c += 8)
-                {
-                    part += qf[hh * D + c] * h2f(sinkBase[static_cast<int64_t>(p) * D + c]);
-                }
-                part += __shfl_xor_sync(0xffffffffu, part, 4);
-                part += __shfl_xor_sync(0xffffffffu, part, 8);
-                part += __shfl_xor_sync(0xffffffffu, part, 16);
-                float const s = hh < nh ? part * a.q_scale : kNegInf;
-                if (s > mRun[nt])
-                {
-                    float const alpha = exp2f(mRun[nt] - s);
-#pragma unroll
-                    for (int m = 0; m < MT; ++m)
-                    {
-                        oF[m][nt][0] *= alpha;
-                        oF[m][nt][1] *= alpha;
-                    }
-                    lRun[nt] *= alpha;
-                    mRun[nt] = s;
-                }
-                float const pw = exp2f(s - mRun[nt]);
-                if (g == 0)
-                {
-                    lRun[nt] += pw; // one lane per head counts the sink (lanes of a head are summed at the end)
-                }
-                uint16_t const* vrow = sinkBase + sinkRow + static_cast<int64_t>(p) * D;
+                part += qf[hh * D + c] * h2f(krow[c]);
+            }
+            part += __shfl_xor_sync(0xffffffffu, part, 4);
+            part += __shfl_xor_sync(0xffffffffu, part, 8);
+            part += __shfl_xor_sync(0xffffffffu, part, 16);
+            float const s = hh < nh ? part * a.q_scale : kNegInf;
+            if (s > mRun[nt])
+            {
+                float const alpha = exp2f(mRun[nt] - s);
 #pragma unroll
                 for (int m = 0; m < MT; ++m)
                 {
-                    oF[m][nt][0] += pw * h2f(vrow[16 * m + g]);
-                    oF[m][nt][1] += pw * h2f(vrow[16 * m + 8 + g]);
+                    oF[m][nt][0] *= alpha;
+                    oF[m][nt][1] *= alpha;
                 }
+                lRun[nt] *= alpha;
+                mRun[nt] = s;
             }
+            float const pw = exp2f(s - mRun[nt]);
+            if (g == 0)
+            {
+                lRun[nt] += pw; // one lane per head counts the key (lanes of a head are summed at the end)
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+            {
+                oF[m][nt][0] += pw * h2f(vrow[16 * m + g]);
+                oF[m][nt][1] += pw * h2f(vrow[16 * m + 8 + g]);
+            }
+        }
+    };
+    if (ns > 0 && kb < ns)
+    {
+        int64_t const sinkRow = static_cast<int64_t>(ns) * D;
+        uint16_t const* sinkBase
+            = a.kv.sink_pool + (static_cast<int64_t>(a.kv.seq_slot[b]) * L.num_kv_heads + head) * 2 * sinkRow;
+        int const pe = min(ns, ke);
+        for (int p = kb; p < pe; ++p)
+        {
+            exactKey(sinkBase + static_cast<int64_t>(p) * D, sinkBase + sinkRow + static_cast<int64_t>(p) * D);
+        }
+    }
+    if (ke > max(kb, wb)) // positions [max(kb, wb), ke) of the window fall in this split
+    {
+        int const w = L.recent_tokens;
+        int64_t const ringRow = static_cast<int64_t>(w) * D;
+        uint16_t const* ring
+            = a.kv.recent_pool + (static_cast<int64_t>(a.kv.seq_slot[b]) * L.num_kv_heads + head) * 2 * ringRow;
+        for (int p = max(kb, wb); p < ke; ++p)
+        {
+            int64_t const r = static_cast<int64_t>(p % w) * D;
+            exactKey(ring + r, ring + ringRow + r);
         }
     }
 
@@ -584,9 +598,9 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         __syncwarp();
         issue(it + STAGES - 1);
 
-        // slots of this tile that count: [max(pos0, ns), ke)
+        // slots of this tile that count: [max(pos0, ns), keQ)
         int const lo = max(pos0, ns) - pos0;
-        int const hi = ke - pos0;
+        int const hi = keQ - pos0;
 
         // S^T = K Q^T: m-tile mt holds slots 16mt + g (rows) and 16mt + 8 + g
         int accS[2][NT][4];

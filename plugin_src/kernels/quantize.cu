@@ -5,7 +5,8 @@
 // into the block's 32-slot tiles (format version 2) as whole 32-bit words built in closed form
 // (quantize_tile.cuh): words the slot owns alone are stored, shared words get per-word atomics, so
 // the tokens of one tile can be written by concurrent warps; sink positions go to sink_pool and to
-// the block. All arithmetic is fp32 in the order docs/format.md fixes (IEEE add/mul/div/sqrt, no
+// the block, and a sequence's last w positions (recent_tokens = w) also to its fp16 ring in
+// recent_pool. All arithmetic is fp32 in the order docs/format.md fixes (IEEE add/mul/div/sqrt, no
 // fused multiply-add, the Hadamard butterflies in the reference order, sums in numpy's pairwise
 // order), so the bytes equal turboquant_trt.reference's bytes.
 //
@@ -62,6 +63,7 @@ struct QuantArgs
     int32_t num_kv_heads;
     int32_t tpb_shift; // log2(tokens_per_block)
     int32_t sink_tokens;
+    int32_t recent_tokens; // w: positions >= seq_len - w also go to recent_pool[slot][h][0|1][p % w]
     int32_t norm_correction;
     int32_t bf16;
     int32_t vec; // k, v, their token strides and the tables allow 8-byte loads of 4 channels
@@ -70,6 +72,7 @@ struct QuantArgs
     float rsqrt_d;
     uint16_t* sink_pool;
     int32_t const* seq_slot;
+    uint16_t* recent_pool;
     uint8_t bits[kMaxKvHeads][2];
     QuantHead head[kMaxKvHeads][2];
 };
@@ -453,7 +456,8 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     }
     float const gamma = clipT != nullptr ? h2f(__ldg(clipT + hl)) : 1.F;
     int const ns = a.sink_tokens;
-    int64_t const seqSlot = ns > 0 ? a.seq_slot[b] : 0;
+    int const w = a.recent_tokens;
+    int64_t const seqSlot = ns > 0 || w > 0 ? a.seq_slot[b] : 0;
     int const bits = a.bits[hl][which];
     SlotDest dst;
     dst.codesOff = a.head[hl][which].codes_off;
@@ -529,6 +533,15 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
             sink[e] = __half_as_ushort(__float2half_rn(x[e]));
         }
     }
+    if (pos >= seqLen - w) // w > 0: the recent-token ring (only the last w positions, so that the
+    {                      // tokens of one call never race for a ring entry)
+        uint16_t* const ring = a.recent_pool + (((seqSlot * H + h) * 2 + which) * w + pos % w) * D + c0;
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            ring[e] = __half_as_ushort(__float2half_rn(x[e]));
+        }
+    }
 
     bool const isV = which != 0;
     switch (bits)
@@ -579,6 +592,17 @@ __global__ void __launch_bounds__(128) dequantizeKvKernel(__grid_constant__ Dequ
             }
             continue;
         }
+        int const w = L.recent_tokens;
+        if (pos >= a.seq_lens[b] - w) // w > 0: the last w positions come from the ring
+        {
+            int64_t const slot = a.kv.seq_slot[b];
+            uint16_t const* src = a.kv.recent_pool + (((slot * H + h) * 2 + which) * w + pos % w) * D;
+            for (int c = lane; c < D; c += 32)
+            {
+                o[c] = src[c];
+            }
+            continue;
+        }
         int const bits = which == 0 ? L.k_bits[h] : L.v_bits[h];
         int const T = L.tokens_per_block;
         int64_t const blk = a.kv.block_table[static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + pos / T];
@@ -614,6 +638,7 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     if (tqCheckLayer(p.layer, p.layer.num_kv_heads) != nullptr || !tqTokensPerBlockValid(p.layer.tokens_per_block)
         || p.kv.pool == nullptr || p.kv.block_table == nullptr || p.k == nullptr || p.v == nullptr || p.seq_lens == nullptr || p.tables.signs == nullptr || p.batch < 0
         || (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr))
+        || (p.layer.recent_tokens > 0 && (p.kv.recent_pool == nullptr || p.kv.seq_slot == nullptr))
         || (p.cu_q_lens != nullptr && p.max_q_len < 0))
     {
         return cudaErrorInvalidValue;
@@ -647,6 +672,7 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     a.num_kv_heads = L.num_kv_heads;
     a.tpb_shift = L.tokens_per_block == 32 ? 5 : (L.tokens_per_block == 64 ? 6 : 7);
     a.sink_tokens = L.sink_tokens;
+    a.recent_tokens = L.recent_tokens;
     a.norm_correction = L.norm_correction;
     a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
     // 8-byte loads of 4 channels at d = 128 (4-byte loads of 2 channels at d = 64)
@@ -661,6 +687,7 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     a.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(L.head_dim)));
     a.sink_pool = p.kv.sink_pool;
     a.seq_slot = p.kv.seq_slot;
+    a.recent_pool = p.kv.recent_pool;
     for (int h = 0; h < L.num_kv_heads; ++h)
     {
         a.bits[h][0] = L.k_bits[h];
@@ -689,7 +716,8 @@ cudaError_t launchDequantizeKv(DequantizeKvParams const& p, cudaStream_t stream)
 {
     if (tqCheckLayer(p.layer, p.layer.num_kv_heads) != nullptr || !tqTokensPerBlockValid(p.layer.tokens_per_block)
         || p.kv.pool == nullptr || p.kv.block_table == nullptr || p.seq_lens == nullptr || p.k_out == nullptr || p.v_out == nullptr || p.batch < 0 || p.max_seq_len < 0
-        || (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr)))
+        || (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr))
+        || (p.layer.recent_tokens > 0 && (p.kv.recent_pool == nullptr || p.kv.seq_slot == nullptr)))
     {
         return cudaErrorInvalidValue;
     }

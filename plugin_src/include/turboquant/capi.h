@@ -11,10 +11,10 @@
 extern "C" {
 #endif
 
-#define TQ_CAPI_VERSION 1
+#define TQ_CAPI_VERSION 2
 #define TQ_MAX_KV_HEADS 128
 
-/* One layer: its format and where its pool, sinks and tables live (host struct). */
+/* One layer: its format and where its pool, sinks, recent-token ring and tables live (host struct). */
 typedef struct TqLayerC
 {
     int32_t head_dim;
@@ -22,6 +22,7 @@ typedef struct TqLayerC
     int32_t tokens_per_block;
     int32_t sink_tokens;
     int32_t norm_correction;
+    int32_t recent_tokens;      /* w: 0..64 (docs/format.md §5.2); context attention refuses w > 0 */
     int32_t k_bits[TQ_MAX_KV_HEADS];
     int32_t v_bits[TQ_MAX_KV_HEADS];
     void* pool;                 /* [num_blocks][block_stride] uint8 */
@@ -30,7 +31,8 @@ typedef struct TqLayerC
     int32_t const* block_table; /* [batch][max_blocks_per_seq] int32 */
     int32_t max_blocks_per_seq;
     void* sink_pool;            /* [num_slots][H][2][max(n_s,1)][d] fp16 */
-    int32_t const* seq_slot;    /* [batch] int32 */
+    int32_t const* seq_slot;    /* [batch] int32 row of sink_pool and recent_pool */
+    void* recent_pool;          /* [num_slots][H][2][max(w,1)][d] fp16 */
     void const* k_mean;         /* [H][d] fp16 or NULL */
     void const* k_smooth;
     void const* v_mean;

@@ -20,6 +20,7 @@ namespace turboquant
 constexpr int32_t kFormatVersion = 2;
 constexpr int32_t kMaxKvHeads = 128;        // KV heads of one layer the params structs can describe
 constexpr int32_t kMaxSinkTokens = 16;      // n_s
+constexpr int32_t kMaxRecentTokens = 64;    // w (§5.2)
 constexpr int32_t kMaxTokensPerBlock = 128; // T
 constexpr int32_t kTileTokens = 32;         // codes are stored in tiles of 32 token slots (docs/format.md §5)
 constexpr int32_t kMaxHeadDim = 256;        // largest head_dim of the format (kernels: see isSupported)
@@ -59,6 +60,8 @@ struct KvLayerDesc
     int32_t num_kv_heads;      // H, at most kMaxKvHeads
     int32_t tokens_per_block;  // T: 32, 64 or 128 (whole tiles of kTileTokens slots)
     int32_t sink_tokens;       // n_s: 0..16 first positions kept in fp16 in sink_pool
+    int32_t recent_tokens;     // w: 0..64 last positions of each sequence also kept in fp16 in
+                               //   recent_pool (§5.2; write, dequantize and decode read it)
     QuantKind kind;            // kernels: kTurbo only
     int32_t rotation;          // 1: randomized Hadamard rotation (kernels: required)
     int32_t norm_correction;   // 1: scale keeps the norm of the dequantized vector (§3.1)
@@ -175,10 +178,12 @@ TQ_HOST_DEVICE constexpr int32_t tqTileUnitOffset(int32_t d, int32_t bits, int32
 //   slot r = p % T: codes in tile r / 32 (slot r % 32, see tqTilePos), scales in row r of the
 //   meta arrays. Positions p < sink_tokens are also kept (transformed, unquantized) in
 //   sink_pool[seq_slot[b]][h][0 = K, 1 = V][p][:], which is what the readers use for them.
+//   With recent_tokens = w > 0, position p is also kept in recent_pool[seq_slot[b]][h][0|1][p % w][:]
+//   while p >= L - w (L: the sequence's length), which is what the readers use for those positions.
 //
 // Invariants (checked by the launchers): pool, block_stride and layer_offset are multiples of 16;
 // layer_offset + block_bytes <= block_stride; sink_pool and seq_slot are non-null when
-// sink_tokens > 0.
+// sink_tokens > 0; recent_pool and seq_slot are non-null when recent_tokens > 0.
 struct PagedKvPool
 {
     uint8_t* pool;                // [num_blocks][block_stride] uint8, read and written in place
@@ -187,7 +192,8 @@ struct PagedKvPool
     int32_t const* block_table;   // [batch][max_blocks_per_seq] int32 physical block ids
     int32_t max_blocks_per_seq;   // row length of block_table
     uint16_t* sink_pool;          // [num_slots][H][2][max(n_s,1)][d] fp16 bits (may be null if n_s == 0)
-    int32_t const* seq_slot;      // [batch] int32 sink_pool row of each sequence (may be null if n_s == 0)
+    int32_t const* seq_slot;      // [batch] int32 sink_pool / recent_pool row of each sequence (may be null if n_s == w == 0)
+    uint16_t* recent_pool;        // [num_slots][H][2][max(w,1)][d] fp16 bits (may be null if w == 0)
 };
 
 // The layer's calibrated tables (docs/format.md §2), fp16 device pointers. A null pointer means

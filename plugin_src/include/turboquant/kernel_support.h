@@ -75,6 +75,10 @@ inline char const* tqCheckLayer(KvLayerDesc const& desc, int32_t num_q_heads)
     {
         return "sink_tokens must be between 0 and 16";
     }
+    if (desc.recent_tokens < 0 || desc.recent_tokens > kMaxRecentTokens)
+    {
+        return "recent_tokens must be between 0 and 64";
+    }
     for (int32_t h = 0; h < desc.num_kv_heads; ++h)
     {
         if (!tqKernelBitsSupported(desc.k_bits[h]) || !tqKernelBitsSupported(desc.v_bits[h]))
