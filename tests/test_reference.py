@@ -505,3 +505,39 @@ def test_reference_attention_with_window_matches_per_query_attention():
     assert np.abs(plain - got).max() > 1e-3  # the window changes the result
     with pytest.raises(FormatError, match="needs q_positions"):
         reference_attention(q, qs, kq, vq, None, k_exact=k16, v_exact=v16)
+
+
+def test_window_kernel_tests_can_fail_when_the_ring_is_ignored():
+    """tests/test_kernels_gpu.py::test_decode_reads_recent_window compares the kernel with the
+    reference within 1e-3. On data like its (short sequences inside the window, long ones beyond)
+    the attention output with the fp16 window and with codes in its place differ by far more, so a
+    kernel that read the codes instead of the ring would fail that test."""
+    import copy
+    import dataclasses
+
+    from turboquant_trt.reference import PagedPool, reference_attention
+
+    rng = np.random.default_rng(7)
+    d, h, g, t, w = 64, 2, 4, 32, 16
+    lens = [1, 15, 16, 17, 200]
+    fmt = LayerFormat(d, (3,) * h, (3,) * h, recent_tokens=w)
+    tables = LayerTables.identity(h, d, 3)
+    quant = LayerQuantizer(fmt, tables)
+    need = [math.ceil(n / t) for n in lens]
+    bt = np.zeros((len(lens), max(need)), np.int32)
+    start = np.concatenate([[0], np.cumsum(need)])
+    for b, n in enumerate(need):
+        bt[b, :n] = np.arange(start[b], start[b] + n)
+    pool = PagedPool(quant, int(start[-1]), t, num_slots=len(lens))
+    for b, n in enumerate(lens):
+        k = rng.normal(0, 1, (n, h, d)) + rng.normal(0, 2, (1, h, d))
+        v = rng.normal(0, 1, (n, h, d)) + rng.normal(0, 2, (1, h, d))
+        pool.write(k, v, np.arange(n), bt, np.full(n, b), np.arange(len(lens)))
+    codes_view = copy.copy(pool)  # the same bytes read as if there were no window
+    codes_view.q = LayerQuantizer(dataclasses.replace(fmt, recent_tokens=0), tables)
+    q = rng.normal(0, 2, (len(lens), h * g, d))
+    want = np.concatenate([reference_attention(quant, q[b:b + 1], *pool.read(bt[b], n, b))
+                           for b, n in enumerate(lens)])
+    codes = np.concatenate([reference_attention(quant, q[b:b + 1], *codes_view.read(bt[b], n, b))
+                            for b, n in enumerate(lens)])
+    assert np.linalg.norm(codes - want) / np.linalg.norm(want) > 20 * 1e-3
