@@ -8,15 +8,16 @@ from turboquant_trt import kernels as K  # noqa: E402
 from turboquant_trt.format import LayerFormat  # noqa: E402
 
 
-def test_window_formats_allocate_a_ring_and_context_refuses_them():
+def test_window_formats_allocate_a_ring_and_need_write_kv_in_context():
     fmt = LayerFormat(64, (3, 3), (3, 3), recent_tokens=8)
     lay = K.KernelLayer.allocate(fmt, num_blocks=2, tokens_per_block=32, num_slots=3, device="cpu")
     assert tuple(lay.recent_pool.shape) == (3, 2, 2, 8, 64)
     assert torch.isnan(lay.recent_pool.float()).all()
-    # the context kernel does not read the window yet: refused before any library call
+    # with a window, context attention must write the new tokens itself: refused before any
+    # library call otherwise
     q = torch.zeros((2, 6, 64), dtype=torch.float16)
-    with pytest.raises(K.KernelError, match="recent_tokens=8: context attention"):
-        K.context_attention(lay, q, q[:, :2], q[:, :2], [[0, 1]], [2], [2], 2, 2)
+    with pytest.raises(K.KernelError, match="recent_tokens=8: .*write_kv=True"):
+        K.context_attention(lay, q, None, None, [[0, 1]], [2], [2], 2, 2, write_kv=False)
 
 
 def test_window_free_format_allocates_on_cpu():

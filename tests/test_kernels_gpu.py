@@ -10,7 +10,9 @@ unused entries point far outside the pool. Skipped without a CUDA GPU.
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import dataclasses
 import math
 
 import numpy as np
@@ -392,8 +394,30 @@ CONTEXT_CASES = [
 
 @pytest.mark.parametrize("d,h,g,bits,t,ns,prefix,new", CONTEXT_CASES)
 def test_context_chunked_prefill_matches_reference(d, h, g, bits, t, ns, prefix, new):
+    _check_context(d, h, g, bits, t, ns, prefix, new, 0)
+
+
+CONTEXT_WINDOW_CASES = [
+    # d, H, g, bits, T, sinks, window, prefix lens, new-token counts
+    (128, 2, 4, (3, 3), 32, 0, 16, [0, 37, 300], [25, 1, 70]),
+    (64, 3, 3, (3, 3), 64, 4, 8, [0, 100], [130, 9]),
+    (128, 1, 8, (4, 2), 128, 2, 64, [5, 0, 70], [3, 40, 100]),
+    (64, 2, 1, (2, 8), 32, 0, 1, [513, 0], [17, 200]),
+    (128, 2, 16, (3, 4), 128, 16, 32, [0, 3, 20], [33, 64, 5]),
+    (64, 4, 2, (8, 4), 32, 0, 64, [1000, 250], [300, 7]),
+]
+
+
+@pytest.mark.parametrize("d,h,g,bits,t,ns,w,prefix,new", CONTEXT_WINDOW_CASES)
+def test_context_recent_window_matches_reference(d, h, g, bits, t, ns, w, prefix, new):
+    """Each query at position p reads keys p - w < j <= p in fp16 (the chunk's own tokens and the
+    ring's earlier ones); afterwards the ring holds each sequence's last w positions."""
+    _check_context(d, h, g, bits, t, ns, prefix, new, w)
+
+
+def _check_context(d, h, g, bits, t, ns, prefix, new, w):
     rng = _rng()
-    fmt = LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns)
+    fmt = LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns, recent_tokens=w)
     tables = _tables(h, d, rng)
     lens = [p + n for p, n in zip(prefix, new)]
     bt, num_blocks = _block_tables(lens, t, rng)
@@ -401,12 +425,18 @@ def test_context_chunked_prefill_matches_reference(d, h, g, bits, t, ns, prefix,
     ref = _reused_pool(quant, num_blocks, t, len(lens), rng)
     slots = np.arange(len(lens), dtype=np.int32)
     layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
-    news_k, news_v = [], []
+    news_k, news_v, exact = [], [], []
+    pre = PagedPool(quant, num_blocks, t, num_slots=len(lens))  # the ring as the prefix left it
     for b, (p, n) in enumerate(zip(prefix, new)):
         k = _kv(p + n, h, d, rng)
         v = _kv(p + n, h, d, rng)
         ref.write(k.astype(np.float32), v.astype(np.float32), np.arange(p + n), bt,
                   np.full(p + n, b), slots)
+        if w and p:
+            pre.write(k[:p].astype(np.float32), v[:p].astype(np.float32), np.arange(p), bt,
+                      np.full(p, b), slots)
+        exact.append(tuple(quant.transform(x.astype(np.float32), kind).astype(np.float16).astype(np.float32)
+                           for x, kind in ((k, "k"), (v, "v"))))
         news_k.append(k[p:])
         news_v.append(v[p:])
     # the GPU pool starts as the reference's bytes with the new tokens' slots scrubbed (random
@@ -430,6 +460,7 @@ def test_context_chunked_prefill_matches_reference(d, h, g, bits, t, ns, prefix,
         for pos in range(p, min(p + n, ns)):
             sinks_np[b, :, :, pos] = np.nan
     layer.sink_pool.copy_(_to_gpu(sinks_np))
+    layer.recent_pool.copy_(_to_gpu(pre.recent))
 
     q_new = [rng.normal(0, 1, (n, h * g, d)).astype(np.float16) for n in new]
     q = _to_gpu(np.concatenate(q_new))
@@ -440,12 +471,27 @@ def test_context_chunked_prefill_matches_reference(d, h, g, bits, t, ns, prefix,
     torch.cuda.synchronize()
     # the kernel's writes equal the reference bytes
     assert int((layer.pool.cpu().numpy() != ref.pool).sum()) == 0
-    want = np.concatenate([
-        reference_attention(quant, q_new[b].astype(np.float32), *ref.read(bt[b], p + n, slots[b]),
-                            q_positions=np.arange(p, p + n))
-        for b, (p, n) in enumerate(zip(prefix, new))])
+    if w:
+        ring = layer.recent_pool.cpu().numpy().view(np.uint16)
+        held = ref.recent_positions >= 0
+        for b in range(len(lens)):
+            assert np.array_equal(ring[b][:, :, held[b]], ref.recent.view(np.uint16)[b][:, :, held[b]]), \
+                f"ring of sequence {b} differs"
+        # per query position its own window (reference_attention), over the codes and the sinks
+        codes_view = copy.copy(ref)
+        codes_view.q = LayerQuantizer(dataclasses.replace(fmt, recent_tokens=0), tables)
+        want = np.concatenate([
+            reference_attention(quant, q_new[b].astype(np.float32), *codes_view.read(bt[b], p + n, slots[b]),
+                                q_positions=np.arange(p, p + n), k_exact=exact[b][0], v_exact=exact[b][1])
+            for b, (p, n) in enumerate(zip(prefix, new))])
+    else:
+        want = np.concatenate([
+            reference_attention(quant, q_new[b].astype(np.float32), *ref.read(bt[b], p + n, slots[b]),
+                                q_positions=np.arange(p, p + n))
+            for b, (p, n) in enumerate(zip(prefix, new))])
     err = _rel(out, want)
-    print(f"context d={d} H={h} g={g} bits={bits} T={t} ns={ns} prefix={prefix} new={new}: rel err {err:.2e}")
+    print(f"context d={d} H={h} g={g} bits={bits} T={t} ns={ns} w={w} prefix={prefix} new={new}: "
+          f"rel err {err:.2e}")
     assert err <= REL_TOL
 
 
@@ -480,13 +526,14 @@ def test_bad_arguments_raise_clear_errors():
     k = torch.zeros((1, 1, 128), dtype=torch.float16, device="cuda")
     with pytest.raises(K.KernelError, match="tokens_per_block"):
         K.quantize_kv(layer, k, k, np.zeros((1, 2), np.int32), [1])
-    # the context kernel does not read the recent-token window yet: refused, in Python and in C
+    # with a recent-token window context attention must write the new tokens itself: refused
+    # without write_kv, in Python and in C
     win = K.KernelLayer.allocate(LayerFormat(128, (3,), (3,), recent_tokens=8), 4, 32, 1)
     q = torch.zeros((2, 1, 128), dtype=torch.float16, device="cuda")
-    with pytest.raises(K.KernelError, match="recent"):
-        K.context_attention(win, q, q, q, np.zeros((1, 2), np.int32), [2], [2], 2, 2)
+    with pytest.raises(K.KernelError, match="write_kv"):
+        K.context_attention(win, q, q, q, np.zeros((1, 2), np.int32), [2], [2], 2, 2, write_kv=False)
     s = win.c_struct(K._i32(np.zeros((1, 2), np.int32), "cuda"), K._i32([0], "cuda"))
     rc = K.library().tq_context_attention(ctypes.byref(s), q.data_ptr(), 128, q.data_ptr(), 128,
                                           q.data_ptr(), 128, q.data_ptr(), 128, 0, 0, 1, 1, 2, 2, 2,
-                                          0.0, 0, 1, 0, 0, 0)
-    assert rc != 0 and b"recent" in K.library().tq_last_error()
+                                          0.0, 0, 0, 0, 0, 0)
+    assert rc != 0 and b"write_kv" in K.library().tq_last_error()

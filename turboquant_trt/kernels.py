@@ -115,7 +115,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tq_decode_num_splits": (i32, [i32, i32, i32, i32]),
         "tq_decode_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32]),
         "tq_decode_attention": (i32, [lp, vp, i64, vp, i64, vp, i32, i32, i32, f32, i32, i32, vp, sz, vp]),
-        "tq_context_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32]),
+        "tq_context_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32, i32]),
         "tq_context_attention": (i32, [lp, vp, i64, vp, i64, vp, i64, vp, i64, vp, vp, i32, i32, i32,
                                        i32, i32, f32, i32, i32, vp, sz, vp]),
     }
@@ -314,12 +314,14 @@ def context_attention(layer: KernelLayer, q, k, v, block_table, q_lens, seq_lens
                       max_seq_len: int, seq_slot=None, write_kv: bool = True,
                       softmax_scale: float = 0.0, out=None):
     """Causal attention of new tokens q [total, Hq, d] (rows packed per sequence) over the cache
-    [0, position]; writes k, v [total, H, d] into the pool first when write_kv."""
+    [0, position]; writes k, v [total, H, d] into the pool first when write_kv. With a recent-token
+    window (fmt.recent_tokens > 0) write_kv must be True: each query reads its last w positions in
+    fp16, and the ring is updated after the attention."""
     import torch
-    if layer.fmt.recent_tokens:
-        raise KernelError(f"recent_tokens={layer.fmt.recent_tokens}: context attention does not read "
-                          "the recent-token window yet (docs/format.md §5.2); write, dequantize and "
-                          "decode do")
+    if layer.fmt.recent_tokens and not write_kv:
+        raise KernelError(f"recent_tokens={layer.fmt.recent_tokens}: with a recent-token window "
+                          "context attention must write the new tokens itself (write_kv=True): it "
+                          "reads their fp16 copies before they enter the ring")
     dev = q.device
     bt, ql, sl = _i32(block_table, dev), _i32(q_lens, dev), _i32(seq_lens, dev)
     slot = _i32(seq_slot if seq_slot is not None else range(sl.shape[0]), dev)
@@ -328,7 +330,8 @@ def context_attention(layer: KernelLayer, q, k, v, block_table, q_lens, seq_lens
         out = torch.empty_like(q)
     lib = library()
     fmt = layer.fmt
-    nbytes = lib.tq_context_workspace_bytes(sl.shape[0], hq, fmt.kv_heads, d, total, max_seq_len)
+    nbytes = lib.tq_context_workspace_bytes(sl.shape[0], hq, fmt.kv_heads, d, total, max_seq_len,
+                                            fmt.recent_tokens)
     ws = _workspace(nbytes, dev)
     s = layer.c_struct(bt, slot)
     _check(lib.tq_context_attention(ctypes.byref(s), _ptr(q), q.stride(0), _ptr(k),

@@ -265,9 +265,10 @@ int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_toke
 }
 
 size_t tq_context_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
-    int32_t total_q_tokens, int32_t max_seq_len)
+    int32_t total_q_tokens, int32_t max_seq_len, int32_t recent_tokens)
 {
-    return turboquant::contextWorkspaceBytes(batch, num_q_heads, num_kv_heads, head_dim, total_q_tokens, max_seq_len);
+    return turboquant::contextWorkspaceBytes(
+        batch, num_q_heads, num_kv_heads, head_dim, total_q_tokens, max_seq_len, recent_tokens);
 }
 
 int32_t tq_context_attention(TqLayerC const* layer, void const* q, int64_t q_token_stride, void const* k,
@@ -282,10 +283,10 @@ int32_t tq_context_attention(TqLayerC const* layer, void const* q, int64_t q_tok
     {
         return fail(why);
     }
-    if (p.layer.recent_tokens > 0)
+    if (p.layer.recent_tokens > 0 && !write_kv)
     {
-        return fail("context attention does not read the recent-token window yet (recent_tokens > 0; "
-                    "docs/format.md §5.2): only write, dequantize and decode do");
+        return fail("with a recent-token window (recent_tokens > 0) context attention must write the new "
+                    "tokens itself (write_kv = 1): it reads their fp16 copies before they enter the ring");
     }
     p.q = q;
     p.q_token_stride = q_token_stride;
@@ -308,7 +309,7 @@ int32_t tq_context_attention(TqLayerC const* layer, void const* q, int64_t q_tok
     p.workspace = workspace;
     p.workspace_bytes = workspace_bytes;
     size_t const need = turboquant::contextWorkspaceBytes(
-        batch, num_q_heads, p.layer.num_kv_heads, p.layer.head_dim, total_q_tokens, max_seq_len);
+        batch, num_q_heads, p.layer.num_kv_heads, p.layer.head_dim, total_q_tokens, max_seq_len, p.layer.recent_tokens);
     if (need > workspace_bytes || workspace == nullptr)
     {
         return fail("workspace smaller than tq_context_workspace_bytes()");

@@ -104,6 +104,31 @@ __global__ void __launch_bounds__(D) attentionReduceKernel(ReduceArgs const a)
     storeAct(a.out, static_cast<int64_t>(row) * a.out_stride + static_cast<int64_t>(hq) * D + c, outv, a.bf16 != 0);
 }
 
+// After the attention of a call with a recent-token window: each sequence's last min(q_len, w) new
+// tokens go from the call's fp16 copies (exact, [rows][H][2][d]) to ring index pos % w. One CTA per
+// (sequence, KV head).
+__global__ void __launch_bounds__(128) ringStoreKernel(
+    PagedKvPool const kv, int32_t const* cu, int32_t const* seq_lens, uint16_t const* exact, int H, int w, int d)
+{
+    int const b = blockIdx.x;
+    int const h = blockIdx.y;
+    int const rowBegin = cu[b];
+    int const qLen = cu[b + 1] - rowBegin;
+    int const seqLen = seq_lens[b];
+    int const first = max(0, qLen - w);
+    int64_t const slot = kv.seq_slot[b];
+    int const n = (qLen - first) * 2 * d;
+    for (int idx = threadIdx.x; idx < n; idx += blockDim.x)
+    {
+        int const c = idx % d;
+        int const which = (idx / d) & 1;
+        int const i = first + idx / (2 * d);
+        int const pos = seqLen - qLen + i;
+        kv.recent_pool[((slot * H + h) * 2 + which) * w * d + static_cast<int64_t>(pos % w) * d + c]
+            = exact[((static_cast<int64_t>(rowBegin + i) * H + h) * 2 + which) * d + c];
+    }
+}
+
 __global__ void prefixSumKernel(int32_t const* q_lens, int32_t* cu, int32_t batch)
 {
     // one thread: batch is small (requests of one step)
@@ -310,10 +335,14 @@ int32_t contextSplitsUpper(int32_t total_q_tokens)
 }
 } // namespace
 
-size_t contextWorkspaceBytes(int32_t batch, int32_t num_q_heads, int32_t /*num_kv_heads*/, int32_t head_dim,
-    int32_t total_q_tokens, int32_t /*max_seq_len*/)
+size_t contextWorkspaceBytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
+    int32_t total_q_tokens, int32_t /*max_seq_len*/, int32_t recent_tokens)
 {
     size_t bytes = alignWs(static_cast<size_t>(batch + 1) * sizeof(int32_t));
+    if (recent_tokens > 0) // the call's tokens in fp16 (transformed): the window reads them
+    {
+        bytes += alignWs(static_cast<size_t>(total_q_tokens) * num_kv_heads * 2 * head_dim * sizeof(uint16_t));
+    }
     int32_t const s = contextSplitsUpper(total_q_tokens);
     if (s > 1)
     {
@@ -328,7 +357,7 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
     if (checkCommon(p.layer, p.kv, p.tables, p.num_q_heads) != nullptr || p.q == nullptr || p.out == nullptr
         || p.q_lens == nullptr || p.seq_lens == nullptr || p.batch < 0 || p.max_seq_len < 1 || p.max_q_len < 0
         || p.total_q_tokens < 0 || (p.write_kv && (p.k == nullptr || p.v == nullptr))
-        || p.layer.recent_tokens > 0) // the recent-token window is not read here yet
+        || (p.layer.recent_tokens > 0 && !p.write_kv)) // the window needs this call's tokens
     {
         return cudaErrorInvalidValue;
     }
@@ -336,13 +365,21 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
     {
         return cudaSuccess;
     }
+    int32_t const w = p.layer.recent_tokens;
     size_t const need = contextWorkspaceBytes(
-        p.batch, p.num_q_heads, p.layer.num_kv_heads, p.layer.head_dim, p.total_q_tokens, p.max_seq_len);
+        p.batch, p.num_q_heads, p.layer.num_kv_heads, p.layer.head_dim, p.total_q_tokens, p.max_seq_len, w);
     if (p.workspace == nullptr || p.workspace_bytes < need)
     {
         return cudaErrorInvalidValue;
     }
     auto* cu = static_cast<int32_t*>(p.workspace);
+    uint8_t* wsNext = static_cast<uint8_t*>(p.workspace) + alignWs(static_cast<size_t>(p.batch + 1) * sizeof(int32_t));
+    uint16_t* exact = nullptr; // with a window: the call's tokens in fp16, [total_q_tokens][H][2][d]
+    if (w > 0)
+    {
+        exact = reinterpret_cast<uint16_t*>(wsNext);
+        wsNext += alignWs(static_cast<size_t>(p.total_q_tokens) * p.layer.num_kv_heads * 2 * p.layer.head_dim * sizeof(uint16_t));
+    }
     prefixSumKernel<<<1, 32, 0, stream>>>(p.q_lens, cu, p.batch);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess)
@@ -365,6 +402,7 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
         w.batch = p.batch;
         w.max_q_len = p.max_q_len;
         w.act = p.act;
+        w.exact_out = exact; // with a window the ring is written after the attention (below)
         err = launchQuantizeKv(w, stream);
         if (err != cudaSuccess)
         {
@@ -380,6 +418,7 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
     args.out_stride = p.out_token_stride;
     args.cu_q = cu;
     args.seq_lens = p.seq_lens;
+    args.win_new = exact;
     args.batch = p.batch;
     args.tq = std::max(1, 8 / args.group); // 8 (token, head) rows per CTA
     args.tiles_per_seq = (p.max_q_len + args.tq - 1) / args.tq;
@@ -397,11 +436,18 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
     if (args.num_splits > 1)
     {
         size_t const rows = static_cast<size_t>(p.total_q_tokens) * p.num_q_heads * contextSplitsUpper(p.total_q_tokens);
-        uint8_t* base = static_cast<uint8_t*>(p.workspace) + alignWs(static_cast<size_t>(p.batch + 1) * sizeof(int32_t));
+        uint8_t* base = wsNext;
         args.ws_ml = reinterpret_cast<float*>(base);
         args.ws_o = reinterpret_cast<float*>(base + alignWs(rows * 2 * sizeof(float)));
     }
-    return runAttention(args, p.batch * args.tiles_per_seq * (args.group > 8 ? 2 : 1), p.total_q_tokens, stream);
+    err = runAttention(args, p.batch * args.tiles_per_seq * (args.group > 8 ? 2 : 1), p.total_q_tokens, stream);
+    if (err != cudaSuccess || w == 0)
+    {
+        return err;
+    }
+    ringStoreKernel<<<dim3(p.batch, p.layer.num_kv_heads), 128, 0, stream>>>(
+        p.kv, cu, p.seq_lens, exact, p.layer.num_kv_heads, w, p.layer.head_dim);
+    return cudaGetLastError();
 }
 
 } // namespace turboquant

@@ -54,6 +54,7 @@ struct AttnArgs
     int64_t out_stride;
     int32_t const* cu_q;      // [batch+1] or null (decode: row b = sequence b, one query)
     int32_t const* seq_lens;  // [batch]
+    uint16_t const* win_new;  // [rows][H][2][d] fp16: this call's tokens, transformed (recent_tokens > 0)
     float* ws_o;              // [rows][Hq][splits][d]
     float* ws_ml;             // [rows][Hq][splits][2]
     int32_t batch;
@@ -304,6 +305,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     constexpr int kStages = warpStages<D, KB, VB>();
     constexpr float kNegInf = -INFINITY;
     constexpr float kSlack = 3.F; // P * v_scale must stay finite in fp16: P <= 8
+    constexpr int kNoLow = 1 << 30; // scoreStep's cutLo when keys have no lower bound per row
     using CK = CtxCodes<KB>;
     using CV = CtxCodes<VB>;
 
@@ -436,9 +438,11 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 
     // One 16-token step: scoreStep, then valueStep. kf[j][2kk | 2kk+1]: K of token g + 8j; b0, b1:
     // the P^T B fragment for valueStep; va[mt][4]: V^T A fragments;
-    // ks/vs: scales of tokens g, g+8; keys at pos0 + token in [lo, hi) are valid.
+    // ks/vs: scales of tokens g, g+8; keys at pos0 + token in [lo, hi) are valid, and for a query
+    // row at position qp those with qp - cutLo < pos <= qp - cut (the recent-token window: the
+    // quantized keys stop at qp - w, the window's fp16 keys start after it).
     auto scoreStep = [&](uint32_t (&kf)[2][KPAIRS], float const (&ks)[2], float const (&vs)[2], int pos0, int lo,
-                         int hi, uint32_t& b0, uint32_t& b1) {
+                         int hi, int cut, int cutLo, uint32_t& b0, uint32_t& b1) {
         // four independent accumulator chains, summed at the end
         float sacc[4][4];
 #pragma unroll
@@ -460,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             int const tk = (e >> 1) * 8 + gq; // token of this element
             int const c = e & 1;              // query row 2t4 + c
             int const pos = pos0 + tk;
-            bool const ok = pos >= lo && pos < hi && pos <= qpos[c];
+            bool const ok = pos >= lo && pos < hi && pos + cut <= qpos[c] && pos + cutLo > qpos[c];
             float const dot = (sacc[0][e] + sacc[1][e]) + (sacc[2][e] + sacc[3][e]);
             s[e] = ok ? dot * ks[e >> 1] : kNegInf;
             tmax[c] = fmaxf(tmax[c], s[e]);
@@ -558,10 +562,62 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         };
         float const one[2] = {1.F, 1.F};
         uint32_t b0, b1;
-        scoreStep(kf, one, one, 0, 0, hi, b0, b1);
+        scoreStep(kf, one, one, 0, 0, hi, 0, kNoLow, b0, b1);
         uint32_t va[MT][4];
         sinkV(va);
         valueStep(va, b0, b1);
+    }
+
+    // ---- the recent-token window (fp16, transformed domain) in 16-token steps, last warp -------
+    // Row position qp reads keys qp - w < pos <= qp (pos >= ns) in fp16: this call's own tokens from
+    // win_new, earlier ones from the ring, which the launcher updates only after this kernel.
+    int const w = L.recent_tokens;
+    if (w > 0 && warp == kWarps - 1)
+    {
+        int const p0 = posBase + tok0; // the first row's position: its window starts earliest
+        int const wlo = max(max(kb, ns), p0 - w + 1);
+        int const whi = ke;            // ke <= keyLimit = p0 + ntok
+        int64_t const slot = a.kv.seq_slot[b];
+        uint16_t const* ring = a.kv.recent_pool + (slot * L.num_kv_heads + head) * 2 * w * D;
+        auto rowOf = [&](int pos, int which) -> uint16_t const* {
+            if (pos >= posBase)
+            {
+                return a.win_new + ((static_cast<int64_t>(qBegin + pos - posBase) * L.num_kv_heads + head) * 2 + which) * D;
+            }
+            return ring + (static_cast<int64_t>(which) * w + pos % w) * D;
+        };
+        for (int s0 = wlo; s0 < whi; s0 += kTile)
+        {
+            auto pair = [&](int which, int t0, int c0, int dt, int dc) -> uint32_t {
+                uint32_t const x0 = s0 + t0 < whi ? rowOf(s0 + t0, which)[c0] : 0u;
+                uint32_t const x1 = s0 + t0 + dt < whi ? rowOf(s0 + t0 + dt, which)[c0 + dc] : 0u;
+                return x0 | (x1 << 16);
+            };
+            uint32_t kf[2][KPAIRS];
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+            {
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk)
+                {
+                    kf[j][2 * kk] = pair(0, gq + 8 * j, 16 * kk + 4 * t4, 0, 1);
+                    kf[j][2 * kk + 1] = pair(0, gq + 8 * j, 16 * kk + 4 * t4 + 2, 0, 1);
+                }
+            }
+            float const one[2] = {1.F, 1.F};
+            uint32_t b0, b1;
+            scoreStep(kf, one, one, s0, wlo, whi, 0, w, b0, b1);
+            uint32_t va[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+            {
+                va[mt][0] = pair(1, 4 * t4, 16 * mt + gq, 1, 0);
+                va[mt][1] = pair(1, 4 * t4, 16 * mt + 8 + gq, 1, 0);
+                va[mt][2] = pair(1, 4 * t4 + 2, 16 * mt + gq, 1, 0);
+                va[mt][3] = pair(1, 4 * t4 + 2, 16 * mt + 8 + gq, 1, 0);
+            }
+            valueStep(va, b0, b1);
+        }
     }
 
     // ---- quantized keys: each warp streams its own 32-slot pool tiles (warp, warp+4, ...) -------
@@ -669,7 +725,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 vs[j] = h2f(*reinterpret_cast<uint16_t const*>(st + sl.offVM + 2 * slot)) * CV::kScale;
             }
             uint32_t b0, b1;
-            scoreStep(kf, ks, vs, pos0, lo, ke, b0, b1);
+            scoreStep(kf, ks, vs, pos0, lo, ke, w, kNoLow, b0, b1);
             uint32_t va[MT][4]; // expanded after the scores: fewer live registers (fewer spills)
             expandV(va);
             valueStep(va, b0, b1);

@@ -73,6 +73,7 @@ struct QuantArgs
     uint16_t* sink_pool;
     int32_t const* seq_slot;
     uint16_t* recent_pool;
+    uint16_t* exact_out; // [rows][H][2][d] or null (then the ring is written)
     uint8_t bits[kMaxKvHeads][2];
     QuantHead head[kMaxKvHeads][2];
 };
@@ -533,8 +534,17 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
             sink[e] = __half_as_ushort(__float2half_rn(x[e]));
         }
     }
-    if (pos >= seqLen - w) // w > 0: the recent-token ring (only the last w positions, so that the
-    {                      // tokens of one call never race for a ring entry)
+    if (a.exact_out != nullptr) // the context path: its attention reads these, then they go to the ring
+    {
+        uint16_t* const ex = a.exact_out + ((static_cast<int64_t>(rowBegin + i) * H + h) * 2 + which) * D + c0;
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            ex[e] = __half_as_ushort(__float2half_rn(x[e]));
+        }
+    }
+    else if (pos >= seqLen - w) // w > 0: the recent-token ring (only the last w positions, so that
+    {                           // the tokens of one call never race for a ring entry)
         uint16_t* const ring = a.recent_pool + (((seqSlot * H + h) * 2 + which) * w + pos % w) * D + c0;
 #pragma unroll
         for (int e = 0; e < E; ++e)
@@ -688,6 +698,7 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     a.sink_pool = p.kv.sink_pool;
     a.seq_slot = p.kv.seq_slot;
     a.recent_pool = p.kv.recent_pool;
+    a.exact_out = p.exact_out;
     for (int h = 0; h < L.num_kv_heads; ++h)
     {
         a.bits[h][0] = L.k_bits[h];

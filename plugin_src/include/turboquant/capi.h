@@ -22,7 +22,7 @@ typedef struct TqLayerC
     int32_t tokens_per_block;
     int32_t sink_tokens;
     int32_t norm_correction;
-    int32_t recent_tokens;      /* w: 0..64 (docs/format.md §5.2); context attention refuses w > 0 */
+    int32_t recent_tokens;      /* w: 0..64 (docs/format.md §5.2); context attention then needs write_kv = 1 */
     int32_t k_bits[TQ_MAX_KV_HEADS];
     int32_t v_bits[TQ_MAX_KV_HEADS];
     void* pool;                 /* [num_blocks][block_stride] uint8 */
@@ -68,7 +68,7 @@ int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_toke
     float softmax_scale, int32_t act, int32_t num_sms, void* workspace, size_t workspace_bytes, void* stream);
 
 size_t tq_context_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
-    int32_t total_q_tokens, int32_t max_seq_len);
+    int32_t total_q_tokens, int32_t max_seq_len, int32_t recent_tokens);
 int32_t tq_context_attention(TqLayerC const* layer, void const* q, int64_t q_token_stride, void const* k,
     int64_t k_token_stride, void const* v, int64_t v_token_stride, void* out, int64_t out_token_stride,
     int32_t const* q_lens, int32_t const* seq_lens, int32_t batch, int32_t num_q_heads, int32_t total_q_tokens,

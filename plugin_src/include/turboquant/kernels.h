@@ -37,6 +37,9 @@ struct QuantizeKvParams
     int32_t batch;
     int32_t max_q_len;          // host upper bound on new tokens of one sequence (1 when cu_q_lens is null)
     ActType act;                // type of k and v
+    uint16_t* exact_out;        // optional [num_tokens][H][2][d] fp16 bits: every new row's transformed K (0)
+                                //   and V (1) as the recent-token ring stores them; when set, the ring
+                                //   itself is not written (the context path writes it after its attention)
 };
 // New token i of sequence b (row cu_q_lens[b] + i) is stored at position
 // seq_lens[b] - q_len_b + i. Rows are independent: the kernel reads only its own row.
@@ -89,7 +92,10 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
 // ---------------------------------------------------------------------------------------------
 // Context (prefill) attention, causal, for q_len >= 1 new tokens per sequence on top of an
 // already quantized prefix (chunked prefill). Optionally writes the new K/V first; then every
-// query attends to keys [0, its position] read back from the quantized pool (and sink_pool).
+// query attends to keys [0, its position] read back from the quantized pool (and sink_pool). With
+// a recent-token window (recent_tokens = w > 0; write_kv must be 1) a query at position p reads
+// keys p - w < j <= p in fp16: this call's tokens from their transformed copies, earlier ones from
+// the ring, which is updated after the attention.
 // ---------------------------------------------------------------------------------------------
 struct ContextAttentionParams
 {
@@ -117,8 +123,9 @@ struct ContextAttentionParams
     void* workspace;            // contextWorkspaceBytes(...) bytes
     size_t workspace_bytes;
 };
+// recent_tokens > 0 (a window, docs/format.md §5.2) adds the call's tokens in fp16
 size_t contextWorkspaceBytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
-    int32_t total_q_tokens, int32_t max_seq_len);
+    int32_t total_q_tokens, int32_t max_seq_len, int32_t recent_tokens = 0);
 cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t stream);
 
 } // namespace turboquant
