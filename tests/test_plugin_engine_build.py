@@ -96,6 +96,7 @@ def test_engine_build_and_prefill_step() -> None:
             profile.set_shape(name, lo, hi, hi)
     for name in ("k_mean", "k_smooth", "v_mean", "v_smooth", "k_clip", "v_clip", "signs"):
         inputs.append(network.add_constant(tabs[name].shape, trt.Weights(tabs[name])).get_output(0))
+    inputs.append(network.add_input("recent_pool", trt.float16, (1,)))  # no window: any fp16 tensor
     layer_ = network.add_plugin_v3(inputs, [], plugin)
     out = layer_.get_output(0)
     out.name = "context"
@@ -123,6 +124,7 @@ def test_engine_build_and_prefill_step() -> None:
         "ctx_lens": torch.tensor(lens, dtype=torch.int32).cuda(), "request_types": torch.zeros(b, dtype=torch.int32).cuda(),
         "block_table": torch.from_numpy(bt).cuda(), "kv_pool": torch.from_numpy(pool.view(np.int32).copy()).cuda(),
         "sink_pool": torch.zeros(1, dtype=torch.float16).cuda(), "seq_slots": torch.arange(b, dtype=torch.int32).cuda(),
+        "recent_pool": torch.zeros(1, dtype=torch.float16).cuda(),
         "context": torch.full((n, hq * d), float("nan"), dtype=torch.float16).cuda(),
     }
     ctx = engine.create_execution_context()

@@ -11,9 +11,10 @@ block table, a pool shared with another layer) and checks, against turboquant_tr
   * the pool bytes the plugin wrote equal the reference quantizer's bytes (every position's
     codes in the 32-slot tiles and its scales; format version 2), and nothing outside this
     layer's part of each block was touched;
-  * the sink copies equal the reference's fp16 transformed values;
-  * every step's attention output matches float64 attention over the same dequantized cache
-    (relative error <= 2e-3; the output itself is fp16), and differs from unquantized attention
+  * the sink copies and the recent-token rings equal the reference's fp16 transformed values;
+  * every step's attention output matches float64 attention over the same dequantized cache, each
+    query reading its last w positions in fp16 when the case has a window (relative error <= 2e-3;
+    the output itself is fp16), and differs from unquantized attention
     by the expected quantization error (so the test cannot pass on an unquantized path).
 
 Needs: an NVIDIA GPU, nvcc, cmake and TensorRT headers (TRT_INCLUDE_DIR). Skipped otherwise.
@@ -23,6 +24,8 @@ an existing build instead of compiling here.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -93,6 +96,7 @@ class Case:
     chunk: int              # the mixed step: request 0 adds `chunk` tokens, the others one each
     max_seq_len: int = 0    # the plugin field; 0: the longest final length + 7
     layer: int = 5
+    recent_tokens: int = 0  # the recent-token window (docs/format.md §5.2)
 
 
 CASES = [
@@ -102,6 +106,10 @@ CASES = [
     Case("smollm2_d64", 64, 9, (4, 3, 3), (3, 2, 4), 32, 4, (37, 5, 700), 3, 9, max_seq_len=4096),
     # d=128, GQA 4, 8 KV heads, every bit width, T=64 (partial blocks), no sinks.
     Case("gqa4_d128", 128, 32, (2, 3, 4, 8, 3, 3, 2, 4), (3, 2, 8, 4, 3, 2, 3, 4), 64, 0, (200, 1, 129, 64), 3, 17),
+    # The same shapes with a recent-token window: the calibration's default 16 tokens, and 8.
+    Case("smollm2_d64_w16", 64, 9, (4, 3, 3), (3, 2, 4), 32, 4, (37, 5, 700), 3, 9, max_seq_len=4096,
+         recent_tokens=16),
+    Case("gqa4_d128_w8", 128, 32, (3,) * 8, (3,) * 8, 64, 0, (200, 1, 129, 64), 3, 17, recent_tokens=8),
 ]
 
 
@@ -149,9 +157,11 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
     print(f"{case.name}: seed {seed}")
     rng = np.random.default_rng(seed)
     d, hq, h, t, ns = case.head_dim, case.q_heads, len(case.k_bits), case.tokens_per_block, case.sink_tokens
-    fmt = LayerFormat(head_dim=d, k_bits=case.k_bits, v_bits=case.v_bits, sink_tokens=ns)
+    w = case.recent_tokens
+    fmt = LayerFormat(head_dim=d, k_bits=case.k_bits, v_bits=case.v_bits, sink_tokens=ns, recent_tokens=w)
     tabs = _tables(rng, h, d, case.layer)
-    quant = LayerQuantizer(fmt, LayerTables(**{k: v.astype(np.float32) for k, v in tabs.items()}), case.layer)
+    ltabs = LayerTables(**{k: v.astype(np.float32) for k, v in tabs.items()})
+    quant = LayerQuantizer(fmt, ltabs, case.layer)
 
     # The requests' token counts per step: prefill, decodes, mixed (chunked prefill), decodes.
     b = len(case.prompt_lens)
@@ -185,6 +195,7 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
     pool0 = ref.pool.copy()
     assert pool0.size % 4 == 0
     sink0 = np.full((num_slots, h, 2, max(ns, 1), d), np.nan, np.float16)
+    recent0 = np.full((num_slots, h, 2, max(w, 1), d), np.nan, np.float16)
 
     case_dir = tmp_path / "case"
     out_dir = tmp_path / "out"
@@ -195,16 +206,21 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
               ("num_q_heads", "int32", [hq]), ("num_kv_heads", "int32", [h]), ("head_dim", "int32", [d]),
               ("tokens_per_block", "int32", [t]), ("k_bits", "int32", list(case.k_bits)),
               ("v_bits", "int32", list(case.v_bits)), ("sink_tokens", "int32", [ns]),
+              ("recent_tokens", "int32", [w]),
               ("max_seq_len", "int32", [max_seq_len]), ("layer_offset", "int64", [layer_offset]),
               ("norm_correction", "int32", [1])]
     lines += [f"field {n} {ty} {len(v)} {' '.join(map(str, v))}" for n, ty, v in fields]
     lines.append(_tensor_line("static", "kv_pool", pool0.view(np.int32).reshape(num_blocks, -1),
                               _write(case_dir / "kv_pool.bin", pool0)))
     lines.append(_tensor_line("static", "sink_pool", sink0, _write(case_dir / "sink_pool.bin", sink0)))
+    lines.append(_tensor_line("static", "recent_pool", recent0, _write(case_dir / "recent_pool.bin", recent0)))
     for name, arr in tabs.items():
         lines.append(_tensor_line("static", name, arr, _write(case_dir / f"{name}.bin", arr)))
 
     expected_inputs = []  # per step: (q [N,Hq,d], positions [N], request of each row, seq_lens)
+    # every token's fp16 transformed K/V by request and position: what the window reads
+    exact_k = [np.zeros((n, h, d), np.float32) for n in final_lens]
+    exact_v = [np.zeros((n, h, d), np.float32) for n in final_lens]
     lens = [0] * b
     for si, step in enumerate(steps):
         n_new = [n for _, n in step]
@@ -226,6 +242,12 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
                           ("request_types", req_types), ("block_table", block_table), ("seq_slots", seq_slots)):
             lines.append(_tensor_line("tensor", name, arr, _write(case_dir / f"s{si}_{name}.bin", arr)))
         ref.write(k.astype(np.float32), v.astype(np.float32), positions, block_table, seq_of_row, seq_slots)
+        tk = quant.transform(k.astype(np.float32), "k").astype(np.float16).astype(np.float32)
+        tv = quant.transform(v.astype(np.float32), "v").astype(np.float16).astype(np.float32)
+        for i in range(b):
+            sel = seq_of_row == i
+            exact_k[i][positions[sel]] = tk[sel]
+            exact_v[i][positions[sel]] = tv[sel]
         expected_inputs.append((q, k, v, positions, seq_of_row, seq_lens.copy()))
     (case_dir / "case.txt").write_text("\n".join(lines) + "\n")
 
@@ -255,6 +277,18 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
         for i in range(b):
             s = seq_slots[i]
             np.testing.assert_array_equal(got_sink[s, :, :, :ns], ref.sinks[s, :, :, :ns])
+    if w:  # the ring holds each request's last w positions, as the reference's
+        got_recent = np.fromfile(out_dir / "recent_pool.bin", np.float16).reshape(recent0.shape)
+        for i in range(b):
+            s = seq_slots[i]
+            held = ref.recent_positions[s] >= 0
+            assert held.sum() == min(w, final_lens[i])
+            np.testing.assert_array_equal(got_recent[s][:, :, held].view(np.uint16),
+                                          ref.recent[s][:, :, held].view(np.uint16))
+        print(f"{case.name}: recent-token rings equal the reference's")
+    # codes and sinks as stored; with a window each query reads its last w positions from exact_k/v
+    codes_view = copy.copy(mine)
+    codes_view.q = LayerQuantizer(dataclasses.replace(fmt, recent_tokens=0), ltabs, case.layer)
 
     # ---- attention outputs ----------------------------------------------------------------
     worst = 0.0
@@ -264,8 +298,10 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
         exp = np.empty_like(got)
         for i in range(b):
             sel = seq_of_row == i
-            ks, vs = mine.read(block_table[i], int(seq_lens[i]), int(seq_slots[i]))
-            exp[sel] = reference_attention(quant, q[sel].astype(np.float32), ks, vs, q_positions=positions[sel])
+            n = int(seq_lens[i])
+            ks, vs = codes_view.read(block_table[i], n, int(seq_slots[i]))
+            exp[sel] = reference_attention(quant, q[sel].astype(np.float32), ks, vs, q_positions=positions[sel],
+                                           k_exact=exact_k[i][:n], v_exact=exact_v[i][:n])
         err = np.linalg.norm(got - exp) / np.linalg.norm(exp)
         worst = max(worst, err)
         assert err <= 2e-3, f"step {si}: relative error {err:.2e} vs float64 attention over the same cache"

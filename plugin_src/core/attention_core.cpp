@@ -74,7 +74,8 @@ std::string shapeText(Shape const& s)
 char const* inputName(int32_t slot) noexcept
 {
     static char const* const kNames[kNumInputs] = {"qkv", "seq_lens", "ctx_lens", "request_types", "block_table",
-        "kv_pool", "sink_pool", "seq_slots", "k_mean", "k_smooth", "v_mean", "v_smooth", "k_clip", "v_clip", "signs"};
+        "kv_pool", "sink_pool", "seq_slots", "k_mean", "k_smooth", "v_mean", "v_smooth", "k_clip", "v_clip", "signs",
+        "recent_pool"};
     return (slot >= 0 && slot < kNumInputs) ? kNames[slot] : "?";
 }
 
@@ -93,6 +94,7 @@ std::vector<FieldSpec> const& fieldSpecs()
         {"group_size", FieldType::kINT32, 1, false, "uniform only: channels per scale/zero group (0 = d)"},
         {"norm_correction", FieldType::kINT32, 1, false, "1 (default): dequantized vector keeps its norm"},
         {"sink_tokens", FieldType::kINT32, 1, false, "n_s: first positions kept in fp16, 0..16 (default 0)"},
+        {"recent_tokens", FieldType::kINT32, 1, false, "w: each request's last positions also kept in fp16 (input recent_pool), 0..64 (default 0)"},
         {"max_seq_len", FieldType::kINT32, 1, true, "longest KV length a request may reach"},
         {"layer_offset", FieldType::kINT64, 1, false, "bytes from a pool block's start to this layer (default 0)"},
         {"softmax_scale", FieldType::kFLOAT32, 1, false, "logit scale; 0 (default) = 1/sqrt(d)"},
@@ -116,7 +118,8 @@ bool AttentionConfig::operator==(AttentionConfig const& o) const noexcept
     return format_version == o.format_version && layer_index == o.layer_index && num_q_heads == o.num_q_heads
         && num_kv_heads == o.num_kv_heads && head_dim == o.head_dim && tokens_per_block == o.tokens_per_block
         && k_bits == o.k_bits && v_bits == o.v_bits && kind == o.kind && group_size == o.group_size
-        && norm_correction == o.norm_correction && sink_tokens == o.sink_tokens && max_seq_len == o.max_seq_len
+        && norm_correction == o.norm_correction && sink_tokens == o.sink_tokens && recent_tokens == o.recent_tokens
+        && max_seq_len == o.max_seq_len
         && layer_offset == o.layer_offset && softmax_scale == o.softmax_scale && num_sms == o.num_sms;
 }
 
@@ -209,6 +212,7 @@ AttentionConfig parseFields(FieldView const* fields, int32_t nbFields)
         else if (name == "group_size") cfg.group_size = i32();
         else if (name == "norm_correction") cfg.norm_correction = i32();
         else if (name == "sink_tokens") cfg.sink_tokens = i32();
+        else if (name == "recent_tokens") cfg.recent_tokens = i32();
         else if (name == "max_seq_len") cfg.max_seq_len = i32();
         else if (name == "layer_offset") cfg.layer_offset = *static_cast<int64_t const*>(f.data);
         else if (name == "softmax_scale") cfg.softmax_scale = *static_cast<float const*>(f.data);
@@ -246,6 +250,7 @@ std::string supportedCombinationsText()
     desc.num_kv_heads = cfg.num_kv_heads;
     desc.tokens_per_block = cfg.tokens_per_block;
     desc.sink_tokens = cfg.sink_tokens;
+    desc.recent_tokens = cfg.recent_tokens;
     desc.kind = cfg.kind;
     desc.rotation = 1;
     desc.norm_correction = cfg.norm_correction;
@@ -329,6 +334,11 @@ void validate(AttentionConfig const& c)
     {
         fail("sink_tokens=" + std::to_string(c.sink_tokens) + " must be between 0 and " + std::to_string(kMaxSinkTokens));
     }
+    if (c.recent_tokens < 0 || c.recent_tokens > ::turboquant::kMaxRecentTokens)
+    {
+        fail("recent_tokens=" + std::to_string(c.recent_tokens) + " must be between 0 and "
+            + std::to_string(::turboquant::kMaxRecentTokens));
+    }
     if (c.max_seq_len <= 0)
     {
         fail("max_seq_len=" + std::to_string(c.max_seq_len) + " must be positive");
@@ -388,6 +398,7 @@ SerializedFields::SerializedFields(AttentionConfig const& cfg)
         else if (name == "group_size") data = &mCfg.group_size;
         else if (name == "norm_correction") data = &mCfg.norm_correction;
         else if (name == "sink_tokens") data = &mCfg.sink_tokens;
+        else if (name == "recent_tokens") data = &mCfg.recent_tokens;
         else if (name == "max_seq_len") data = &mCfg.max_seq_len;
         else if (name == "layer_offset") data = &mCfg.layer_offset;
         else if (name == "softmax_scale") data = &mCfg.softmax_scale;
@@ -462,7 +473,8 @@ bool supportsFormatCombination(
     case kInVSmooth:
     case kInKClip:
     case kInVClip:
-    case kInSigns: return t == DataType::kHALF;
+    case kInSigns:
+    case kInRecentPool: return t == DataType::kHALF;
     default: break;
     }
     // The output has the type of qkv (slot 0 is decided before any later slot).
@@ -558,6 +570,18 @@ StepShape checkShapes(AttentionConfig const& cfg, Shape const* in, int32_t nbInp
         }
         s.num_sink_slots = in[kInSinkPool].d[0];
         if (!allowWildcards && s.num_sink_slots < 1) bad(kInSinkPool, want + " with num_slots >= 1");
+    }
+    if (cfg.recent_tokens > 0)
+    {
+        std::string const want = "[num_slots, " + std::to_string(H) + ", 2, " + std::to_string(cfg.recent_tokens)
+            + ", " + std::to_string(d) + "]";
+        rank(kInRecentPool, 5, want);
+        if (!same(in[kInRecentPool].d[1], H) || !same(in[kInRecentPool].d[2], 2)
+            || !same(in[kInRecentPool].d[3], cfg.recent_tokens) || !same(in[kInRecentPool].d[4], d))
+        {
+            bad(kInRecentPool, want);
+        }
+        if (!allowWildcards && in[kInRecentPool].d[0] < 1) bad(kInRecentPool, want + " with num_slots >= 1");
     }
     std::string const hd = "[" + std::to_string(H) + ", " + std::to_string(d) + "]";
     for (int32_t slot : {kInKMean, kInKSmooth, kInVMean, kInVSmooth})

@@ -50,7 +50,7 @@ size_t stepWorkspaceBytes(core::AttentionConfig const& cfg, int64_t maxTokens, i
     {
         scratch = std::max(scratch,
             contextWorkspaceBytes(static_cast<int32_t>(std::min(maxBatch, n - 1)), cfg.num_q_heads, cfg.num_kv_heads,
-                cfg.head_dim, static_cast<int32_t>(n), cfg.max_seq_len));
+                cfg.head_dim, static_cast<int32_t>(n), cfg.max_seq_len, cfg.recent_tokens));
     }
     return core::workspaceLayout(maxBatch, scratch).total_bytes;
 }
@@ -69,7 +69,8 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
     kv.block_table = buf.block_table;
     kv.max_blocks_per_seq = static_cast<int32_t>(step.max_blocks_per_seq);
     kv.sink_pool = cfg.sink_tokens > 0 ? static_cast<uint16_t*>(buf.sink_pool) : nullptr;
-    kv.seq_slot = cfg.sink_tokens > 0 ? buf.seq_slots : nullptr;
+    kv.seq_slot = cfg.sink_tokens > 0 || cfg.recent_tokens > 0 ? buf.seq_slots : nullptr;
+    kv.recent_pool = cfg.recent_tokens > 0 ? static_cast<uint16_t*>(buf.recent_pool) : nullptr;
 
     LayerTablesView tables{};
     tables.k_mean = static_cast<uint16_t const*>(buf.k_mean);
@@ -91,7 +92,8 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
     // Exactly the scratch of the path taken; getWorkspaceSize reserved the maximum over the profile.
     size_t const scratchBytes = step.decode_only
         ? decodeWorkspaceBytes(batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_seq_len, numSms)
-        : contextWorkspaceBytes(batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, tokens, cfg.max_seq_len);
+        : contextWorkspaceBytes(
+            batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, tokens, cfg.max_seq_len, cfg.recent_tokens);
     core::WorkspaceLayout const ws = core::workspaceLayout(batch, scratchBytes);
     auto* wsBase = static_cast<uint8_t*>(buf.workspace);
     void* scratch = ws.scratch_bytes ? wsBase + ws.scratch_offset : nullptr;

@@ -32,6 +32,7 @@ struct StepBuffers
     void const* k_clip;           // [H] fp16
     void const* v_clip;           // [H] fp16
     void const* signs;            // [d] fp16
+    void* recent_pool;            // [num_slots, H, 2, w, d] fp16, written in place
     void* out;                    // [N, Hq * d] type of qkv
     void* workspace;              // core::workspaceSize() bytes
 };

@@ -305,6 +305,7 @@ int32_t TurboQuantAttentionPlugin::enqueue(PluginTensorDesc const* /*inputDesc*/
         b.k_clip = inputs[core::kInKClip];
         b.v_clip = inputs[core::kInVClip];
         b.signs = inputs[core::kInSigns];
+        b.recent_pool = const_cast<void*>(inputs[core::kInRecentPool]);
         b.out = outputs[core::kOutContext];
         b.workspace = workspace;
         if (mCfg.num_sms == 0)

@@ -11,9 +11,9 @@
 //
 // Usage: plugin_harness LIBRARY CASE_DIR OUT_DIR
 // CASE_DIR/case.txt (written by tests/test_plugin_harness_gpu.py) lists fields, static tensors
-// (uploaded once, kept across steps: the KV pool and sink pool are written in place) and steps
+// (uploaded once, kept across steps: the KV, sink and recent pools are written in place) and steps
 // (per-step tensors). Tensors are raw little-endian files. OUT_DIR receives out_<step>.bin per
-// step and kv_pool.bin / sink_pool.bin after the last step. Exit status 0 only if every check
+// step and kv_pool.bin / sink_pool.bin / recent_pool.bin after the last step. Exit status 0 only if every check
 // passed; each failure prints a line starting with "FAIL".
 #include <NvInferRuntime.h>
 #include <cuda_runtime_api.h>
@@ -35,6 +35,7 @@ namespace
 {
 
 int gFailures = 0;
+constexpr int kInputs = 16; // the plugin's input slots (docs/plugin.md §2)
 
 void fail(std::string const& msg)
 {
@@ -368,11 +369,11 @@ int main(int argc, char** argv)
             if (!ok) fail("serialized value of " + f.name + " differs from the value given");
         }
         DataType outType{};
-        DataType inTypes[15];
+        DataType inTypes[kInputs];
         for (auto& t : inTypes) t = DataType::kINT32;
         inTypes[0] = DataType::kHALF;
         if (build->getNbOutputs() != 1) fail("getNbOutputs != 1");
-        if (build->getOutputDataTypes(&outType, 1, inTypes, 15) != 0 || outType != DataType::kHALF)
+        if (build->getOutputDataTypes(&outType, 1, inTypes, kInputs) != 0 || outType != DataType::kHALF)
             fail("getOutputDataTypes(fp16 qkv) is not fp16");
 
         // ---- runtime phase: recreate from the serialized fields (deserialization) --------------
@@ -424,10 +425,11 @@ int main(int argc, char** argv)
         auto* rt = capability<IPluginV3OneRuntime>(attached.get(), PluginCapabilityType::kRUNTIME);
         auto* bld = capability<IPluginV3OneBuild>(attached.get(), PluginCapabilityType::kBUILD);
 
-        static char const* const kSlots[15] = {"qkv", "seq_lens", "ctx_lens", "request_types", "block_table", "kv_pool",
-            "sink_pool", "seq_slots", "k_mean", "k_smooth", "v_mean", "v_smooth", "k_clip", "v_clip", "signs"};
+        static char const* const kSlots[kInputs] = {"qkv", "seq_lens", "ctx_lens", "request_types", "block_table",
+            "kv_pool", "sink_pool", "seq_slots", "k_mean", "k_smooth", "v_mean", "v_smooth", "k_clip", "v_clip", "signs",
+            "recent_pool"};
         auto slotOf = [&](std::string const& n) {
-            for (int i = 0; i < 15; ++i)
+            for (int i = 0; i < kInputs; ++i)
                 if (n == kSlots[i]) return i;
             throw std::runtime_error("unknown tensor " + n);
         };
@@ -443,7 +445,7 @@ int main(int argc, char** argv)
             staticDev[slotOf(t.name)] = {t, d};
         }
         // Workspace for the largest step, asked through getWorkspaceSize with max dims.
-        DynamicPluginTensorDesc dyn[15], dynOut[1];
+        DynamicPluginTensorDesc dyn[kInputs], dynOut[1];
         std::memset(dyn, 0, sizeof(dyn));
         std::memset(dynOut, 0, sizeof(dynOut));
         int64_t maxTokens = 0, maxBatch = 0;
@@ -456,7 +458,7 @@ int main(int argc, char** argv)
         dyn[0].max.d[0] = maxTokens;
         dyn[1].max.nbDims = 1;
         dyn[1].max.d[0] = maxBatch;
-        size_t const wsBytes = bld->getWorkspaceSize(dyn, 15, dynOut, 1);
+        size_t const wsBytes = bld->getWorkspaceSize(dyn, kInputs, dynOut, 1);
         void* workspace = nullptr;
         if (wsBytes) CUDA_OK(cudaMalloc(&workspace, wsBytes));
         std::printf("workspace %zu bytes for <= %lld tokens, <= %lld requests\n", wsBytes,
@@ -467,8 +469,8 @@ int main(int argc, char** argv)
         for (size_t si = 0; si < steps.size(); ++si)
         {
             Step const& s = steps[si];
-            PluginTensorDesc in[15], out[1];
-            void const* inPtrs[15] = {};
+            PluginTensorDesc in[kInputs], out[1];
+            void const* inPtrs[kInputs] = {};
             std::vector<void*> stepAllocs;
             for (auto const& kv : staticDev)
             {
@@ -488,7 +490,7 @@ int main(int argc, char** argv)
                 in[slot] = PluginTensorDesc{t.dims, t.type, TensorFormat::kLINEAR, -1.F};
                 inPtrs[slot] = d;
             }
-            for (int i = 0; i < 15; ++i)
+            for (int i = 0; i < kInputs; ++i)
                 if (!inPtrs[i]) throw std::runtime_error(std::string("step lacks tensor ") + kSlots[i]);
             int32_t hq = 0, hd = 0;
             for (auto const& f : serialized)
@@ -506,7 +508,7 @@ int main(int argc, char** argv)
             CUDA_OK(cudaMalloc(&dOut, outBytes));
             CUDA_OK(cudaMemset(dOut, 0xFF, outBytes)); // poison: fp16/bf16 NaN everywhere
             if (wsBytes) CUDA_OK(cudaMemset(workspace, 0xFF, wsBytes));
-            if (rt->onShapeChange(in, 15, out, 1) != 0)
+            if (rt->onShapeChange(in, kInputs, out, 1) != 0)
             {
                 fail("onShapeChange failed at step " + std::to_string(si));
                 return 1;
@@ -529,7 +531,7 @@ int main(int argc, char** argv)
         }
         // A shape the plugin must refuse at run time: qkv with a wrong width.
         {
-            PluginTensorDesc in[15], out[1];
+            PluginTensorDesc in[kInputs], out[1];
             Step const& s = steps.back();
             for (auto const& kv : staticDev)
                 in[kv.first] = PluginTensorDesc{kv.second.first.dims, kv.second.first.type, TensorFormat::kLINEAR, -1.F};
@@ -537,11 +539,11 @@ int main(int argc, char** argv)
             in[0].dims.d[1] += 8;
             out[0] = in[0];
             size_t const before = logger.errors.size();
-            if (rt->onShapeChange(in, 15, out, 1) == 0) fail("onShapeChange accepted a wrong qkv width");
+            if (rt->onShapeChange(in, kInputs, out, 1) == 0) fail("onShapeChange accepted a wrong qkv width");
             if (logger.errors.size() == before || logger.errors.back().find("input qkv") == std::string::npos)
                 fail("no logged error naming input qkv");
         }
-        for (char const* name : {"kv_pool", "sink_pool"})
+        for (char const* name : {"kv_pool", "sink_pool", "recent_pool"})
         {
             auto const& e = staticDev.at(slotOf(name));
             size_t const n = static_cast<size_t>(volume(e.first.dims)) * elemSize(e.first.type);

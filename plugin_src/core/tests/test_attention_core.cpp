@@ -2,6 +2,7 @@
 // main() runs them all and exits non-zero if any check failed.
 #include "turboquant_core/attention_core.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -121,6 +122,7 @@ AttentionConfig randomConfig(std::mt19937& rng)
     }
     c.norm_correction = static_cast<int32_t>(rng() % 2);
     c.sink_tokens = static_cast<int32_t>(rng() % 17);
+    c.recent_tokens = static_cast<int32_t>(rng() % 65);
     c.max_seq_len = 1 + static_cast<int32_t>(rng() % 200000);
     c.layer_offset = 16 * static_cast<int64_t>(rng() % 100000);
     c.softmax_scale = (rng() % 2) ? 0.F : 0.01F * static_cast<float>(1 + rng() % 100);
@@ -198,6 +200,7 @@ Shapes validShapes(AttentionConfig const& c, int64_t N, int64_t B, int64_t maxBl
     s.in[kInKClip] = mk({H});
     s.in[kInVClip] = mk({H});
     s.in[kInSigns] = mk({d});
+    s.in[kInRecentPool] = mk({B + 2, H, 2, std::max(c.recent_tokens, 1), d});
     s.out[kOutContext] = mk({N, c.num_q_heads * d});
     return s;
 }
@@ -251,12 +254,14 @@ TEST(optional_fields_take_defaults)
     c.layer_offset = 0;
     EditableFields e(c);
     for (char const* n :
-        {"kind", "group_size", "norm_correction", "sink_tokens", "layer_offset", "softmax_scale", "num_sms"})
+        {"kind", "group_size", "norm_correction", "sink_tokens", "recent_tokens", "layer_offset", "softmax_scale",
+            "num_sms"})
         e.erase(n);
     AttentionConfig const p = e.parse();
     CHECK(p.kind == QuantKind::kTurbo);
     CHECK_EQ(p.norm_correction, 1);
     CHECK_EQ(p.sink_tokens, 0);
+    CHECK_EQ(p.recent_tokens, 0);
     CHECK_EQ(p.layer_offset, 0);
     CHECK_EQ(p.num_sms, 0);
     CHECK(p.effectiveSoftmaxScale() > 0.0883F && p.effectiveSoftmaxScale() < 0.0884F); // 1/sqrt(128)
@@ -332,6 +337,8 @@ TEST(validation_rejects_each_invalid_value)
     expect([](AttentionConfig& c) { c.v_bits[0] = 1; }, "v_bits[0]=1");
     expect([](AttentionConfig& c) { c.num_q_heads = 30; }, "multiple of num_kv_heads=8");
     expect([](AttentionConfig& c) { c.sink_tokens = 17; }, "sink_tokens=17");
+    expect([](AttentionConfig& c) { c.recent_tokens = 65; }, "recent_tokens=65");
+    expect([](AttentionConfig& c) { c.recent_tokens = -1; }, "recent_tokens=-1");
     expect([](AttentionConfig& c) { c.max_seq_len = 0; }, "max_seq_len=0");
     expect([](AttentionConfig& c) { c.layer_offset = 8; }, "layer_offset=8");
     expect([](AttentionConfig& c) { c.format_version = 1; }, "format_version=1");
@@ -383,6 +390,7 @@ TEST(layer_desc_matches_core_layout)
         CHECK_EQ(d.block_bytes, l.block_bytes);
         CHECK_EQ(d.head_dim, c.head_dim);
         CHECK_EQ(d.sink_tokens, c.sink_tokens);
+        CHECK_EQ(d.recent_tokens, c.recent_tokens);
         CHECK_EQ(d.norm_correction, c.norm_correction);
         CHECK_EQ(d.rotation, 1);
         for (int32_t h = 0; h < c.num_kv_heads; ++h)
@@ -451,7 +459,8 @@ TEST(format_combinations)
         types[kInQkv] = act;
         for (int32_t s : {kInSeqLens, kInCtxLens, kInRequestTypes, kInBlockTable, kInKvPool, kInSeqSlots})
             types[s] = DataType::kINT32;
-        for (int32_t s : {kInSinkPool, kInKMean, kInKSmooth, kInVMean, kInVSmooth, kInKClip, kInVClip, kInSigns})
+        for (int32_t s : {kInSinkPool, kInKMean, kInKSmooth, kInVMean, kInVSmooth, kInKClip, kInVClip, kInSigns,
+                 kInRecentPool})
             types[s] = DataType::kHALF;
         types[kNumInputs + kOutContext] = act;
     };
@@ -537,13 +546,23 @@ TEST(shapes_errors_name_the_input)
     expect([](Shapes& s) { s.out[kOutContext].d[1] = 8; }, "output has shape");
     expect([](Shapes& s) { s.in[kInQkv].d[0] = 2; s.out[0].d[0] = 2; }, "every request adds at least one token");
     Shapes s = validShapes(c, 12, 3, 4, 50);
-    CHECK_THROWS(checkShapes(c, s.in, kNumInputs - 1, s.out, 1, false), "takes 15 inputs");
-    // Without sinks the sink pool may be any tensor.
+    CHECK_THROWS(checkShapes(c, s.in, kNumInputs - 1, s.out, 1, false), "takes 16 inputs");
+    // Without sinks the sink pool may be any tensor; without a window the recent pool too.
     AttentionConfig c0 = c;
     c0.sink_tokens = 0;
     s = validShapes(c0, 12, 3, 4, 50);
     s.in[kInSinkPool] = mk({1});
+    s.in[kInRecentPool] = mk({1});
     CHECK_EQ(check(c0, s).num_sink_slots, 0);
+    // With a window the recent pool is [num_slots, H, 2, w, d].
+    AttentionConfig cw = c;
+    cw.recent_tokens = 16;
+    s = validShapes(cw, 12, 3, 4, 50);
+    check(cw, s);
+    s.in[kInRecentPool].d[3] = 8;
+    CHECK_THROWS(check(cw, s), "input recent_pool");
+    s.in[kInRecentPool] = mk({5, 8, 2, 16});
+    CHECK_THROWS(check(cw, s), "input recent_pool");
 }
 
 int main()

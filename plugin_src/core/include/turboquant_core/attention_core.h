@@ -81,6 +81,7 @@ enum InputSlot : int32_t
     kInKClip,         // [H] fp16
     kInVClip,         // [H] fp16
     kInSigns,         // [d] fp16  ±1, the rotation's sign vector
+    kInRecentPool,    // [num_slots, H, 2, w, d] fp16  recent-token ring (any fp16 tensor when w == 0)
     kNumInputs
 };
 
@@ -138,6 +139,7 @@ struct AttentionConfig
     int32_t group_size{0};       // uniform only; 0 = head_dim
     int32_t norm_correction{1};
     int32_t sink_tokens{0};
+    int32_t recent_tokens{0};    // w: each request's last w positions also kept in fp16 (docs/format.md §5.2)
     int32_t max_seq_len{0};
     int64_t layer_offset{0};     // bytes from a pool block's start to this layer's part of it
     float softmax_scale{0.F};    // 0: 1 / sqrt(head_dim)
