@@ -125,8 +125,7 @@ def _git_commit() -> str:
                    "bits. auto: 16, or 8 or 0 for a budget too small for 16 (per budget). A comma "
                    "list (e.g. 0,8,16) writes tables for each window from one capture "
                    "(NAME-w<w>...), or is the choice per layer with --window-choice per-layer. "
-                   "The CUDA write and decode kernels read the window; the context kernel and the "
-                   "plugin do not yet: --recent 0 makes tables the whole GPU path runs.")
+                   "The CUDA kernels and the TensorRT plugin read the window.")
 @click.option("--window-choice", type=click.Choice(["fixed", "per-layer", "both"]),
               default="fixed", show_default=True,
               help="fixed: one table per --recent value, every layer with that window "
@@ -155,8 +154,7 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
     Recent-token windows (--recent): each window costs 16*w/1024 bits/element in the layers
     that keep it. The default (auto) keeps 16 tokens when the budget fits them (3.2 bits on
     SmolLM2-135M: +2.9% perplexity on wikitext-2 instead of +9.0% without a window, see
-    docs/accuracy.md); the CUDA context kernel and the plugin do not read the window yet
-    (--recent 0 for them; write and decode do). With several --recent values the sensitivity is estimated once per window
+    docs/accuracy.md); the CUDA kernels and the plugin read the window. With several --recent values the sensitivity is estimated once per window
     on the same capture; --window-choice per-layer then picks every layer's window and bits
     jointly (an exact minimum of the summed estimate under the budget, every byte counted).
 

@@ -187,16 +187,6 @@ class LayerFormat:
     def compression(self, ref_tokens: int = DEFAULT_REF_TOKENS, tables: bool = True) -> float:
         return 16.0 / self.bits_per_element(ref_tokens, tables)
 
-    def kernel_unsupported(self) -> str | None:
-        """Why the CUDA kernels together with the TensorRT plugin cannot serve this format yet
-        (None when they can, as far as the format's fields go; `turboquant_trt.kernels.is_supported`
-        checks kind/bits/head_dim)."""
-        if self.recent_tokens:
-            return (f"recent_tokens={self.recent_tokens}: the context (prefill) kernel and the "
-                    "TensorRT plugin do not read the recent-token ring yet (docs/format.md §5.2; the "
-                    "write, dequantize and decode kernels do); calibrate with --recent 0 for them")
-        return None
-
     def block_layout(self, tokens_per_block: int) -> BlockLayout:
         t = tokens_per_block
         if t not in SUPPORTED_TOKENS_PER_BLOCK:
@@ -261,14 +251,6 @@ class ModelFormat:
     def recent_tokens(self) -> int:
         """The largest recent-token window of any layer (0: no layer keeps one)."""
         return max(lf.recent_tokens for lf in self.layers)
-
-    def kernel_unsupported(self) -> str | None:
-        """The first layer's reason why the CUDA kernels cannot run this format, or None."""
-        for li, lf in enumerate(self.layers):
-            why = lf.kernel_unsupported()
-            if why:
-                return f"layer {li}: {why}"
-        return None
 
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, "layers": [lf.to_dict() for lf in self.layers]}
