@@ -97,7 +97,7 @@ def _random_pool(layer, fmt, t, num_blocks, gen):
             layer.pool[:, off:off + 2 * t] = sc.half().view(torch.uint8).reshape(num_blocks, 2 * t)
 
 
-def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20):
+def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20, recent=0):
     import torch
     import torch.nn.functional as F
 
@@ -107,7 +107,7 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     dev = "cuda"
     gen = torch.Generator(device=dev)
     gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
-    fmt = LayerFormat(d, (k_bits,) * h, (v_bits,) * h)
+    fmt = LayerFormat(d, (k_bits,) * h, (v_bits,) * h, recent_tokens=recent)
     blocks_per_seq = math.ceil(L / t)
     num_blocks = b * blocks_per_seq
     per_token_head = fmt.head_bytes(0)
@@ -118,6 +118,7 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     for _ in range(copies):
         lay = K.KernelLayer.allocate(fmt, num_blocks, t, b)
         _random_pool(lay, fmt, t, num_blocks, gen)
+        lay.recent_pool.normal_(0.0, 0.5, generator=gen)  # finite fp16 window values (unused if w = 0)
         layers.append(lay)
         bt = torch.randperm(num_blocks, device=dev, generator=gen).to(torch.int32).reshape(b, blocks_per_seq)
         tables.append(bt)
@@ -160,8 +161,10 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     sdpa_ms, _ = _time(sdpa, iters)
     del kvs
     torch.cuda.empty_cache()
-    bytes_read = b * L * h * per_token_head + 2 * q.numel() * 2
-    return Row(name, b, L, hq, h, d, f"k{k_bits}v{v_bits}", t, splits, ours_ms, spread, sdpa_ms,
+    # codes + scales of every position (window positions' codes are not read; counted anyway, a
+    # conservative figure), the fp16 window ring, q and out
+    bytes_read = b * L * h * per_token_head + b * h * 2 * min(recent, L) * d * 2 + 2 * q.numel() * 2
+    return Row(name, b, L, hq, h, d, f"k{k_bits}v{v_bits}" + (f"w{recent}" if recent else ""), t, splits, ours_ms, spread, sdpa_ms,
                sdpa_ms / ours_ms, bytes_read, bytes_read / ours_ms / 1e6, bytes_read / ours_ms / 1e6 / (HBM_READ_BW / 1e9),
                kv_bytes / sdpa_ms / 1e6, write_ms, write_ms / ours_ms)
 
@@ -218,11 +221,11 @@ def _commit() -> str:
         return os.environ.get("TURBOQUANT_COMMIT", "unknown")
 
 
-def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None):
+def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None, recent=0):
     import torch
     rows = []
     for spec in shapes or DEFAULT_SHAPES:
-        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters))
+        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters, recent=recent))
         r = rows[-1]
         print(f"{r.shape:18s} ours {r.ours_ms:8.4f} ms  sdpa {r.sdpa_ms:8.4f} ms  x{r.speedup:5.2f}  "
               f"{r.ours_tbps:6.0f} GB/s ({100 * r.frac_hbm:4.1f}% of 3.0 TB/s)  write {r.write_ms * 1000:6.1f} us "
@@ -235,7 +238,8 @@ def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=N
             print(f"context B={c['batch']} prefix={c['prefix']} q_len={c['q_len']} Hq={c['q_heads']} d={c['head_dim']}: "
                   f"ours {c['ours_ms']:.3f} ms  sdpa {c['sdpa_ms']:.3f} ms", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(), "torch": torch.__version__, "tokens_per_block": tokens_per_block}
+            "commit": _commit(), "torch": torch.__version__, "tokens_per_block": tokens_per_block,
+            "recent_tokens": recent}
     result = {"meta": meta, "decode": [asdict(r) for r in rows], "context": ctx}
     print()
     print(f"{meta['device']}  {meta['date']}  commit {meta['commit']}")
@@ -261,12 +265,16 @@ def bench() -> None:
 @click.option("--tokens-per-block", default=64, show_default=True, help="page size of the quantized pool")
 @click.option("--no-context", is_flag=True, help="skip the context (prefill) measurements")
 @click.option("--json", "out_json", type=click.Path(dir_okay=False), help="also write the results as JSON")
-def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: str | None) -> None:
+@click.option("--recent", default=0, show_default=True, type=click.IntRange(0, 64),
+              help="recent-token window of the format: each sequence's last W positions read from the fp16 "
+                   "ring instead of their codes (the calibration's default is 16)")
+def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: str | None, recent: int) -> None:
     """Decode attention over the 3-bit cache vs torch fp16 SDPA, same shapes, same process.
 
     \b
-    Example:
+    Examples:
       turboquant bench kernels --iters 100 --json bench.json
+      turboquant bench kernels --recent 16 --no-context    # with the default 16-token window
     """
     try:
         import torch
@@ -279,7 +287,8 @@ def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: s
         library()
     except KernelError as e:
         raise click.ClickException(str(e)) from None
-    run_all(iters=iters, tokens_per_block=tokens_per_block, context=not no_context, out_json=out_json)
+    run_all(iters=iters, tokens_per_block=tokens_per_block, context=not no_context, out_json=out_json,
+            recent=recent)
 
 
 if __name__ == "__main__":
