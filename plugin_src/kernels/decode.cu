@@ -51,6 +51,8 @@ TQ_EXTERN_DECODE(128, 4)
 TQ_EXTERN_DECODE(128, 8)
 
 int resolveSms(int32_t num_sms); // attention.cu: SMs of the current device when num_sms <= 0
+// attention.cu: the layer, pool, sink/recent pools and tables shared by decode and context
+char const* checkCommon(KvLayerDesc const& layer, PagedKvPool const& kv, LayerTablesView const& tables, int32_t num_q_heads);
 
 namespace
 {
@@ -372,32 +374,11 @@ void planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, int32_t& splits, in
 
 char const* checkDecode(DecodeAttentionParams const& p)
 {
-    if (char const* why = tqCheckLayer(p.layer, p.num_q_heads))
+    if (char const* why = checkCommon(p.layer, p.kv, p.tables, p.num_q_heads))
     {
         return why;
     }
-    KvLayerDesc copy = p.layer;
-    if (!tqComputeBlockLayout(copy) || std::memcmp(copy.k_codes_off, p.layer.k_codes_off, sizeof(copy.k_codes_off)) != 0
-        || copy.block_bytes != p.layer.block_bytes)
-    {
-        return "layer offsets are stale";
-    }
-    if (p.kv.pool == nullptr || p.kv.block_table == nullptr || (reinterpret_cast<uintptr_t>(p.kv.pool) % 16) != 0
-        || p.kv.block_stride % 16 != 0 || p.kv.layer_offset % 16 != 0
-        || p.kv.layer_offset + p.layer.block_bytes > p.kv.block_stride)
-    {
-        return "bad pool";
-    }
-    if (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr))
-    {
-        return "sinks need sink_pool and seq_slot";
-    }
-    if (p.layer.recent_tokens > 0 && (p.kv.recent_pool == nullptr || p.kv.seq_slot == nullptr))
-    {
-        return "a recent-token window needs recent_pool and seq_slot";
-    }
-    if (p.tables.signs == nullptr || p.q == nullptr || p.out == nullptr || p.seq_lens == nullptr || p.batch < 0
-        || p.max_seq_len < 1)
+    if (p.q == nullptr || p.out == nullptr || p.seq_lens == nullptr || p.batch < 0 || p.max_seq_len < 1)
     {
         return "missing pointer";
     }
