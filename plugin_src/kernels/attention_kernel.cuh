@@ -527,16 +527,13 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     };
 
     int const ns = L.sink_tokens;
-    // ---- sink tokens (fp16, transformed domain) in the split that starts at position 0 --------
-    if (kb == 0 && ns > 0 && warp == 0)
-    {
-        int const hi = min(ns, ke);
-        int64_t const slot = a.kv.seq_slot[b];
-        uint16_t const* kS = a.kv.sink_pool + ((slot * L.num_kv_heads + head) * 2 + 0) * ns * D;
-        uint16_t const* vS = kS + static_cast<int64_t>(ns) * D;
-        auto pair = [&](uint16_t const* base, int t0, int c0, int dt, int dc) -> uint32_t {
-            uint32_t const x0 = t0 < hi ? base[t0 * D + c0] : 0u;
-            uint32_t const x1 = t0 + dt < hi ? base[(t0 + dt) * D + c0 + dc] : 0u;
+    // One 16-token step over fp16 keys and values (transformed domain): positions pos0 .. pos0+15,
+    // those in [lo, hi) valid, row lower bound cutLo (scoreStep); rowOf(pos, which) is the K (0) or
+    // V (1) row of a position.
+    auto exactStep = [&](auto const& rowOf, int pos0, int lo, int hi, int cutLo) {
+        auto pair = [&](int which, int t0, int c0, int dt, int dc) -> uint32_t {
+            uint32_t const x0 = pos0 + t0 < hi ? rowOf(pos0 + t0, which)[c0] : 0u;
+            uint32_t const x1 = pos0 + t0 + dt < hi ? rowOf(pos0 + t0 + dt, which)[c0 + dc] : 0u;
             return x0 | (x1 << 16);
         };
         uint32_t kf[2][KPAIRS];
@@ -546,29 +543,35 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk)
             {
-                kf[j][2 * kk] = pair(kS, gq + 8 * j, 16 * kk + 4 * t4, 0, 1);
-                kf[j][2 * kk + 1] = pair(kS, gq + 8 * j, 16 * kk + 4 * t4 + 2, 0, 1);
+                kf[j][2 * kk] = pair(0, gq + 8 * j, 16 * kk + 4 * t4, 0, 1);
+                kf[j][2 * kk + 1] = pair(0, gq + 8 * j, 16 * kk + 4 * t4 + 2, 0, 1);
             }
         }
-        auto sinkV = [&](uint32_t (&va)[MT][4]) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-            {
-                va[mt][0] = pair(vS, 4 * t4, 16 * mt + gq, 1, 0);
-                va[mt][1] = pair(vS, 4 * t4, 16 * mt + 8 + gq, 1, 0);
-                va[mt][2] = pair(vS, 4 * t4 + 2, 16 * mt + gq, 1, 0);
-                va[mt][3] = pair(vS, 4 * t4 + 2, 16 * mt + 8 + gq, 1, 0);
-            }
-        };
         float const one[2] = {1.F, 1.F};
         uint32_t b0, b1;
-        scoreStep(kf, one, one, 0, 0, hi, 0, kNoLow, b0, b1);
+        scoreStep(kf, one, one, pos0, lo, hi, 0, cutLo, b0, b1);
         uint32_t va[MT][4];
-        sinkV(va);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+        {
+            va[mt][0] = pair(1, 4 * t4, 16 * mt + gq, 1, 0);
+            va[mt][1] = pair(1, 4 * t4, 16 * mt + 8 + gq, 1, 0);
+            va[mt][2] = pair(1, 4 * t4 + 2, 16 * mt + gq, 1, 0);
+            va[mt][3] = pair(1, 4 * t4 + 2, 16 * mt + 8 + gq, 1, 0);
+        }
         valueStep(va, b0, b1);
+    };
+
+    // ---- sink tokens in the split that starts at position 0 (at most 16: one step) -------------
+    if (kb == 0 && ns > 0 && warp == 0)
+    {
+        int64_t const slot = a.kv.seq_slot[b];
+        uint16_t const* sinks = a.kv.sink_pool + (slot * L.num_kv_heads + head) * 2 * ns * D;
+        exactStep([&](int pos, int which) { return sinks + (static_cast<int64_t>(which) * ns + pos) * D; }, 0, 0,
+            min(ns, ke), kNoLow);
     }
 
-    // ---- the recent-token window (fp16, transformed domain) in 16-token steps, last warp -------
+    // ---- the recent-token window in 16-token steps, last warp ------------------------------------
     // Row position qp reads keys qp - w < pos <= qp (pos >= ns) in fp16: this call's own tokens from
     // win_new, earlier ones from the ring, which the launcher updates only after this kernel.
     int const w = L.recent_tokens;
@@ -588,35 +591,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         };
         for (int s0 = wlo; s0 < whi; s0 += kTile)
         {
-            auto pair = [&](int which, int t0, int c0, int dt, int dc) -> uint32_t {
-                uint32_t const x0 = s0 + t0 < whi ? rowOf(s0 + t0, which)[c0] : 0u;
-                uint32_t const x1 = s0 + t0 + dt < whi ? rowOf(s0 + t0 + dt, which)[c0 + dc] : 0u;
-                return x0 | (x1 << 16);
-            };
-            uint32_t kf[2][KPAIRS];
-#pragma unroll
-            for (int j = 0; j < 2; ++j)
-            {
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk)
-                {
-                    kf[j][2 * kk] = pair(0, gq + 8 * j, 16 * kk + 4 * t4, 0, 1);
-                    kf[j][2 * kk + 1] = pair(0, gq + 8 * j, 16 * kk + 4 * t4 + 2, 0, 1);
-                }
-            }
-            float const one[2] = {1.F, 1.F};
-            uint32_t b0, b1;
-            scoreStep(kf, one, one, s0, wlo, whi, 0, w, b0, b1);
-            uint32_t va[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-            {
-                va[mt][0] = pair(1, 4 * t4, 16 * mt + gq, 1, 0);
-                va[mt][1] = pair(1, 4 * t4, 16 * mt + 8 + gq, 1, 0);
-                va[mt][2] = pair(1, 4 * t4 + 2, 16 * mt + gq, 1, 0);
-                va[mt][3] = pair(1, 4 * t4 + 2, 16 * mt + 8 + gq, 1, 0);
-            }
-            valueStep(va, b0, b1);
+            exactStep(rowOf, s0, wlo, whi, w);
         }
     }
 
