@@ -106,6 +106,17 @@ def _setup(fmt, tables, t, lens, rng, slots=None):
     return quant, ref, layer, bt, slots, data
 
 
+def _mismatching_bytes(layer, ref, ks, vs, bt, lens) -> int:
+    """Writes each sequence's K/V (ks[b], vs[b]: positions 0..n-1, the values the kernel read)
+    through the reference pool, then counts the GPU pool's bytes that differ from the reference's."""
+    slots = np.arange(len(lens), dtype=np.int32)
+    for b, n in enumerate(lens):
+        ref.write(np.asarray(ks[b], np.float32), np.asarray(vs[b], np.float32), np.arange(n), bt,
+                  np.full(n, b), slots)
+    torch.cuda.synchronize()
+    return int((layer.pool.cpu().numpy() != ref.pool).sum())
+
+
 def _rel(out, ref):
     out = out.double().cpu().numpy()
     assert np.isfinite(out).all(), "output has NaN/Inf (unwritten or broken)"
@@ -157,7 +168,6 @@ def _check_write(d, kb, vb, t, ns, nc, act, w):
     layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
     layer.pool.copy_(_to_gpu(ref.pool))
     tdt = torch.float16 if act == "fp16" else torch.bfloat16
-    slots = np.arange(len(lens), dtype=np.int32)
     # prefill: all but the last token of each sequence in one call (cu_q_lens; the 32 tokens of a
     # tile are written by concurrent warps), then one decode step
     ks, vs = [], []
@@ -172,19 +182,12 @@ def _check_write(d, kb, vb, t, ns, nc, act, w):
     kd = _to_gpu(np.stack([k[-1] for k in ks]), tdt)
     vd = _to_gpu(np.stack([v[-1] for v in vs]), tdt)
     K.quantize_kv(layer, kd, vd, bt, lens)
-    torch.cuda.synchronize()
-    for b, n in enumerate(lens):
-        # the reference sees exactly what the kernel read (fp16/bf16 values)
-        kr = torch.from_numpy(ks[b]).to(tdt).float().numpy()
-        vr = torch.from_numpy(vs[b]).to(tdt).float().numpy()
-        ref.write(kr, vr, np.arange(n), bt, np.full(n, b), slots)
-    torch.cuda.synchronize()
-    got = layer.pool.cpu().numpy()
-    diff = got != ref.pool
+    # the reference sees exactly what the kernel read (fp16/bf16 values)
+    seen = [[torch.from_numpy(x).to(tdt).float().numpy() for x in xs] for xs in (ks, vs)]
+    bad_bytes = _mismatching_bytes(layer, ref, *seen, bt, lens)
     n_vec = sum(lens) * fmt.kv_heads * 2
-    bad_bytes = int(diff.sum())
     print(f"write d={d} kb={kb} vb={vb} T={t} ns={ns} w={w} nc={nc} {act}: "
-          f"{bad_bytes} mismatching bytes of {diff.size} ({n_vec} vectors)")
+          f"{bad_bytes} mismatching bytes of {layer.pool.numel()} ({n_vec} vectors)")
     assert bad_bytes == 0, f"{bad_bytes} bytes differ from the reference"
     sink_got = layer.sink_pool.cpu().numpy()
     assert np.array_equal(sink_got.view(np.uint16), ref.sinks.view(np.uint16)), "sink pool differs"
@@ -228,11 +231,7 @@ def test_write_from_unaligned_strided_rows(d):
     assert kp.stride(0) % 4 != 0 and kp.data_ptr() % 8 != 0
     K.quantize_kv(layer, kp, vp, bt, pre, cu_q_lens=cu, max_q_len=max(pre))
     K.quantize_kv(layer, strided(np.stack([k[-1] for k in ks])), strided(np.stack([v[-1] for v in vs])), bt, lens)
-    torch.cuda.synchronize()
-    slots = np.arange(len(lens), dtype=np.int32)
-    for b, n in enumerate(lens):
-        ref.write(ks[b].astype(np.float32), vs[b].astype(np.float32), np.arange(n), bt, np.full(n, b), slots)
-    bad = int((layer.pool.cpu().numpy() != ref.pool).sum())
+    bad = _mismatching_bytes(layer, ref, ks, vs, bt, lens)
     print(f"write from unaligned strided rows d={d}: {bad} mismatching bytes")
     assert bad == 0
     assert np.array_equal(layer.sink_pool.cpu().numpy().view(np.uint16), ref.sinks.view(np.uint16)), "sink pool differs"
@@ -260,11 +259,7 @@ def test_write_zero_and_tiny_vectors(t):
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     K.quantize_kv(layer, _to_gpu(np.concatenate(ks)), _to_gpu(np.concatenate(vs)), bt, lens,
                   cu_q_lens=cu, max_q_len=max(lens))
-    torch.cuda.synchronize()
-    slots = np.arange(len(lens), dtype=np.int32)
-    for b, n in enumerate(lens):
-        ref.write(ks[b].astype(np.float32), vs[b].astype(np.float32), np.arange(n), bt, np.full(n, b), slots)
-    bad = int((layer.pool.cpu().numpy() != ref.pool).sum())
+    bad = _mismatching_bytes(layer, ref, ks, vs, bt, lens)
     print(f"write zero/tiny vectors T={t}: {bad} mismatching bytes")
     assert bad == 0
 
