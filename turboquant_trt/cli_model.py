@@ -154,14 +154,15 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
     Recent-token windows (--recent): each window costs 16*w/1024 bits/element in the layers
     that keep it. The default (auto) keeps 16 tokens when the budget fits them (3.2 bits on
     SmolLM2-135M: +2.9% perplexity on wikitext-2 instead of +9.0% without a window, see
-    docs/accuracy.md); the CUDA kernels and the plugin read the window. With several --recent values the sensitivity is estimated once per window
-    on the same capture; --window-choice per-layer then picks every layer's window and bits
-    jointly (an exact minimum of the summed estimate under the budget, every byte counted).
+    docs/accuracy.md); the CUDA kernels and the plugin read the window. With several --recent
+    values the sensitivity is estimated once per window on the same capture; --window-choice
+    per-layer then picks every layer's window and bits jointly (an exact minimum of the summed
+    estimate under the budget, every byte counted).
 
     \b
     Examples:
       turboquant calibrate --out tables/smollm2-b3.2              # model-generated text
-      turboquant calibrate --recent 0 --out tables/kernel-b3.2    # no window (GPU kernels)
+      turboquant calibrate --recent 0 --out tables/smollm2-w0     # no recent-token window
       turboquant calibrate --data wiki.txt --skip-tokens 20480 --bits 6,5,4,3.2,2.8,2.5,2.3 \\
           --out tables/smollm2
       turboquant calibrate --data wiki.txt --skip-tokens 20480 --bits 3.2,2.5 \\
