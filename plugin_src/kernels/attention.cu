@@ -217,6 +217,12 @@ char const* checkCommon(KvLayerDesc const& layer, PagedKvPool const& kv, LayerTa
     {
         return "recent_tokens > 0 needs recent_pool and seq_slot";
     }
+    // the attention kernels read sink and window rows as 16-byte vectors
+    if ((layer.sink_tokens > 0 && reinterpret_cast<uintptr_t>(kv.sink_pool) % 16 != 0)
+        || (layer.recent_tokens > 0 && reinterpret_cast<uintptr_t>(kv.recent_pool) % 16 != 0))
+    {
+        return "sink_pool and recent_pool must be 16-byte aligned";
+    }
     if (tables.signs == nullptr)
     {
         return "tables.signs (the rotation's sign vector) is required";

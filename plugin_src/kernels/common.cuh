@@ -113,6 +113,12 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t const (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Asks for the 128-byte line at p to be brought into L1 (no register, no wait).
+__device__ __forceinline__ void prefetchL1(void const* p)
+{
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
+
 __device__ __forceinline__ void cpAsync16(void* smem, void const* gmem)
 {
     uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));

@@ -386,6 +386,45 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         issue(i);
     }
 
+    // ---- sink and recent-window rows of this split (fp16, read by the exact path below) ------------
+    // Their lines are asked into L1 now, so the exact path's dependent steps find them there.
+    int const sinkEnd = min(ns, ke);      // sinks [kb, sinkEnd) fall in this split
+    int const winBeg = max(kb, wb);       // window positions [winBeg, ke) fall in this split
+    int const w = L.recent_tokens;
+    int64_t const sinkRow = static_cast<int64_t>(ns) * D;
+    int64_t const ringRow = static_cast<int64_t>(w) * D;
+    uint16_t const* sinkBase = nullptr;
+    uint16_t const* ring = nullptr;
+    if (sinkEnd > kb || ke > winBeg)
+    {
+        int64_t const sh = static_cast<int64_t>(a.kv.seq_slot[b]) * L.num_kv_heads + head;
+        sinkBase = sinkEnd > kb ? a.kv.sink_pool + sh * 2 * sinkRow : nullptr;
+        ring = ke > winBeg ? a.kv.recent_pool + sh * 2 * ringRow : nullptr;
+    }
+    auto sinkRowOf = [&](int p) { return sinkBase + static_cast<int64_t>(p) * D; };
+    auto ringRowOf = [&](int p) { return ring + static_cast<int64_t>(p % w) * D; };
+    auto prefetchRows = [&](int p0, int p1, auto rowOf, int64_t vStride) {
+        constexpr int kLines = D * 2 / 128; // 128-byte lines of one row
+        for (int p = p0 + lane; p < p1; p += 32)
+        {
+            uint16_t const* k = rowOf(p);
+#pragma unroll
+            for (int l = 0; l < kLines; ++l)
+            {
+                prefetchL1(k + 64 * l);
+                prefetchL1(k + vStride + 64 * l);
+            }
+        }
+    };
+    if (sinkEnd > kb)
+    {
+        prefetchRows(kb, sinkEnd, sinkRowOf, sinkRow);
+    }
+    if (ke > winBeg)
+    {
+        prefetchRows(winBeg, ke, ringRowOf, ringRow);
+    }
+
     // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes); warp w: heads w, w+4 --
     {
         constexpr int PER = D / 32; // channels per lane: PER*lane .. PER*lane + PER-1
@@ -487,68 +526,116 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     }
 
     // ---- sink tokens and the recent-token window (fp16, transformed domain): exact fp32 path ------
-    // one key at a time: krow, vrow are its K and V rows (d fp16 values each)
-    auto exactKey = [&](uint16_t const* krow, uint16_t const* vrow) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+    // Keys [p0, p1) go in chunks of up to 32, one key per lane: lane j takes the fp32 dot products
+    // of key p0 + j's fp16 row with every query head of the CTA (no dependence between keys, so the
+    // row loads of all lanes are in flight together); the warp agrees on each head's maximum once
+    // per chunk; the probabilities go through shared memory (this warp's pbuf, idle before the
+    // tiles); then every lane adds p * V to its own O^T channels key by key. rowOf(p) is key p's K
+    // row; its V row is vStride halves further.
+    float* const pw = reinterpret_cast<float*>(pbufAll + warp * 2 * 8 * 32); // [4 NT heads][32 keys]
+    static_assert(4 * NT * 32 * 4 <= 2 * 8 * 32 * 2, "exact-path probabilities must fit in pbuf");
+    auto exactRows = [&](int p0, int p1, auto rowOf, int64_t vStride) {
+#pragma unroll 1
+        for (int c0 = p0; c0 < p1; c0 += 32)
         {
-            int const hh = 4 * nt + t;
-            float part = 0.F;
-            for (int c = g; c < D; c += 8)
-            {
-                part += qf[hh * D + c] * h2f(krow[c]);
-            }
-            part += __shfl_xor_sync(0xffffffffu, part, 4);
-            part += __shfl_xor_sync(0xffffffffu, part, 8);
-            part += __shfl_xor_sync(0xffffffffu, part, 16);
-            float const s = hh < nh ? part * a.q_scale : kNegInf;
-            if (s > mRun[nt])
-            {
-                float const alpha = exp2f(mRun[nt] - s);
+            int const cnt = min(32, p1 - c0);
+            float s[4 * NT];
 #pragma unroll
-                for (int m = 0; m < MT; ++m)
+            for (int h = 0; h < 4 * NT; ++h)
+            {
+                s[h] = 0.F;
+            }
+            if (lane < cnt)
+            {
+                uint4 const* krow = reinterpret_cast<uint4 const*>(rowOf(c0 + lane));
+#pragma unroll
+                for (int c8 = 0; c8 < D / 8; ++c8)
                 {
-                    oF[m][nt][0] *= alpha;
-                    oF[m][nt][1] *= alpha;
+                    uint4 const raw = krow[c8];
+                    uint32_t const wds[4] = {raw.x, raw.y, raw.z, raw.w};
+                    float kf[8];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                    {
+                        kf[2 * e] = h2f(static_cast<uint16_t>(wds[e] & 0xffffu));
+                        kf[2 * e + 1] = h2f(static_cast<uint16_t>(wds[e] >> 16));
+                    }
+#pragma unroll
+                    for (int h = 0; h < 4 * NT; ++h)
+                    {
+                        float4 const q0 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8);
+                        float4 const q1 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8 + 4);
+                        s[h] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4]
+                            + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+                    }
                 }
-                lRun[nt] *= alpha;
-                mRun[nt] = s;
             }
-            float const pw = exp2f(s - mRun[nt]);
-            if (g == 0)
+            float own[NT]; // the maximum after this chunk of this lane's head of each n-tile
+#pragma unroll
+            for (int h = 0; h < 4 * NT; ++h)
             {
-                lRun[nt] += pw; // one lane per head counts the key (lanes of a head are summed at the end)
+                float const sh = lane < cnt && h < nh ? s[h] * a.q_scale : kNegInf;
+                float mx = sh;
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1)
+                {
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+                }
+                // lane h % 4 (g = 0, t = h % 4) holds head h's running maximum in mRun[h / 4]
+                float const mN = fmaxf(__shfl_sync(0xffffffffu, mRun[h / 4], h % 4), mx);
+                pw[h * 32 + lane] = sh == kNegInf ? 0.F : exp2f(sh - mN);
+                if (h % 4 == 0 || h % 4 == t)
+                {
+                    own[h / 4] = mN;
+                }
             }
 #pragma unroll
-            for (int m = 0; m < MT; ++m)
+            for (int nt = 0; nt < NT; ++nt)
             {
-                oF[m][nt][0] += pw * h2f(vrow[16 * m + g]);
-                oF[m][nt][1] += pw * h2f(vrow[16 * m + 8 + g]);
+                if (own[nt] > mRun[nt])
+                {
+                    float const alpha = exp2f(mRun[nt] - own[nt]);
+#pragma unroll
+                    for (int m = 0; m < MT; ++m)
+                    {
+                        oF[m][nt][0] *= alpha;
+                        oF[m][nt][1] *= alpha;
+                    }
+                    lRun[nt] *= alpha;
+                    mRun[nt] = own[nt];
+                }
             }
+            __syncwarp();
+#pragma unroll 4
+            for (int j = 0; j < cnt; ++j)
+            {
+                uint16_t const* vrow = rowOf(c0 + j) + vStride;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                {
+                    float const pj = pw[(4 * nt + t) * 32 + j];
+                    if (g == 0)
+                    {
+                        lRun[nt] += pj; // one lane per head counts the key (lanes of a head are summed at the end)
+                    }
+#pragma unroll
+                    for (int m = 0; m < MT; ++m)
+                    {
+                        oF[m][nt][0] += pj * h2f(vrow[16 * m + g]);
+                        oF[m][nt][1] += pj * h2f(vrow[16 * m + 8 + g]);
+                    }
+                }
+            }
+            __syncwarp(); // pw is written again by the next chunk, and is the tiles' pbuf afterwards
         }
     };
-    if (ns > 0 && kb < ns)
+    if (sinkEnd > kb)
     {
-        int64_t const sinkRow = static_cast<int64_t>(ns) * D;
-        uint16_t const* sinkBase
-            = a.kv.sink_pool + (static_cast<int64_t>(a.kv.seq_slot[b]) * L.num_kv_heads + head) * 2 * sinkRow;
-        int const pe = min(ns, ke);
-        for (int p = kb; p < pe; ++p)
-        {
-            exactKey(sinkBase + static_cast<int64_t>(p) * D, sinkBase + sinkRow + static_cast<int64_t>(p) * D);
-        }
+        exactRows(kb, sinkEnd, sinkRowOf, sinkRow);
     }
-    if (ke > max(kb, wb)) // positions [max(kb, wb), ke) of the window fall in this split
+    if (ke > winBeg)
     {
-        int const w = L.recent_tokens;
-        int64_t const ringRow = static_cast<int64_t>(w) * D;
-        uint16_t const* ring
-            = a.kv.recent_pool + (static_cast<int64_t>(a.kv.seq_slot[b]) * L.num_kv_heads + head) * 2 * ringRow;
-        for (int p = max(kb, wb); p < ke; ++p)
-        {
-            int64_t const r = static_cast<int64_t>(p % w) * D;
-            exactKey(ring + r, ring + ringRow + r);
-        }
+        exactRows(winBeg, ke, ringRowOf, ringRow);
     }
 
     // ---- the quantized tiles ---------------------------------------------------------------------
