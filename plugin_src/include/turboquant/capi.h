@@ -30,9 +30,9 @@ typedef struct TqLayerC
     int64_t layer_offset;
     int32_t const* block_table; /* [batch][max_blocks_per_seq] int32 */
     int32_t max_blocks_per_seq;
-    void* sink_pool;            /* [num_slots][H][2][max(n_s,1)][d] fp16 */
+    void* sink_pool;            /* [num_slots][H][2][max(n_s,1)][d] fp16, 16-byte aligned */
     int32_t const* seq_slot;    /* [batch] int32 row of sink_pool and recent_pool */
-    void* recent_pool;          /* [num_slots][H][2][max(w,1)][d] fp16 */
+    void* recent_pool;          /* [num_slots][H][2][max(w,1)][d] fp16, 16-byte aligned */
     void const* k_mean;         /* [H][d] fp16 or NULL */
     void const* k_smooth;
     void const* v_mean;

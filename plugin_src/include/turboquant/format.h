@@ -183,7 +183,8 @@ TQ_HOST_DEVICE constexpr int32_t tqTileUnitOffset(int32_t d, int32_t bits, int32
 //
 // Invariants (checked by the launchers): pool, block_stride and layer_offset are multiples of 16;
 // layer_offset + block_bytes <= block_stride; sink_pool and seq_slot are non-null when
-// sink_tokens > 0; recent_pool and seq_slot are non-null when recent_tokens > 0.
+// sink_tokens > 0; recent_pool and seq_slot are non-null when recent_tokens > 0; the attention
+// launchers also need sink_pool and recent_pool 16-byte aligned (they read rows as 16-byte vectors).
 struct PagedKvPool
 {
     uint8_t* pool;                // [num_blocks][block_stride] uint8, read and written in place
