@@ -14,7 +14,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export TURBOQUANT_COMMIT=${TURBOQUANT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} # pass it when the copy's git metadata may be stale
+export TURBOQUANT_COMMIT=${TURBOQUANT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} # set it when the copy's git metadata may be stale: the bench records it
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 t0=$(date +%s)
 BUILD=${BUILD:-build/cmake}

@@ -214,11 +214,14 @@ def bench_context(b, prefix, q_len, hq, h, d, t=64, iters=20):
 
 
 def _commit() -> str:
+    """TURBOQUANT_COMMIT when set (a copied tree whose git metadata may be stale), else git's HEAD."""
+    if os.environ.get("TURBOQUANT_COMMIT"):
+        return os.environ["TURBOQUANT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("TURBOQUANT_COMMIT", "unknown")
+        return "unknown"
 
 
 def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None, recent=0):
