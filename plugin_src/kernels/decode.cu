@@ -22,7 +22,10 @@
 //   - each warp streams its tiles through 2-4 shared-memory stages filled by cp.async (consecutive
 //     lanes copy consecutive 16-byte pieces of the contiguous tile); the first copies are issued
 //     before the query prologue.
-// Sink positions (fp16 in sink_pool) go through an exact fp32 path in the split that holds them.
+// Sink positions (fp16 in sink_pool) and the recent-token window (the last w positions, fp16 in
+// recent_pool; the int8 tiles stop before it) go through an exact fp32 path in the split that holds
+// them: up to 32 keys at a time, one key per lane for the scores, one maximum update per chunk, then
+// P * V key by key from rows prefetched into L1 when the split starts.
 // At the end the four warps of a CTA merge their splits in shared memory, so the workspace holds one
 // partial per (sequence, query head, CTA). decodeReduceKernel, a programmatic dependent launch of
 // the split kernel on sm_90+ (its CTAs are scheduled while the last split CTAs finish and wait for
