@@ -534,7 +534,58 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     // row; its V row is vStride halves further.
     float* const pw = reinterpret_cast<float*>(pbufAll + warp * 2 * 8 * 32); // [4 NT heads][32 keys]
     static_assert(4 * NT * 32 * 4 <= 2 * 8 * 32 * 2, "exact-path probabilities must fit in pbuf");
+    // one key at a time (NT = 2, below): krow, vrow are its K and V rows (d fp16 values each)
+    auto exactKey = [&](uint16_t const* krow, uint16_t const* vrow) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+        {
+            int const hh = 4 * nt + t;
+            float part = 0.F;
+            for (int c = g; c < D; c += 8)
+            {
+                part += qf[hh * D + c] * h2f(krow[c]);
+            }
+            part += __shfl_xor_sync(0xffffffffu, part, 4);
+            part += __shfl_xor_sync(0xffffffffu, part, 8);
+            part += __shfl_xor_sync(0xffffffffu, part, 16);
+            float const s = hh < nh ? part * a.q_scale : kNegInf;
+            if (s > mRun[nt])
+            {
+                float const alpha = exp2f(mRun[nt] - s);
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+                {
+                    oF[m][nt][0] *= alpha;
+                    oF[m][nt][1] *= alpha;
+                }
+                lRun[nt] *= alpha;
+                mRun[nt] = s;
+            }
+            float const pw1 = exp2f(s - mRun[nt]);
+            if (g == 0)
+            {
+                lRun[nt] += pw1; // one lane per head counts the key (lanes of a head are summed at the end)
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+            {
+                oF[m][nt][0] += pw1 * h2f(vrow[16 * m + g]);
+                oF[m][nt][1] += pw1 * h2f(vrow[16 * m + 8 + g]);
+            }
+        }
+    };
     auto exactRows = [&](int p0, int p1, auto rowOf, int64_t vStride) {
+        if constexpr (NT == 2)
+        {
+            // eight heads per CTA: the chunked path's per-lane scores of all eight heads cost the
+            // tile loop registers (spills; GQA-8 decode measured 8-9 % slower at w = 0)
+#pragma unroll 1
+            for (int p = p0; p < p1; ++p)
+            {
+                exactKey(rowOf(p), rowOf(p) + vStride);
+            }
+            return;
+        }
 #pragma unroll 1
         for (int c0 = p0; c0 < p1; c0 += 32)
         {
