@@ -24,8 +24,9 @@
 //     before the query prologue.
 // Sink positions (fp16 in sink_pool) and the recent-token window (the last w positions, fp16 in
 // recent_pool; the int8 tiles stop before it) go through an exact fp32 path in the split that holds
-// them: up to 32 keys at a time, one key per lane for the scores, one maximum update per chunk, then
-// P * V key by key from rows prefetched into L1 when the split starts.
+// them, from rows prefetched into L1 when the split starts: with up to 4 query heads per CTA up to
+// 32 keys at a time (one key per lane for the scores, one maximum update per chunk, then P * V key by
+// key); with 5-8 (NT = 2) one key at a time, which keeps the tile loop's registers.
 // At the end the four warps of a CTA merge their splits in shared memory, so the workspace holds one
 // partial per (sequence, query head, CTA). decodeReduceKernel, a programmatic dependent launch of
 // the split kernel on sm_90+ (its CTAs are scheduled while the last split CTAs finish and wait for
