@@ -534,6 +534,31 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     // row; its V row is vStride halves further.
     float* const pw = reinterpret_cast<float*>(pbufAll + warp * 2 * 8 * 32); // [4 NT heads][32 keys]
     static_assert(4 * NT * 32 * 4 <= 2 * 8 * 32 * 2, "exact-path probabilities must fit in pbuf");
+    // head nt's running maximum moves up to mNew: O and the sum follow
+    auto rescaleHead = [&](int nt, float mNew) {
+        float const alpha = exp2f(mRun[nt] - mNew);
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+            oF[m][nt][0] *= alpha;
+            oF[m][nt][1] *= alpha;
+        }
+        lRun[nt] *= alpha;
+        mRun[nt] = mNew;
+    };
+    // one key of weight p (relative to mRun) with fp16 V row vrow, for head nt
+    auto addKey = [&](int nt, float p, uint16_t const* vrow) {
+        if (g == 0)
+        {
+            lRun[nt] += p; // one lane per head counts the key (lanes of a head are summed at the end)
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+            oF[m][nt][0] += p * h2f(vrow[16 * m + g]);
+            oF[m][nt][1] += p * h2f(vrow[16 * m + 8 + g]);
+        }
+    };
     // one key at a time (NT = 2, below): krow, vrow are its K and V rows (d fp16 values each)
     auto exactKey = [&](uint16_t const* krow, uint16_t const* vrow) {
 #pragma unroll
@@ -551,27 +576,9 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             float const s = hh < nh ? part * a.q_scale : kNegInf;
             if (s > mRun[nt])
             {
-                float const alpha = exp2f(mRun[nt] - s);
-#pragma unroll
-                for (int m = 0; m < MT; ++m)
-                {
-                    oF[m][nt][0] *= alpha;
-                    oF[m][nt][1] *= alpha;
-                }
-                lRun[nt] *= alpha;
-                mRun[nt] = s;
+                rescaleHead(nt, s);
             }
-            float const pw1 = exp2f(s - mRun[nt]);
-            if (g == 0)
-            {
-                lRun[nt] += pw1; // one lane per head counts the key (lanes of a head are summed at the end)
-            }
-#pragma unroll
-            for (int m = 0; m < MT; ++m)
-            {
-                oF[m][nt][0] += pw1 * h2f(vrow[16 * m + g]);
-                oF[m][nt][1] += pw1 * h2f(vrow[16 * m + 8 + g]);
-            }
+            addKey(nt, exp2f(s - mRun[nt]), vrow);
         }
     };
     auto exactRows = [&](int p0, int p1, auto rowOf, int64_t vStride) {
@@ -582,102 +589,87 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 #pragma unroll 1
             for (int p = p0; p < p1; ++p)
             {
-                exactKey(rowOf(p), rowOf(p) + vStride);
+                uint16_t const* krow = rowOf(p);
+                exactKey(krow, krow + vStride);
             }
-            return;
         }
-#pragma unroll 1
-        for (int c0 = p0; c0 < p1; c0 += 32)
+        else
         {
-            int const cnt = min(32, p1 - c0);
-            float s[4 * NT];
-#pragma unroll
-            for (int h = 0; h < 4 * NT; ++h)
+#pragma unroll 1
+            for (int c0 = p0; c0 < p1; c0 += 32)
             {
-                s[h] = 0.F;
-            }
-            if (lane < cnt)
-            {
-                uint4 const* krow = reinterpret_cast<uint4 const*>(rowOf(c0 + lane));
+                int const cnt = min(32, p1 - c0);
+                float s[4 * NT];
 #pragma unroll
-                for (int c8 = 0; c8 < D / 8; ++c8)
+                for (int h = 0; h < 4 * NT; ++h)
                 {
-                    uint4 const raw = krow[c8];
-                    uint32_t const wds[4] = {raw.x, raw.y, raw.z, raw.w};
-                    float kf[8];
+                    s[h] = 0.F;
+                }
+                if (lane < cnt)
+                {
+                    uint4 const* krow = reinterpret_cast<uint4 const*>(rowOf(c0 + lane));
 #pragma unroll
-                    for (int e = 0; e < 4; ++e)
+                    for (int c8 = 0; c8 < D / 8; ++c8)
                     {
-                        kf[2 * e] = h2f(static_cast<uint16_t>(wds[e] & 0xffffu));
-                        kf[2 * e + 1] = h2f(static_cast<uint16_t>(wds[e] >> 16));
-                    }
+                        uint4 const raw = krow[c8];
+                        uint32_t const wds[4] = {raw.x, raw.y, raw.z, raw.w};
+                        float kf[8];
 #pragma unroll
-                    for (int h = 0; h < 4 * NT; ++h)
+                        for (int e = 0; e < 4; ++e)
+                        {
+                            kf[2 * e] = h2f(static_cast<uint16_t>(wds[e] & 0xffffu));
+                            kf[2 * e + 1] = h2f(static_cast<uint16_t>(wds[e] >> 16));
+                        }
+#pragma unroll
+                        for (int h = 0; h < 4 * NT; ++h)
+                        {
+                            float4 const q0 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8);
+                            float4 const q1 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8 + 4);
+                            s[h] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4]
+                                + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+                        }
+                    }
+                }
+                float own[NT]; // the maximum after this chunk of this lane's head of each n-tile
+#pragma unroll
+                for (int h = 0; h < 4 * NT; ++h)
+                {
+                    float const sh = lane < cnt && h < nh ? s[h] * a.q_scale : kNegInf;
+                    float mx = sh;
+#pragma unroll
+                    for (int o = 16; o > 0; o >>= 1)
                     {
-                        float4 const q0 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8);
-                        float4 const q1 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8 + 4);
-                        s[h] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4]
-                            + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
                     }
-                }
-            }
-            float own[NT]; // the maximum after this chunk of this lane's head of each n-tile
-#pragma unroll
-            for (int h = 0; h < 4 * NT; ++h)
-            {
-                float const sh = lane < cnt && h < nh ? s[h] * a.q_scale : kNegInf;
-                float mx = sh;
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1)
-                {
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-                }
-                // lane h % 4 (g = 0, t = h % 4) holds head h's running maximum in mRun[h / 4]
-                float const mN = fmaxf(__shfl_sync(0xffffffffu, mRun[h / 4], h % 4), mx);
-                pw[h * 32 + lane] = sh == kNegInf ? 0.F : exp2f(sh - mN);
-                if (h % 4 == 0 || h % 4 == t)
-                {
-                    own[h / 4] = mN;
-                }
-            }
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-            {
-                if (own[nt] > mRun[nt])
-                {
-                    float const alpha = exp2f(mRun[nt] - own[nt]);
-#pragma unroll
-                    for (int m = 0; m < MT; ++m)
+                    // lane h % 4 (g = 0, t = h % 4) holds head h's running maximum in mRun[h / 4]
+                    float const mN = fmaxf(__shfl_sync(0xffffffffu, mRun[h / 4], h % 4), mx);
+                    pw[h * 32 + lane] = sh == kNegInf ? 0.F : exp2f(sh - mN);
+                    if (h % 4 == 0 || h % 4 == t)
                     {
-                        oF[m][nt][0] *= alpha;
-                        oF[m][nt][1] *= alpha;
+                        own[h / 4] = mN;
                     }
-                    lRun[nt] *= alpha;
-                    mRun[nt] = own[nt];
                 }
-            }
-            __syncwarp();
-#pragma unroll 4
-            for (int j = 0; j < cnt; ++j)
-            {
-                uint16_t const* vrow = rowOf(c0 + j) + vStride;
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
                 {
-                    float const pj = pw[(4 * nt + t) * 32 + j];
-                    if (g == 0)
+                    if (own[nt] > mRun[nt])
                     {
-                        lRun[nt] += pj; // one lane per head counts the key (lanes of a head are summed at the end)
-                    }
-#pragma unroll
-                    for (int m = 0; m < MT; ++m)
-                    {
-                        oF[m][nt][0] += pj * h2f(vrow[16 * m + g]);
-                        oF[m][nt][1] += pj * h2f(vrow[16 * m + 8 + g]);
+                        rescaleHead(nt, own[nt]);
                     }
                 }
+                __syncwarp();
+#pragma unroll 4
+                for (int j = 0; j < cnt; ++j)
+                {
+                    uint16_t const* vrow = rowOf(c0 + j) + vStride;
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+                    {
+                        addKey(nt, pw[(4 * nt + t) * 32 + j], vrow);
+                    }
+                }
+                __syncwarp(); // pw is written again by the next chunk, and is the tiles' pbuf afterwards
             }
-            __syncwarp(); // pw is written again by the next chunk, and is the tiles' pbuf afterwards
         }
     };
     if (sinkEnd > kb)
