@@ -339,6 +339,12 @@ int32_t contextSplitsUpper(int32_t total_q_tokens)
     }
     return std::min<int32_t>(kMaxSplits, kCtxSplitRowBudget / total_q_tokens);
 }
+
+// Workspace bytes of the call's fp16 K/V copies for the recent-token window: [tokens][H][2][d].
+size_t exactCopyBytes(int32_t total_q_tokens, int32_t num_kv_heads, int32_t head_dim)
+{
+    return alignWs(static_cast<size_t>(total_q_tokens) * num_kv_heads * 2 * head_dim * sizeof(uint16_t));
+}
 } // namespace
 
 size_t contextWorkspaceBytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
@@ -347,7 +353,7 @@ size_t contextWorkspaceBytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_
     size_t bytes = alignWs(static_cast<size_t>(batch + 1) * sizeof(int32_t));
     if (recent_tokens > 0) // the call's tokens in fp16 (transformed): the window reads them
     {
-        bytes += alignWs(static_cast<size_t>(total_q_tokens) * num_kv_heads * 2 * head_dim * sizeof(uint16_t));
+        bytes += exactCopyBytes(total_q_tokens, num_kv_heads, head_dim);
     }
     int32_t const s = contextSplitsUpper(total_q_tokens);
     if (s > 1)
@@ -384,7 +390,7 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
     if (w > 0)
     {
         exact = reinterpret_cast<uint16_t*>(wsNext);
-        wsNext += alignWs(static_cast<size_t>(p.total_q_tokens) * p.layer.num_kv_heads * 2 * p.layer.head_dim * sizeof(uint16_t));
+        wsNext += exactCopyBytes(p.total_q_tokens, p.layer.num_kv_heads, p.layer.head_dim);
     }
     prefixSumKernel<<<1, 32, 0, stream>>>(p.q_lens, cu, p.batch);
     cudaError_t err = cudaGetLastError();

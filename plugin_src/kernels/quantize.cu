@@ -266,6 +266,17 @@ __device__ __forceinline__ void storeF32(float* s, float const (&v)[E])
     }
 }
 
+// Stores E floats as fp16 (round to nearest) at d[0..E): the sink, ring and exact copies.
+template <int E>
+__device__ __forceinline__ void storeFp16(uint16_t* d, float const (&v)[E])
+{
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+    {
+        d[e] = __half_as_ushort(__float2half_rn(v[e]));
+    }
+}
+
 // One 32-bit word of a tile: a whole word owned by the slot is stored, a shared one gets
 // atomicAnd(~mask) then atomicOr(bits) (docs/format.md §5.1), so that slots of a tile may be
 // written concurrently and other slots' bits stay.
@@ -527,30 +538,15 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     if (pos < ns)
     {
         // the fp16 copy; the token is also quantized into the block like every other one
-        uint16_t* const sink = a.sink_pool + (((seqSlot * H + h) * 2 + which) * ns + pos) * D + c0;
-#pragma unroll
-        for (int e = 0; e < E; ++e)
-        {
-            sink[e] = __half_as_ushort(__float2half_rn(x[e]));
-        }
+        storeFp16(a.sink_pool + (((seqSlot * H + h) * 2 + which) * ns + pos) * D + c0, x);
     }
     if (a.exact_out != nullptr) // the context path: its attention reads these, then they go to the ring
     {
-        uint16_t* const ex = a.exact_out + ((static_cast<int64_t>(rowBegin + i) * H + h) * 2 + which) * D + c0;
-#pragma unroll
-        for (int e = 0; e < E; ++e)
-        {
-            ex[e] = __half_as_ushort(__float2half_rn(x[e]));
-        }
+        storeFp16(a.exact_out + ((static_cast<int64_t>(rowBegin + i) * H + h) * 2 + which) * D + c0, x);
     }
     else if (pos >= seqLen - w) // w > 0: the recent-token ring (only the last w positions, so that
     {                           // the tokens of one call never race for a ring entry)
-        uint16_t* const ring = a.recent_pool + (((seqSlot * H + h) * 2 + which) * w + pos % w) * D + c0;
-#pragma unroll
-        for (int e = 0; e < E; ++e)
-        {
-            ring[e] = __half_as_ushort(__float2half_rn(x[e]));
-        }
+        storeFp16(a.recent_pool + (((seqSlot * H + h) * 2 + which) * w + pos % w) * D + c0, x);
     }
 
     bool const isV = which != 0;
