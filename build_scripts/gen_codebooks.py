@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from turboquant_trt.format import SUPPORTED_BITS  # noqa: E402
-from turboquant_trt.reference import codebook, codebook_boundaries, codebook_int8  # noqa: E402
+from turboquant_trt.reference import (  # noqa: E402
+    codebook, codebook_boundaries, codebook_int8, scale8_tables)
 
 HEADER = ROOT / "plugin_src" / "include" / "turboquant" / "codebooks.h"
 
@@ -61,6 +62,15 @@ def render() -> str:
             out.append("    " + ", ".join(_lit(x) for x in beta[i:i + 4]) + ",")
         out.append("};")
         out.append("")
+    frac, mid = scale8_tables()
+    out.append("// The one-byte scale (docs/format.md §3.1): grid F[i] = fp32(2^(i/16)) and geometric")
+    out.append("// midpoints M[i] = fp32(2^((2i+1)/32)), i = 0..15.")
+    for name, arr in (("kScale8Frac", frac), ("kScale8Mid", mid)):
+        out.append(f"constexpr float {name}[{len(arr)}] = {{")
+        for i in range(0, len(arr), 4):
+            out.append("    " + ", ".join(_lit(x) for x in arr[i:i + 4]) + ",")
+        out.append("};")
+    out.append("")
     out.append("#if defined(__CUDACC__)")
     out.append("// Device copies (constant memory) for run-time indexing in kernels.")
     for b in SUPPORTED_BITS:
@@ -73,6 +83,10 @@ def render() -> str:
         for i in range(0, n - 1, 8):
             out.append("    " + ", ".join(f"kBoundaries{b}[{j}]" for j in range(i, min(n - 1, i + 8))) + ",")
         out.append("};")
+    out.append("static __constant__ float kDevScale8Frac[16] = {")
+    for i in range(0, 16, 8):
+        out.append("    " + ", ".join(f"kScale8Frac[{j}]" for j in range(i, i + 8)) + ",")
+    out.append("};")
     out.append("#endif")
     out.append("")
     out.append("} // namespace turboquant")

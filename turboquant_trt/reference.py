@@ -380,6 +380,59 @@ def ordered_sum(x: np.ndarray) -> np.ndarray:
     return total
 
 
+SCALE8_STEPS = 16          # grid steps per octave of the one-byte scale (docs/format.md §3.1)
+SCALE_EXP_MIN, SCALE_EXP_MAX = -64, 48
+DEFAULT_SCALE_EXP = -10    # E of formats without calibration data: scales 2^-10 .. 2^5.9
+
+
+@lru_cache(maxsize=None)
+def _scale8_tables() -> tuple[np.ndarray, np.ndarray]:
+    i = np.arange(SCALE8_STEPS, dtype=np.float64)
+    frac = np.exp2(i / SCALE8_STEPS).astype(np.float32)
+    mid = np.exp2((2 * i + 1) / (2 * SCALE8_STEPS)).astype(np.float32)
+    return frac, mid
+
+
+def scale8_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(F, M): the grid F[i] = fp32(2^(i/16)) and midpoints M[i] = fp32(2^((2i+1)/32)), i = 0..15."""
+    f, m = _scale8_tables()
+    return f.copy(), m.copy()
+
+
+def _check_scale_exp(exp: int) -> int:
+    e = int(exp)
+    if not SCALE_EXP_MIN <= e <= SCALE_EXP_MAX:
+        raise FormatError(f"scale exponent E={e} must be between {SCALE_EXP_MIN} and {SCALE_EXP_MAX}")
+    return e
+
+
+def scale8_encode(scale: np.ndarray, exp: int) -> np.ndarray:
+    """fp32 scales -> one-byte codes enc(s, E) of docs/format.md §3.1 (uint8, same shape)."""
+    e0 = _check_scale_exp(exp)
+    s = np.asarray(scale, dtype=np.float32)
+    _, mid = _scale8_tables()
+    m, e = np.frexp(s)                       # s = m * 2^e, 0.5 <= m < 1 (exact, subnormals too)
+    m = (m * np.float32(2)).astype(np.float32)
+    e = e.astype(np.int64) - 1               # now 1 <= m < 2
+    c = (m[..., None] >= mid).sum(axis=-1)
+    q = SCALE8_STEPS * (e - e0) + c
+    k = 1 + np.clip(q, 0, 254)
+    with np.errstate(invalid="ignore"):
+        k = np.where(s > 0, k, 0)
+        k = np.where(np.isposinf(s), 255, k)
+    return k.astype(np.uint8)
+
+
+def scale8_decode(code: np.ndarray, exp: int) -> np.ndarray:
+    """One-byte codes -> fp32 scales dec(k, E) of docs/format.md §3.1 (0 -> 0)."""
+    e0 = _check_scale_exp(exp)
+    k = np.asarray(code).astype(np.int64)
+    frac, _ = _scale8_tables()
+    j = np.maximum(k - 1, 0)
+    v = np.ldexp(frac[j % SCALE8_STEPS], e0 + j // SCALE8_STEPS).astype(np.float32)
+    return np.where(k > 0, v, np.float32(0)).astype(np.float32)
+
+
 def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
                    clip: float | np.ndarray = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Quantize transformed vectors x [..., d] -> (codes uint8 [..., d], scale fp16 [...])."""

@@ -200,6 +200,21 @@ constexpr float kBoundaries8[255] = {
     0x1.f200000000000p+1f, 0x1.f600000000000p+1f, 0x1.fa00000000000p+1f,
 };
 
+// The one-byte scale (docs/format.md §3.1): grid F[i] = fp32(2^(i/16)) and geometric
+// midpoints M[i] = fp32(2^((2i+1)/32)), i = 0..15.
+constexpr float kScale8Frac[16] = {
+    0x1.0000000000000p+0f, 0x1.0b55860000000p+0f, 0x1.172b840000000p+0f, 0x1.2387a60000000p+0f,
+    0x1.306fe00000000p+0f, 0x1.3dea640000000p+0f, 0x1.4bfdae0000000p+0f, 0x1.5ab07e0000000p+0f,
+    0x1.6a09e60000000p+0f, 0x1.7a11480000000p+0f, 0x1.8ace540000000p+0f, 0x1.9c49180000000p+0f,
+    0x1.ae89fa0000000p+0f, 0x1.c199be0000000p+0f, 0x1.d5818e0000000p+0f, 0x1.ea4afa0000000p+0f,
+};
+constexpr float kScale8Mid[16] = {
+    0x1.059b0e0000000p+0f, 0x1.11301e0000000p+0f, 0x1.1d48740000000p+0f, 0x1.29e9e00000000p+0f,
+    0x1.371a740000000p+0f, 0x1.44e0860000000p+0f, 0x1.5342b60000000p+0f, 0x1.6247ec0000000p+0f,
+    0x1.71f75e0000000p+0f, 0x1.82589a0000000p+0f, 0x1.93737c0000000p+0f, 0x1.a5503c0000000p+0f,
+    0x1.b7f7700000000p+0f, 0x1.cb720e0000000p+0f, 0x1.dfc9740000000p+0f, 0x1.f507660000000p+0f,
+};
+
 #if defined(__CUDACC__)
 // Device copies (constant memory) for run-time indexing in kernels.
 static __constant__ float kDevCodebook2[4] = {
@@ -289,6 +304,10 @@ static __constant__ float kDevBoundaries8[255] = {
     kBoundaries8[232], kBoundaries8[233], kBoundaries8[234], kBoundaries8[235], kBoundaries8[236], kBoundaries8[237], kBoundaries8[238], kBoundaries8[239],
     kBoundaries8[240], kBoundaries8[241], kBoundaries8[242], kBoundaries8[243], kBoundaries8[244], kBoundaries8[245], kBoundaries8[246], kBoundaries8[247],
     kBoundaries8[248], kBoundaries8[249], kBoundaries8[250], kBoundaries8[251], kBoundaries8[252], kBoundaries8[253], kBoundaries8[254],
+};
+static __constant__ float kDevScale8Frac[16] = {
+    kScale8Frac[0], kScale8Frac[1], kScale8Frac[2], kScale8Frac[3], kScale8Frac[4], kScale8Frac[5], kScale8Frac[6], kScale8Frac[7],
+    kScale8Frac[8], kScale8Frac[9], kScale8Frac[10], kScale8Frac[11], kScale8Frac[12], kScale8Frac[13], kScale8Frac[14], kScale8Frac[15],
 };
 #endif
 
