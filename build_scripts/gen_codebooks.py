@@ -83,10 +83,11 @@ def render() -> str:
         for i in range(0, n - 1, 8):
             out.append("    " + ", ".join(f"kBoundaries{b}[{j}]" for j in range(i, min(n - 1, i + 8))) + ",")
         out.append("};")
-    out.append("static __constant__ float kDevScale8Frac[16] = {")
-    for i in range(0, 16, 8):
-        out.append("    " + ", ".join(f"kScale8Frac[{j}]" for j in range(i, i + 8)) + ",")
-    out.append("};")
+    for name in ("Scale8Frac", "Scale8Mid"):
+        out.append(f"static __constant__ float kDev{name}[16] = {{")
+        for i in range(0, 16, 8):
+            out.append("    " + ", ".join(f"k{name}[{j}]" for j in range(i, i + 8)) + ",")
+        out.append("};")
     out.append("#endif")
     out.append("")
     out.append("} // namespace turboquant")

@@ -1,8 +1,9 @@
 """GPU tests of the CUDA kernels against the numpy reference (docs/format.md).
 
-Write kernel: the pool bytes equal turboquant_trt.reference.PagedPool's bytes (format version 2:
-codes in 32-slot tiles, so the tokens of one tile share 32-bit words; pools start as reused
-blocks full of random bits, which the writers must keep in every slot they do not own).
+Write kernel: the pool bytes equal turboquant_trt.reference.PagedPool's bytes (codes in 32-slot
+tiles, so the tokens of one tile share 32-bit words; one-byte log scales with a random exponent E
+per head, format version 3; pools start as reused blocks full of random bits, which the writers
+must keep in every slot they do not own).
 Attention: float64 reference attention over the same dequantized cache, relative error <= 1e-3
 (fp16 output). Every test draws fresh random data, poisons outputs, and uses block tables whose
 unused entries point far outside the pool. Skipped without a CUDA GPU.
@@ -54,6 +55,14 @@ def _tables(h: int, d: int, rng, plain: bool = False) -> LayerTables:
         v_mean=rng.normal(0, 0.5, (h, d)), v_smooth=rng.uniform(0.5, 2.0, (h, d)),
         k_clip=rng.uniform(0.8, 1.2, h), v_clip=rng.uniform(0.8, 1.2, h),
         signs=rotation_signs(d, layer))
+
+
+def _exps(fmt: LayerFormat, rng, lo: int = -12, hi: int = -8, k=None, v=None) -> LayerFormat:
+    """The format with a random scale exponent E per head and K/V (docs/format.md §3.1); the
+    test data's scales (about 2^-2 .. 2^4) then lie inside the 16 octaves, tiny ones below."""
+    def draw():
+        return tuple(int(x) for x in rng.integers(lo, hi + 1, fmt.kv_heads))
+    return dataclasses.replace(fmt, k_scale_exp=k or draw(), v_scale_exp=v or draw())
 
 
 def _block_tables(lens, t, rng, spare=3):
@@ -159,7 +168,7 @@ def _check_write(d, kb, vb, t, ns, nc, act, w):
     """Prefill then one decode step through the write kernel; pool, sink and ring bytes must equal
     the reference's."""
     rng = _rng()
-    fmt = LayerFormat(d, kb, vb, sink_tokens=ns, norm_correction=nc, recent_tokens=w)
+    fmt = _exps(LayerFormat(d, kb, vb, sink_tokens=ns, norm_correction=nc, recent_tokens=w), rng)
     tables = _tables(fmt.kv_heads, d, rng)
     lens = [int(x) for x in rng.integers(1, 300, 5)] + [ns + 1, 1, 2 * t + 1] + ([w, w + 1] if w else [])
     bt, num_blocks = _block_tables(lens, t, rng)
@@ -205,7 +214,7 @@ def test_write_from_unaligned_strided_rows(d):
     """k and v rows at an odd token stride, 2 bytes off 8-byte alignment: the write kernel's
     element-by-element load path (aligned inputs take the vector loads)."""
     rng = _rng()
-    fmt = LayerFormat(d, (3, 8), (4, 2), sink_tokens=2, norm_correction=True)
+    fmt = _exps(LayerFormat(d, (3, 8), (4, 2), sink_tokens=2, norm_correction=True), rng)
     h, t = fmt.kv_heads, 64
     tables = _tables(h, d, rng)
     lens = [int(x) for x in rng.integers(1, 200, 3)] + [1, 70]
@@ -242,7 +251,10 @@ def test_write_zero_and_tiny_vectors(t):
     """Zero vectors (8-bit: every code at the zero level, scale 0) and tiny ones, beside normal ones."""
     rng = _rng()
     d = 128
-    fmt = LayerFormat(d, (8, 3, 2), (4, 8, 8), sink_tokens=0, norm_correction=True)
+    # E per head (docs/format.md §3.1): head 0 flushes the tiny vectors' scales up to 2^E; heads 1
+    # and 2 (16 octaves ending at 2^-0.1 and 2^-2.1) clip the normal ones to the top step
+    fmt = LayerFormat(d, (8, 3, 2), (4, 8, 8), sink_tokens=0, norm_correction=True,
+                      k_scale_exp=(-6, -16, -18), v_scale_exp=(-7, -15, -18))
     tables = _tables(3, d, rng, plain=True)
     lens = [int(rng.integers(40, 100)), 33]
     bt, num_blocks = _block_tables(lens, t, rng)
@@ -301,8 +313,8 @@ def _decode_error(rng, fmt, tables, g, t, lens, num_sms) -> tuple[float, int]:
 @pytest.mark.parametrize("num_sms", [0, 1])
 def test_decode_matches_float64_reference(d, h, g, bits, t, ns, lens, num_sms):
     rng = _rng()
-    fmt = LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns,
-                      norm_correction=bool(rng.integers(0, 2)))
+    fmt = _exps(LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns,
+                            norm_correction=bool(rng.integers(0, 2))), rng)
     tables = _tables(h, d, rng, plain=bool(rng.integers(0, 4) == 0))
     err, splits = _decode_error(rng, fmt, tables, g, t, lens, num_sms)
     print(f"decode d={d} H={h} g={g} bits={bits} T={t} ns={ns} splits={splits}: rel err {err:.2e}")
@@ -325,7 +337,7 @@ def test_decode_reads_recent_window(d, h, g, bits, t, ns, w, lens, num_sms):
     """The last w positions come from the fp16 ring (ref.read substitutes them likewise); the ring
     holds values the codes do not, so reading the codes there instead fails the tolerance."""
     rng = _rng()
-    fmt = LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns, recent_tokens=w)
+    fmt = _exps(LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns, recent_tokens=w), rng)
     err, splits = _decode_error(rng, fmt, _tables(h, d, rng), g, t, lens, num_sms)
     print(f"decode window d={d} H={h} g={g} bits={bits} T={t} ns={ns} w={w} splits={splits}: "
           f"rel err {err:.2e}")
@@ -339,7 +351,7 @@ def test_decode_reads_recent_window(d, h, g, bits, t, ns, w, lens, num_sms):
 def test_decode_long_sequence(num_sms):
     rng = _rng()
     d, h = 128, 1
-    fmt = LayerFormat(d, (3,) * h, (3,) * h, sink_tokens=2)
+    fmt = _exps(LayerFormat(d, (3,) * h, (3,) * h, sink_tokens=2), rng)
     err, splits = _decode_error(rng, fmt, _tables(h, d, rng), 4, 64, [20000, 7], num_sms)
     print(f"decode long d={d} splits={splits}: rel err {err:.2e}")
     assert err <= REL_TOL
@@ -348,7 +360,7 @@ def test_decode_long_sequence(num_sms):
 def test_decode_mixed_bits_per_head_and_bf16():
     rng = _rng()
     d, h, g = 128, 4, 4
-    fmt = LayerFormat(d, (3, 2, 4, 3), (3, 4, 2, 8), sink_tokens=2)
+    fmt = _exps(LayerFormat(d, (3, 2, 4, 3), (3, 4, 2, 8), sink_tokens=2), rng)
     tables = _tables(h, d, rng)
     lens = [7, 190, 801]
     quant, ref, layer, bt, slots, _ = _setup(fmt, tables, 32, lens, rng)
@@ -412,7 +424,7 @@ def test_context_recent_window_matches_reference(d, h, g, bits, t, ns, w, prefix
 
 def _check_context(d, h, g, bits, t, ns, prefix, new, w):
     rng = _rng()
-    fmt = LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns, recent_tokens=w)
+    fmt = _exps(LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns, recent_tokens=w), rng)
     tables = _tables(h, d, rng)
     lens = [p + n for p, n in zip(prefix, new)]
     bt, num_blocks = _block_tables(lens, t, rng)
@@ -498,7 +510,7 @@ def _check_context(d, h, g, bits, t, ns, prefix, new, w):
 ])
 def test_dequantize_matches_reference_read(d, kb, vb, t, ns, w, lens):
     rng = _rng()
-    fmt = LayerFormat(d, kb, vb, sink_tokens=ns, recent_tokens=w)
+    fmt = _exps(LayerFormat(d, kb, vb, sink_tokens=ns, recent_tokens=w), rng)
     quant, ref, layer, bt, slots, _ = _setup(fmt, _tables(len(kb), d, rng), t, lens, rng)
     ko, vo = K.dequantize_kv(layer, bt, lens, max(lens))
     torch.cuda.synchronize()

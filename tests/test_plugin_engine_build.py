@@ -34,7 +34,7 @@ torch = pytest.importorskip("torch", reason="needs torch with CUDA to hold devic
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU for the TensorRT builder", allow_module_level=True)
 
-from turboquant_trt.format import LayerFormat  # noqa: E402
+from turboquant_trt.format import FORMAT_VERSION, LayerFormat  # noqa: E402
 from turboquant_trt.reference import (LayerQuantizer, LayerTables, PagedPool,  # noqa: E402
                                       reference_attention, rotation_signs)
 
@@ -55,20 +55,21 @@ def test_engine_build_and_prefill_step() -> None:
     creator = registry.get_creator("TurboQuantAttention", "1", "turboquant")
     assert creator is not None, "TurboQuantAttention creator not registered by the library"
 
-    d, hq, h, t, layer = 64, 9, 3, 16, 2
+    d, hq, h, t, layer = 64, 9, 3, 32, 2
     kb, vb = (4, 3, 3), (3, 2, 4)
     lens = [23, 9]
     b, n = len(lens), sum(lens)
     max_seq_len = 64
-    fields = [("format_version", [1]), ("layer_index", [layer]), ("num_q_heads", [hq]), ("num_kv_heads", [h]),
+    kexp, vexp = (-10, -11, -9), (-10, -12, -10)
+    fields = [("format_version", [FORMAT_VERSION]), ("layer_index", [layer]), ("num_q_heads", [hq]), ("num_kv_heads", [h]),
               ("head_dim", [d]), ("tokens_per_block", [t]), ("k_bits", list(kb)), ("v_bits", list(vb)),
-              ("max_seq_len", [max_seq_len])]
+              ("k_scale_exp", list(kexp)), ("v_scale_exp", list(vexp)), ("max_seq_len", [max_seq_len])]
     fc = trt.PluginFieldCollection([trt.PluginField(name, np.array(v, np.int32), trt.PluginFieldType.INT32)
                                     for name, v in fields])
     plugin = creator.create_plugin("attn", fc, trt.TensorRTPhase.BUILD)
     assert plugin is not None
 
-    fmt = LayerFormat(head_dim=d, k_bits=kb, v_bits=vb)
+    fmt = LayerFormat(head_dim=d, k_bits=kb, v_bits=vb, k_scale_exp=kexp, v_scale_exp=vexp)
     layout = fmt.block_layout(t)
     num_blocks = 8
     max_blocks = math.ceil(max_seq_len / t)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from turboquant_trt.format import LayerFormat
+from turboquant_trt.format import FORMAT_VERSION, LayerFormat
 from turboquant_trt.reference import (LayerQuantizer, LayerTables, PagedPool, reference_attention,
                                       rotation_signs)
 
@@ -158,7 +158,10 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
     rng = np.random.default_rng(seed)
     d, hq, h, t, ns = case.head_dim, case.q_heads, len(case.k_bits), case.tokens_per_block, case.sink_tokens
     w = case.recent_tokens
-    fmt = LayerFormat(head_dim=d, k_bits=case.k_bits, v_bits=case.v_bits, sink_tokens=ns, recent_tokens=w)
+    # a scale exponent E per head and K/V (docs/format.md §3.1), as a calibrated table has
+    exps = [tuple(int(x) for x in rng.integers(-12, -7, h)) for _ in range(2)]
+    fmt = LayerFormat(head_dim=d, k_bits=case.k_bits, v_bits=case.v_bits, sink_tokens=ns, recent_tokens=w,
+                      k_scale_exp=exps[0], v_scale_exp=exps[1])
     tabs = _tables(rng, h, d, case.layer)
     ltabs = LayerTables(**{k: v.astype(np.float32) for k, v in tabs.items()})
     quant = LayerQuantizer(fmt, ltabs, case.layer)
@@ -202,10 +205,11 @@ def test_plugin_prefill_then_decode(case: Case, built, tmp_path: Path) -> None:
     case_dir.mkdir()
     out_dir.mkdir()
     lines = [f"plugin {' '.join(PLUGIN)}"]
-    fields = [("format_version", "int32", [2]), ("layer_index", "int32", [case.layer]),
+    fields = [("format_version", "int32", [FORMAT_VERSION]), ("layer_index", "int32", [case.layer]),
               ("num_q_heads", "int32", [hq]), ("num_kv_heads", "int32", [h]), ("head_dim", "int32", [d]),
               ("tokens_per_block", "int32", [t]), ("k_bits", "int32", list(case.k_bits)),
-              ("v_bits", "int32", list(case.v_bits)), ("sink_tokens", "int32", [ns]),
+              ("v_bits", "int32", list(case.v_bits)), ("k_scale_exp", "int32", list(fmt.k_scale_exp)),
+              ("v_scale_exp", "int32", list(fmt.v_scale_exp)), ("sink_tokens", "int32", [ns]),
               ("recent_tokens", "int32", [w]),
               ("max_seq_len", "int32", [max_seq_len]), ("layer_offset", "int64", [layer_offset]),
               ("norm_correction", "int32", [1])]

@@ -48,6 +48,7 @@ class _LayerC(ctypes.Structure):
         ("tokens_per_block", ctypes.c_int32), ("sink_tokens", ctypes.c_int32),
         ("norm_correction", ctypes.c_int32), ("recent_tokens", ctypes.c_int32),
         ("k_bits", ctypes.c_int32 * MAX_KV_HEADS), ("v_bits", ctypes.c_int32 * MAX_KV_HEADS),
+        ("k_scale_exp", ctypes.c_int32 * MAX_KV_HEADS), ("v_scale_exp", ctypes.c_int32 * MAX_KV_HEADS),
         ("pool", ctypes.c_void_p), ("block_stride", ctypes.c_int64), ("layer_offset", ctypes.c_int64),
         ("block_table", ctypes.c_void_p), ("max_blocks_per_seq", ctypes.c_int32),
         ("sink_pool", ctypes.c_void_p), ("seq_slot", ctypes.c_void_p), ("recent_pool", ctypes.c_void_p),
@@ -212,6 +213,8 @@ class KernelLayer:
         for h in range(fmt.kv_heads):
             s.k_bits[h] = fmt.k_bits[h]
             s.v_bits[h] = fmt.v_bits[h]
+            s.k_scale_exp[h] = fmt.k_scale_exp[h]
+            s.v_scale_exp[h] = fmt.v_scale_exp[h]
         s.pool = _ptr(self.pool)
         s.block_stride = int(self.pool.stride(0))
         s.layer_offset = int(self.layer_offset)

@@ -48,6 +48,13 @@ char const* toViews(TqLayerC const* c, turboquant::KvLayerDesc& d, turboquant::P
         }
         d.k_bits[h] = static_cast<uint8_t>(c->k_bits[h]);
         d.v_bits[h] = static_cast<uint8_t>(c->v_bits[h]);
+        if (c->k_scale_exp[h] < kScaleExpMin || c->k_scale_exp[h] > kScaleExpMax || c->v_scale_exp[h] < kScaleExpMin
+            || c->v_scale_exp[h] > kScaleExpMax)
+        {
+            return "k_scale_exp and v_scale_exp must be between -64 and 48 for every KV head";
+        }
+        d.k_scale_exp[h] = static_cast<int8_t>(c->k_scale_exp[h]);
+        d.v_scale_exp[h] = static_cast<int8_t>(c->v_scale_exp[h]);
     }
     if (char const* why = tqCheckLayer(d, num_q_heads > 0 ? num_q_heads : d.num_kv_heads))
     {
@@ -55,7 +62,7 @@ char const* toViews(TqLayerC const* c, turboquant::KvLayerDesc& d, turboquant::P
     }
     if (!tqTokensPerBlockValid(d.tokens_per_block))
     {
-        return "tokens_per_block must be 32, 64 or 128 (format version 2 stores codes in tiles of 32 slots)";
+        return "tokens_per_block must be 32, 64 or 128 (the format stores codes in tiles of 32 slots)";
     }
     if (!tqComputeBlockLayout(d))
     {
@@ -163,7 +170,7 @@ int32_t tq_block_layout(TqLayerC const* layer, int32_t* offsets, int32_t* block_
     }
     if (!turboquant::tqComputeBlockLayout(d))
     {
-        return fail("tokens_per_block must be 32, 64 or 128 (format version 2 stores codes in tiles of 32 slots)");
+        return fail("tokens_per_block must be 32, 64 or 128 (the format stores codes in tiles of 32 slots)");
     }
     int const H = d.num_kv_heads;
     for (int h = 0; h < H; ++h)

@@ -90,6 +90,8 @@ std::vector<FieldSpec> const& fieldSpecs()
         {"tokens_per_block", FieldType::kINT32, 1, true, "T: tokens per pool block, 32, 64 or 128"},
         {"k_bits", FieldType::kINT32, -1, true, "bits per K code, one per KV head: 2, 3, 4 or 8"},
         {"v_bits", FieldType::kINT32, -1, true, "bits per V code, one per KV head: 2, 3, 4 or 8"},
+        {"k_scale_exp", FieldType::kINT32, -1, false, "turbo: exponent E of the one-byte K scales, one per KV head, -64..48 (default -10 each; the scale table's k_scale_exp)"},
+        {"v_scale_exp", FieldType::kINT32, -1, false, "turbo: exponent E of the one-byte V scales, one per KV head, -64..48 (default -10 each)"},
         {"kind", FieldType::kINT32, 1, false, "0 = turbo (default), 1 = uniform (reference only)"},
         {"group_size", FieldType::kINT32, 1, false, "uniform only: channels per scale/zero group (0 = d)"},
         {"norm_correction", FieldType::kINT32, 1, false, "1 (default): dequantized vector keeps its norm"},
@@ -117,7 +119,8 @@ bool AttentionConfig::operator==(AttentionConfig const& o) const noexcept
 {
     return format_version == o.format_version && layer_index == o.layer_index && num_q_heads == o.num_q_heads
         && num_kv_heads == o.num_kv_heads && head_dim == o.head_dim && tokens_per_block == o.tokens_per_block
-        && k_bits == o.k_bits && v_bits == o.v_bits && kind == o.kind && group_size == o.group_size
+        && k_bits == o.k_bits && v_bits == o.v_bits && k_scale_exp == o.k_scale_exp && v_scale_exp == o.v_scale_exp
+        && kind == o.kind && group_size == o.group_size
         && norm_correction == o.norm_correction && sink_tokens == o.sink_tokens && recent_tokens == o.recent_tokens
         && max_seq_len == o.max_seq_len
         && layer_offset == o.layer_offset && softmax_scale == o.softmax_scale && num_sms == o.num_sms;
@@ -200,6 +203,11 @@ AttentionConfig parseFields(FieldView const* fields, int32_t nbFields)
             auto const* p = static_cast<int32_t const*>(f.data);
             (name == "k_bits" ? cfg.k_bits : cfg.v_bits).assign(p, p + f.length);
         }
+        else if (name == "k_scale_exp" || name == "v_scale_exp")
+        {
+            auto const* p = static_cast<int32_t const*>(f.data);
+            (name == "k_scale_exp" ? cfg.k_scale_exp : cfg.v_scale_exp).assign(p, p + f.length);
+        }
         else if (name == "kind")
         {
             int32_t const k = i32();
@@ -223,6 +231,13 @@ AttentionConfig parseFields(FieldView const* fields, int32_t nbFields)
         if (specs[i].required && !seen[i])
         {
             throw ConfigError(std::string("plugin field '") + specs[i].name + "' is required (" + specs[i].meaning + ")");
+        }
+    }
+    for (auto* e : {&cfg.k_scale_exp, &cfg.v_scale_exp})
+    {
+        if (e->empty() && cfg.num_kv_heads > 0)
+        {
+            e->assign(static_cast<size_t>(cfg.num_kv_heads), ::turboquant::kDefaultScaleExp);
         }
     }
     validate(cfg);
@@ -258,6 +273,8 @@ std::string supportedCombinationsText()
     {
         desc.k_bits[h] = static_cast<uint8_t>(cfg.k_bits.at(h));
         desc.v_bits[h] = static_cast<uint8_t>(cfg.v_bits.at(h));
+        desc.k_scale_exp[h] = static_cast<int8_t>(cfg.k_scale_exp.at(h));
+        desc.v_scale_exp[h] = static_cast<int8_t>(cfg.v_scale_exp.at(h));
     }
     if (!::turboquant::tqComputeBlockLayout(desc))
     {
@@ -309,6 +326,24 @@ void validate(AttentionConfig const& c)
             {
                 fail(std::string(which ? "v_bits[" : "k_bits[") + std::to_string(h) + "]=" + std::to_string(b)
                     + " is not supported; allowed bit widths: 2, 3, 4, 8");
+            }
+        }
+    }
+    if (static_cast<int32_t>(c.k_scale_exp.size()) != c.num_kv_heads
+        || static_cast<int32_t>(c.v_scale_exp.size()) != c.num_kv_heads)
+    {
+        fail("k_scale_exp and v_scale_exp need one entry per KV head (" + std::to_string(c.num_kv_heads) + "), got "
+            + std::to_string(c.k_scale_exp.size()) + " and " + std::to_string(c.v_scale_exp.size()));
+    }
+    for (int32_t h = 0; h < c.num_kv_heads; ++h)
+    {
+        for (int32_t which = 0; which < 2; ++which)
+        {
+            int32_t const e = which ? c.v_scale_exp[h] : c.k_scale_exp[h];
+            if (e < ::turboquant::kScaleExpMin || e > ::turboquant::kScaleExpMax)
+            {
+                fail(std::string(which ? "v_scale_exp[" : "k_scale_exp[") + std::to_string(h) + "]=" + std::to_string(e)
+                    + " is out of range; allowed: -64 to 48 (docs/format.md §3.1)");
             }
         }
     }
@@ -390,6 +425,8 @@ SerializedFields::SerializedFields(AttentionConfig const& cfg)
         else if (name == "tokens_per_block") data = &mCfg.tokens_per_block;
         else if (name == "k_bits") { data = mCfg.k_bits.data(); length = static_cast<int32_t>(mCfg.k_bits.size()); }
         else if (name == "v_bits") { data = mCfg.v_bits.data(); length = static_cast<int32_t>(mCfg.v_bits.size()); }
+        else if (name == "k_scale_exp") { data = mCfg.k_scale_exp.data(); length = static_cast<int32_t>(mCfg.k_scale_exp.size()); }
+        else if (name == "v_scale_exp") { data = mCfg.v_scale_exp.data(); length = static_cast<int32_t>(mCfg.v_scale_exp.size()); }
         else if (name == "kind")
         {
             mInts.push_back(static_cast<int32_t>(mCfg.kind)); // reserved above: no reallocation moves it
@@ -417,7 +454,7 @@ int32_t metaBytes(AttentionConfig const& cfg) noexcept
 {
     if (cfg.kind == QuantKind::kTurbo)
     {
-        return 2;
+        return ::turboquant::kTurboMetaBytes;
     }
     int32_t const g = cfg.group_size ? cfg.group_size : cfg.head_dim;
     return 4 * (cfg.head_dim / g);

@@ -4,7 +4,7 @@
 // attentionSplitKernel<D, KB, VB> (attention_kernel.cuh): one CTA of four warps per (row tile, KV
 // head, split of the key range). A row tile is up to 8 (query token, query head) rows of one KV
 // head's GQA group (groups of more than 8 heads take two CTAs). Each warp streams its own 32-slot
-// pool tiles (format version 2) through a shared-memory pipeline of 2 or 3 stages (bulk copies on
+// pool tiles (docs/format.md §5.1) through a shared-memory pipeline of 2 or 3 stages (bulk copies on
 // an mbarrier per stage on sm_90+, cp.async before); a lane reads its own lane chunk of the tile,
 // which holds exactly the codes of its tensor-core fragments, and expands them in registers
 // (dequant.cuh). Both products run on tensor cores (mma m16n8k16, fp16 inputs, fp32 accumulation)

@@ -72,7 +72,7 @@ struct AttnArgs
 };
 
 // One warp's stage: the four arrays of one 32-slot pool tile of a head, as in the pool: K codes
-// (32 * KCB bytes, tile layout), V codes (32 * VCB), K scales (64 bytes), V scales (64 bytes).
+// (32 * KCB bytes, tile layout), V codes (32 * VCB), K scales (32 bytes), V scales (32 bytes).
 struct StageLayout
 {
     int offV, offKM, offVM, bytes;
@@ -80,8 +80,9 @@ struct StageLayout
 
 __host__ __device__ constexpr StageLayout stageLayout(int kcb, int vcb)
 {
-    return StageLayout{kStageTokens * kcb, kStageTokens * (kcb + vcb), kStageTokens * (kcb + vcb) + 2 * kStageTokens,
-        kStageTokens * (kcb + vcb) + 4 * kStageTokens};
+    return StageLayout{kStageTokens * kcb, kStageTokens * (kcb + vcb),
+        kStageTokens * (kcb + vcb) + kTurboMetaBytes * kStageTokens,
+        kStageTokens * (kcb + vcb) + 2 * kTurboMetaBytes * kStageTokens};
 }
 
 // Pipeline depth per warp: 3 stages when four CTAs of the kernel still fit in shared memory.
@@ -597,6 +598,9 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 
     // ---- quantized keys: each warp streams its own 32-slot pool tiles (warp, warp+4, ...) -------
     constexpr StageLayout sl = stageLayout(KCB, VCB);
+    int const kExp = a.layer.k_scale_exp[head];
+    int const vExp = a.layer.v_scale_exp[head];
+    float const fracL = kDevScale8Frac[lane & 15]; // the scale grid F (docs/format.md §3.1)
     int const lo = max(kb, ns);
     int const ntiles = (ke - kb + kStageTokens - 1) / kStageTokens;
     int const nMine = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
@@ -696,8 +700,12 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             for (int j = 0; j < 2; ++j)
             {
                 int const slot = kTile * kh + 8 * j + gq;
-                ks[j] = h2f(*reinterpret_cast<uint16_t const*>(st + sl.offKM + 2 * slot)) * CK::kScale;
-                vs[j] = h2f(*reinterpret_cast<uint16_t const*>(st + sl.offVM + 2 * slot)) * CV::kScale;
+                uint32_t const kc = st[sl.offKM + slot];
+                uint32_t const vc = st[sl.offVM + slot];
+                float const kf = __shfl_sync(0xffffffffu, fracL, (kc - 1U) & 15U);
+                float const vf = __shfl_sync(0xffffffffu, fracL, (vc - 1U) & 15U);
+                ks[j] = kc == 0U ? 0.F : kf * tqPow2(kExp + static_cast<int>((kc - 1U) >> 4)) * CK::kScale;
+                vs[j] = vc == 0U ? 0.F : vf * tqPow2(vExp + static_cast<int>((vc - 1U) >> 4)) * CV::kScale;
             }
             uint32_t b0, b1;
             scoreStep(kf, ks, vs, pos0, lo, ke, w, kNoLow, b0, b1);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "turboquant/format.h"
+#include "turboquant/scale8.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

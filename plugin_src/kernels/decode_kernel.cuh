@@ -225,13 +225,13 @@ __device__ __forceinline__ void waitForSplitKernel()
 #endif
 }
 
-// One pipeline stage of a warp: the K tile, the V tile, then 32 K scales and 32 V scales (fp16).
+// One pipeline stage of a warp: the K tile, the V tile, then 32 K scales and 32 V scales (scale8 bytes).
 template <int D, int KB, int VB>
 struct DecStage
 {
     static constexpr int kTile = 32 * D * KB / 8;
     static constexpr int vTile = 32 * D * VB / 8;
-    static constexpr int bytes = kTile + vTile + 128;
+    static constexpr int bytes = kTile + vTile + 64;
     // as many stages (2..kDecMaxStages) as fit in the per-warp budget
     static constexpr int stages = bytes * kDecMaxStages <= kDecStageBudget ? kDecMaxStages
         : bytes * 2 > kDecStageBudget                                      ? 2
@@ -334,6 +334,9 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     int const vOff = L.v_codes_off[head];
     int const kmOff = L.k_meta_off[head];
     int const vmOff = L.v_meta_off[head];
+    int const kExp = L.k_scale_exp[head];
+    int const vExp = L.v_scale_exp[head];
+    float const fracL = kDevScale8Frac[lane & 15]; // the scale grid F (docs/format.md §3.1)
     // Per-warp pipeline: STAGES shared-memory stages filled by cp.async (the warp copies each tile
     // as one contiguous image, then every lane reads its own chunk); tile i + STAGES - 1 is issued
     // while tile i is computed. Block ids come from a 32-entry window of the block table, one
@@ -372,10 +375,10 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             {
                 cpAsync16(st + Stage::kTile + 16 * p, vsrc + 16 * p);
             }
-            if (lane < 8)
+            if (lane < 4)
             {
-                int const mOff = lane < 4 ? kmOff : vmOff;
-                cpAsync16(st + Stage::kTile + Stage::vTile + 16 * lane, base + mOff + slot0 * 2 + 16 * (lane & 3));
+                int const mOff = lane < 2 ? kmOff : vmOff;
+                cpAsync16(st + Stage::kTile + Stage::vTile + 16 * lane, base + mOff + slot0 * kTurboMetaBytes + 16 * (lane & 1));
             }
         }
         cpAsyncCommit();
@@ -723,8 +726,8 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         uint32_t kwc[KW], vwc[VW];
         loadWordsShared<KW>(kwc, st + lane * KCB);
         loadWordsShared<VW>(vwc, st + Stage::kTile + lane * VCB);
-        uint16_t const ksc = reinterpret_cast<uint16_t const*>(st + Stage::kTile + Stage::vTile)[lane];
-        uint16_t const vsc = reinterpret_cast<uint16_t const*>(st + Stage::kTile + Stage::vTile + 64)[lane];
+        uint32_t const ksc = st[Stage::kTile + Stage::vTile + lane];
+        uint32_t const vsc = st[Stage::kTile + Stage::vTile + 32 + lane];
         __syncwarp();
         issue(it + STAGES - 1);
 
@@ -773,8 +776,11 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 
         uint16_t* pb = pbuf + buf * 8 * 32;
         // softmax on the 4 slots g + 8i of head 4nt + t held by this thread
-        float const ksL = h2f(ksc);
-        float const vsL = lane >= lo && lane < hi ? h2f(vsc) : 0.F;
+        // the one-byte scales (docs/format.md §3.1): F[(k - 1) % 16] from lane (k - 1) % 16 of fracL
+        float const kf = __shfl_sync(0xffffffffu, fracL, (ksc - 1U) & 15U);
+        float const vf = __shfl_sync(0xffffffffu, fracL, (vsc - 1U) & 15U);
+        float const ksL = ksc == 0U ? 0.F : kf * tqPow2(kExp + static_cast<int>((ksc - 1U) >> 4));
+        float const vsL = lane >= lo && lane < hi && vsc != 0U ? vf * tqPow2(vExp + static_cast<int>((vsc - 1U) >> 4)) : 0.F;
         float ksI[4];
         float vsI[4];
         bool okI[4];

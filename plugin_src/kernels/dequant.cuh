@@ -4,7 +4,7 @@
 // (unit rho / 8, selector j = (rho % 8) / 2, nibbles 4 * (rho % 2) .. +3) holds 4 codes y = 0..3
 // that become two half2: (y0, y1) and (y2, y3). The fp16 values are e_b[code] / 32, exact for
 // every int8 e; the factor 32 / lambda_b goes into the token's fp32 scale (CtxCodes<B>::kScale),
-// so value * scale is the format's scale16 * c_b[code] up to fp32 rounding.
+// so value * scale is the format's dec(scale8) * c_b[code] up to fp32 rounding.
 //   2, 3 bits: selector nibbles index byte tables of the fp16 values with PRMT (4 codes per
 //              two PRMTs plus two to interleave);
 //   4 bits:    the same on the positive half of the symmetric table, the sign from bit 3;

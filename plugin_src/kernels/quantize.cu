@@ -2,7 +2,7 @@
 // and the inverse (pool -> fp16, transformed domain) for tests and debugging.
 //
 // One warp per (new token, KV head, K or V); each lane holds D/32 consecutive channels. Codes go
-// into the block's 32-slot tiles (format version 2) as whole 32-bit words built in closed form
+// into the block's 32-slot tiles (docs/format.md §5.1) as whole 32-bit words built in closed form
 // (quantize_tile.cuh): words the slot owns alone are stored, shared words get per-word atomics, so
 // the tokens of one tile can be written by concurrent warps; sink positions go to sink_pool and to
 // the block, and a sequence's last w positions (recent_tokens = w) also to its fp16 ring in
@@ -75,6 +75,7 @@ struct QuantArgs
     uint16_t* recent_pool;
     uint16_t* exact_out; // [rows][H][2][d] or null (then the ring is written)
     uint8_t bits[kMaxKvHeads][2];
+    int8_t scale_exp[kMaxKvHeads][2]; // E of the one-byte scales (docs/format.md §3.1)
     QuantHead head[kMaxKvHeads][2];
 };
 
@@ -300,10 +301,11 @@ struct SlotDest
     int32_t codesOff; // the head's K or V codes array in the block
     int32_t metaOff;  // the head's K or V scales
     int32_t r;        // slot in the block
+    int32_t scaleExp; // E of the head's K or V scales
 };
 
 // Quantizes the transformed vector x (lane holds channels lane*E .. +E-1) with B-bit codes and
-// writes codes and scale (docs/format.md §3.1, §5).
+// writes codes and the one-byte scale (docs/format.md §3.1, §5).
 template <int D, int B>
 __device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&x)[D / 32], bool isV, float gamma,
     float* sq, float* cq, uint32_t* codeWords, SlotDest const& dst, int lane)
@@ -404,8 +406,7 @@ __device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&
     }
     if (lane == 0)
     {
-        *reinterpret_cast<uint16_t*>(block + dst.metaOff + dst.r * kTurboMetaBytes)
-            = __half_as_ushort(__float2half_rn(fminf(scale, 65504.F)));
+        block[dst.metaOff + dst.r * kTurboMetaBytes] = tqScale8Encode(scale, dst.scaleExp, kDevScale8Mid);
     }
 }
 
@@ -474,6 +475,7 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     SlotDest dst;
     dst.codesOff = a.head[hl][which].codes_off;
     dst.metaOff = a.head[hl][which].meta_off;
+    dst.scaleExp = a.scale_exp[hl][which];
     int const pos = seqLen - qLen + i;
     if (pos < 0 || !live)
     {
@@ -618,7 +620,7 @@ __global__ void __launch_bounds__(128) dequantizeKvKernel(__grid_constant__ Dequ
             + (r / kTileTokens) * kTileTokens * (D * bits / 8);
         int const tau = r % kTileTokens;
         uint8_t const* meta = block + (which == 0 ? L.k_meta_off[h] : L.v_meta_off[h]) + r * kTurboMetaBytes;
-        float const scale = h2f(static_cast<uint16_t>(meta[0] | (meta[1] << 8)));
+        float const scale = tqScale8Decode(meta[0], which == 0 ? L.k_scale_exp[h] : L.v_scale_exp[h], kDevScale8Frac);
         for (int c = lane; c < D; c += 32)
         {
             TqTilePos const tp = tqTilePos(which != 0, tau, c, D);
@@ -699,6 +701,8 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     {
         a.bits[h][0] = L.k_bits[h];
         a.bits[h][1] = L.v_bits[h];
+        a.scale_exp[h][0] = L.k_scale_exp[h];
+        a.scale_exp[h][1] = L.v_scale_exp[h];
         a.head[h][0] = QuantHead{L.k_codes_off[h], L.k_meta_off[h]};
         a.head[h][1] = QuantHead{L.v_codes_off[h], L.v_meta_off[h]};
     }

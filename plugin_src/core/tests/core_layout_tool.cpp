@@ -94,6 +94,8 @@ int main(int argc, char** argv)
     c.k_bits = parseCsv(argv[3]);
     c.v_bits = parseCsv(argv[4]);
     c.num_kv_heads = static_cast<int32_t>(c.k_bits.size());
+    c.k_scale_exp.assign(c.k_bits.size(), -10); // the layout does not depend on E
+    c.v_scale_exp.assign(c.k_bits.size(), -10);
     c.num_q_heads = c.num_kv_heads;
     c.max_seq_len = 1;
     try

@@ -98,6 +98,10 @@ AttentionConfig baseConfig()
     c.v_bits.assign(8, 2);
     c.k_bits[1] = 4;
     c.v_bits[7] = 8;
+    c.k_scale_exp.assign(8, -10);
+    c.v_scale_exp.assign(8, -9);
+    c.k_scale_exp[6] = -64;
+    c.v_scale_exp[2] = 48;
     c.sink_tokens = 4;
     c.max_seq_len = 32768;
     c.layer_offset = 4096;
@@ -119,6 +123,8 @@ AttentionConfig randomConfig(std::mt19937& rng)
     {
         c.k_bits.push_back(bits[rng() % 4]);
         c.v_bits.push_back(bits[rng() % 4]);
+        c.k_scale_exp.push_back(-64 + static_cast<int32_t>(rng() % 113));
+        c.v_scale_exp.push_back(-64 + static_cast<int32_t>(rng() % 113));
     }
     c.norm_correction = static_cast<int32_t>(rng() % 2);
     c.sink_tokens = static_cast<int32_t>(rng() % 17);
@@ -292,6 +298,25 @@ TEST(parse_errors_name_the_field)
     }
     {
         EditableFields e(c);
+        e.find("v_scale_exp")->length = 9;
+        CHECK_THROWS(e.parse(), "'v_scale_exp' must have 8 element(s), got 9");
+    }
+    {
+        AttentionConfig d = c;
+        d.v_scale_exp.pop_back();
+        CHECK_THROWS(validate(d), "k_scale_exp and v_scale_exp need one entry per KV head (8), got 8 and 7");
+    }
+    {
+        // the exponents are optional fields: absent, every head gets the format's default E = -10
+        EditableFields e(c);
+        e.erase("k_scale_exp");
+        e.erase("v_scale_exp");
+        AttentionConfig const p = e.parse();
+        CHECK(p.k_scale_exp == std::vector<int32_t>(8, -10));
+        CHECK(p.v_scale_exp == std::vector<int32_t>(8, -10));
+    }
+    {
+        EditableFields e(c);
         e.find("layer_offset")->type = FieldType::kINT32;
         CHECK_THROWS(e.parse(), "'layer_offset' must be int64");
     }
@@ -342,7 +367,11 @@ TEST(validation_rejects_each_invalid_value)
     expect([](AttentionConfig& c) { c.max_seq_len = 0; }, "max_seq_len=0");
     expect([](AttentionConfig& c) { c.layer_offset = 8; }, "layer_offset=8");
     expect([](AttentionConfig& c) { c.format_version = 1; }, "format_version=1");
-    expect([](AttentionConfig& c) { c.format_version = 3; }, "format_version=3");
+    expect([](AttentionConfig& c) { c.format_version = 2; }, "format_version=2");
+    expect([](AttentionConfig& c) { c.format_version = 4; }, "format_version=4");
+    expect([](AttentionConfig& c) { c.k_scale_exp[2] = 49; }, "k_scale_exp[2]=49");
+    expect([](AttentionConfig& c) { c.v_scale_exp[5] = -65; }, "v_scale_exp[5]=-65");
+
     expect([](AttentionConfig& c) { c.group_size = 32; }, "group_size=32 with kind turbo");
     expect([](AttentionConfig& c) { c.norm_correction = 2; }, "norm_correction=2");
     expect([](AttentionConfig& c) { c.softmax_scale = -1.F; }, "softmax_scale");
@@ -376,6 +405,8 @@ TEST(supported_combinations)
     c.num_q_heads = 129;
     c.k_bits.assign(129, 4);
     c.v_bits.assign(129, 4);
+    c.k_scale_exp.assign(129, -10);
+    c.v_scale_exp.assign(129, -10);
     CHECK_THROWS(validate(c), "num_kv_heads=129");
 }
 
@@ -423,7 +454,7 @@ TEST(workspace_layout)
 
 TEST(block_layout_matches_format_doc)
 {
-    // docs/format.md §5 by hand: d=128, T=32, H=2, K 3 bits / V 2 bits, turbo (2-byte meta).
+    // docs/format.md §5 by hand: d=128, T=32, H=2, K 3 bits / V 2 bits, turbo (1-byte meta).
     AttentionConfig c = baseConfig();
     c.num_q_heads = 4;
     c.num_kv_heads = 2;
@@ -433,11 +464,11 @@ TEST(block_layout_matches_format_doc)
     CHECK_EQ(l.k_codes[0], 0);
     CHECK_EQ(l.v_codes[0], 32 * 48);
     CHECK_EQ(l.k_meta[0], 32 * 48 + 32 * 32);
-    CHECK_EQ(l.v_meta[0], 32 * 48 + 32 * 32 + 64);
-    int64_t const s0 = 32 * 48 + 32 * 32 + 128;
+    CHECK_EQ(l.v_meta[0], 32 * 48 + 32 * 32 + 32);
+    int64_t const s0 = 32 * 48 + 32 * 32 + 64;
     CHECK_EQ(l.k_codes[1], s0);
     CHECK_EQ(l.v_codes[1], s0 + 32 * 64);
-    CHECK_EQ(l.block_bytes, s0 + 32 * 64 + 32 * 128 + 128);
+    CHECK_EQ(l.block_bytes, s0 + 32 * 64 + 32 * 128 + 64);
     // d=64, T=64: 2-bit codes 16 bytes a token, 3-bit 24, no padding needed (T >= 32).
     c.head_dim = 64;
     c.tokens_per_block = 64;
@@ -446,7 +477,7 @@ TEST(block_layout_matches_format_doc)
     l = blockLayout(c);
     CHECK_EQ(l.v_codes[0], 64 * 16);
     CHECK_EQ(l.k_meta[0], 64 * 16 + 64 * 24);
-    CHECK_EQ(l.block_bytes, (64 * 16 + 64 * 24 + 128 + 128) + (64 * 16 + 64 * 16 + 128 + 128));
+    CHECK_EQ(l.block_bytes, (64 * 16 + 64 * 24 + 64 + 64) + (64 * 16 + 64 * 16 + 64 + 64));
     for (int64_t off : l.v_meta) CHECK_EQ(off % 16, 0);
 }
 

@@ -25,6 +25,8 @@ typedef struct TqLayerC
     int32_t recent_tokens;      /* w: 0..64 (docs/format.md §5.2); context attention then needs write_kv = 1 */
     int32_t k_bits[TQ_MAX_KV_HEADS];
     int32_t v_bits[TQ_MAX_KV_HEADS];
+    int32_t k_scale_exp[TQ_MAX_KV_HEADS]; /* E of the one-byte K scales per KV head, -64..48 (docs/format.md §3.1) */
+    int32_t v_scale_exp[TQ_MAX_KV_HEADS]; /* E of the one-byte V scales */
     void* pool;                 /* [num_blocks][block_stride] uint8 */
     int64_t block_stride;
     int64_t layer_offset;

@@ -309,6 +309,10 @@ static __constant__ float kDevScale8Frac[16] = {
     kScale8Frac[0], kScale8Frac[1], kScale8Frac[2], kScale8Frac[3], kScale8Frac[4], kScale8Frac[5], kScale8Frac[6], kScale8Frac[7],
     kScale8Frac[8], kScale8Frac[9], kScale8Frac[10], kScale8Frac[11], kScale8Frac[12], kScale8Frac[13], kScale8Frac[14], kScale8Frac[15],
 };
+static __constant__ float kDevScale8Mid[16] = {
+    kScale8Mid[0], kScale8Mid[1], kScale8Mid[2], kScale8Mid[3], kScale8Mid[4], kScale8Mid[5], kScale8Mid[6], kScale8Mid[7],
+    kScale8Mid[8], kScale8Mid[9], kScale8Mid[10], kScale8Mid[11], kScale8Mid[12], kScale8Mid[13], kScale8Mid[14], kScale8Mid[15],
+};
 #endif
 
 } // namespace turboquant

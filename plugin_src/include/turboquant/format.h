@@ -17,7 +17,7 @@
 namespace turboquant
 {
 
-constexpr int32_t kFormatVersion = 2;
+constexpr int32_t kFormatVersion = 3;
 constexpr int32_t kMaxKvHeads = 128;        // KV heads of one layer the params structs can describe
 constexpr int32_t kMaxSinkTokens = 16;      // n_s
 constexpr int32_t kMaxRecentTokens = 64;    // w (§5.2)
@@ -25,11 +25,14 @@ constexpr int32_t kMaxTokensPerBlock = 128; // T
 constexpr int32_t kTileTokens = 32;         // codes are stored in tiles of 32 token slots (docs/format.md §5)
 constexpr int32_t kMaxHeadDim = 256;        // largest head_dim of the format (kernels: see isSupported)
 constexpr int32_t kArrayAlign = 16;         // every array of a block starts at a multiple of 16 bytes
-constexpr int32_t kTurboMetaBytes = 2;      // one fp16 scale per vector
+constexpr int32_t kTurboMetaBytes = 1;      // one one-byte log scale per vector (scale8, §3.1)
+constexpr int32_t kScaleExpMin = -64;       // the scale exponent E of §3.1
+constexpr int32_t kScaleExpMax = 48;
+constexpr int32_t kDefaultScaleExp = -10;
 
 enum class QuantKind : int32_t
 {
-    kTurbo = 0,   // Lloyd-Max codebook on the rotated vector, one fp16 scale (docs/format.md §3.1)
+    kTurbo = 0,   // int8-grid codebook on the rotated vector, one-byte log scale (docs/format.md §3.1)
     kUniform = 1, // asymmetric per group (docs/format.md §3.2): reference only, no kernel
 };
 
@@ -67,11 +70,13 @@ struct KvLayerDesc
     int32_t norm_correction;   // 1: scale keeps the norm of the dequantized vector (§3.1)
     uint8_t k_bits[kMaxKvHeads]; // [num_kv_heads] bits of K codes per KV head: 2, 3, 4 or 8
     uint8_t v_bits[kMaxKvHeads]; // [num_kv_heads] bits of V codes per KV head
+    int8_t k_scale_exp[kMaxKvHeads]; // [num_kv_heads] E of the K scales (§3.1): kScaleExpMin..kScaleExpMax
+    int8_t v_scale_exp[kMaxKvHeads]; // [num_kv_heads] E of the V scales
     // --- derived by tqComputeBlockLayout(): byte offsets from the start of the layer's block ---
     int32_t k_codes_off[kMaxKvHeads]; // K codes  [T/32] tiles of 32*d*kb/8 bytes (tile layout, see below)
     int32_t v_codes_off[kMaxKvHeads]; // V codes  [T/32] tiles of 32*d*vb/8 bytes
-    int32_t k_meta_off[kMaxKvHeads];  // K scales [T] fp16
-    int32_t v_meta_off[kMaxKvHeads];  // V scales [T] fp16
+    int32_t k_meta_off[kMaxKvHeads];  // K scales [T] scale8 bytes
+    int32_t v_meta_off[kMaxKvHeads];  // V scales [T] scale8 bytes
     int32_t block_bytes;              // bytes of the layer's block (multiple of 16)
 };
 
@@ -80,9 +85,9 @@ TQ_HOST_DEVICE constexpr bool tqTokensPerBlockValid(int32_t t)
     return t == 32 || t == 64 || t == 128;
 }
 
-// Fills the offsets and block_bytes of `desc` (turbo: 2 metadata bytes per vector). Returns
-// false when a field is out of range (T must be 32, 64 or 128; then nothing is guaranteed about
-// the offsets).
+// Fills the offsets and block_bytes of `desc` (turbo: 1 metadata byte per vector). Returns
+// false when a field is out of range (T must be 32, 64 or 128, every scale exponent within
+// kScaleExpMin..kScaleExpMax; then nothing is guaranteed about the offsets).
 inline bool tqComputeBlockLayout(KvLayerDesc& desc)
 {
     int32_t const t = desc.tokens_per_block;
@@ -94,6 +99,11 @@ inline bool tqComputeBlockLayout(KvLayerDesc& desc)
     int32_t off = 0;
     for (int32_t h = 0; h < desc.num_kv_heads; ++h)
     {
+        if (desc.k_scale_exp[h] < kScaleExpMin || desc.k_scale_exp[h] > kScaleExpMax
+            || desc.v_scale_exp[h] < kScaleExpMin || desc.v_scale_exp[h] > kScaleExpMax)
+        {
+            return false;
+        }
         desc.k_codes_off[h] = off;
         off += tqAlignUp(t * tqCodeBytes(desc.head_dim, desc.k_bits[h]));
         desc.v_codes_off[h] = off;

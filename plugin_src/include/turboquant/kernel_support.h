@@ -69,7 +69,7 @@ inline char const* tqCheckLayer(KvLayerDesc const& desc, int32_t num_q_heads)
     int32_t const t = desc.tokens_per_block;
     if (!tqTokensPerBlockValid(t))
     {
-        return "tokens_per_block must be 32, 64 or 128 (format version 2 stores codes in 32-token tiles)";
+        return "tokens_per_block must be 32, 64 or 128 (the format stores codes in 32-token tiles)";
     }
     if (desc.sink_tokens < 0 || desc.sink_tokens > kMaxSinkTokens)
     {
@@ -84,6 +84,11 @@ inline char const* tqCheckLayer(KvLayerDesc const& desc, int32_t num_q_heads)
         if (!tqKernelBitsSupported(desc.k_bits[h]) || !tqKernelBitsSupported(desc.v_bits[h]))
         {
             return "k_bits and v_bits must be 2, 3, 4 or 8 for every KV head";
+        }
+        if (desc.k_scale_exp[h] < kScaleExpMin || desc.k_scale_exp[h] > kScaleExpMax
+            || desc.v_scale_exp[h] < kScaleExpMin || desc.v_scale_exp[h] > kScaleExpMax)
+        {
+            return "k_scale_exp and v_scale_exp must be between -64 and 48 for every KV head";
         }
     }
     if (num_q_heads < desc.num_kv_heads || num_q_heads % desc.num_kv_heads != 0)

@@ -56,7 +56,7 @@ struct DequantizeKvParams
     int32_t const* seq_lens;    // [batch] int32 positions [0, seq_lens[b]) are converted
     int32_t batch;
     int32_t max_seq_len;        // host upper bound on seq_lens; rows beyond a sequence's length are not written
-    uint16_t* k_out;            // [batch][H][max_seq_len][d] fp16 bits: x̂ = scale16 * c[code]
+    uint16_t* k_out;            // [batch][H][max_seq_len][d] fp16 bits: x̂ = dec(scale8) * c[code]
     uint16_t* v_out;            // [batch][H][max_seq_len][d] fp16 bits
 };
 cudaError_t launchDequantizeKv(DequantizeKvParams const& p, cudaStream_t stream);

@@ -135,6 +135,8 @@ struct AttentionConfig
     int32_t tokens_per_block{0};
     std::vector<int32_t> k_bits; // [num_kv_heads]
     std::vector<int32_t> v_bits; // [num_kv_heads]
+    std::vector<int32_t> k_scale_exp; // [num_kv_heads] E of the one-byte K scales, -64..48 (docs/format.md §3.1)
+    std::vector<int32_t> v_scale_exp; // [num_kv_heads]; turbo only (uniform keeps fp16 scales)
     QuantKind kind{QuantKind::kTurbo};
     int32_t group_size{0};       // uniform only; 0 = head_dim
     int32_t norm_correction{1};
