@@ -1,8 +1,10 @@
 // Unit tests of the TensorRT-independent plugin core. No framework: each TEST registers a function;
 // main() runs them all and exits non-zero if any check failed.
 #include "turboquant_core/attention_core.h"
+#include "turboquant/scale8.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -450,6 +452,43 @@ TEST(workspace_layout)
     CHECK_EQ(w.scratch_offset % kWorkspaceAlign, 0u);
     CHECK_THROWS(workspaceLayout(0, 10), "maximum batch");
     CHECK_THROWS(workspaceLayout(-1, 10), "maximum batch");
+}
+
+TEST(scale8_encode_is_the_nearest_grid_step)
+{
+    // docs/format.md §3.1 on the host: enc(s, E) is the grid step nearest to s in log2 (ties up),
+    // clamped to steps 1..255; dec(enc(dec(k))) = dec(k); 0, NaN and +inf; float64 log2 as referee.
+    std::mt19937 rng(7);
+    using ::turboquant::tqScale8Decode;
+    using ::turboquant::tqScale8Encode;
+    float const* F = ::turboquant::kScale8Frac;
+    float const* M = ::turboquant::kScale8Mid;
+    for (int32_t e : {-64, -12, -10, 0, 17, 48})
+    {
+        for (uint32_t k = 1; k < 256; ++k)
+        {
+            float const v = tqScale8Decode(k, e, F);
+            CHECK_EQ(static_cast<int>(tqScale8Encode(v, e, M)), static_cast<int>(k));
+            CHECK(std::fabs(std::log2(static_cast<double>(v)) - (e + (k - 1) / 16.0)) < 1e-6);
+        }
+        CHECK_EQ(static_cast<int>(tqScale8Encode(0.F, e, M)), 0);
+        CHECK_EQ(static_cast<int>(tqScale8Encode(std::nanf(""), e, M)), 0);
+        CHECK_EQ(static_cast<int>(tqScale8Encode(INFINITY, e, M)), 255);
+        CHECK_EQ(tqScale8Decode(0, e, F), 0.F);
+        std::uniform_real_distribution<double> u(e - 3.0, e + 19.0);
+        for (int i = 0; i < 2000; ++i)
+        {
+            float const s = static_cast<float>(std::exp2(u(rng)));
+            double const q = (std::log2(static_cast<double>(s)) - e) * 16.0;
+            int const want = 1 + std::min(254, std::max(0, static_cast<int>(std::floor(q + 0.5))));
+            int const got = tqScale8Encode(s, e, M);
+            // float64 log2 and the fp32 midpoints may disagree within 1e-6 of a midpoint
+            if (std::fabs(q - std::floor(q) - 0.5) > 1e-6)
+            {
+                CHECK_EQ(got, want);
+            }
+        }
+    }
 }
 
 TEST(block_layout_matches_format_doc)
