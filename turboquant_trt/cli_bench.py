@@ -26,6 +26,7 @@ DEFAULT_SHAPES = [
     ("B1-L128K", 1, 131072, 32, 8, 128),
     ("B32-L8K", 32, 8192, 32, 8, 128),
     ("SmolLM2-B16-L8K", 16, 8192, 9, 3, 64),
+    ("GQA8-B8-L32K", 8, 32768, 64, 8, 128),  # Llama-70B-class heads: 8 query heads per KV head
 ]
 
 
