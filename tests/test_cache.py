@@ -104,7 +104,7 @@ def test_packed_layer_returns_reference_fake_quant_and_stores_bytes():
         want_v = q.fake_quant(v[bi].transpose(1, 0, 2), "v", np.arange(T))
         np.testing.assert_allclose(kk[bi].numpy().transpose(1, 0, 2), want_k, rtol=0, atol=1e-5)
         np.testing.assert_allclose(vv[bi].numpy().transpose(1, 0, 2), want_v, rtol=0, atol=1e-5)
-    # what is held: packed codes + fp16 scales per token and head, plus the fp16 sink copies
+    # what is held: packed codes + one-byte scales per token and head, plus the fp16 sink copies
     per_token = lf.bytes_per_token(0)
     assert layer.stored_bytes() == 2 * (T * per_token + H * 2 * 3 * d * 2)
     assert layer.k_codes[1].dtype == np.uint8 and layer.k_codes[1].shape == (2, T, d)
@@ -247,18 +247,27 @@ def test_torch_turbo_matches_reference(bits):
 
     rng = np.random.default_rng(bits)
     H, d, T = 2, 64, 50
-    lf = LayerFormat(d, (bits,) * H, (bits,) * H, sink_tokens=1, norm_correction=bits != 3)
+    # head 1's vectors are 2^10 times larger than head 0's; each head's E follows (K and V differ)
+    lf = LayerFormat(d, (bits,) * H, (bits,) * H, sink_tokens=1, norm_correction=bits != 3,
+                     k_scale_exp=(-12, -1), v_scale_exp=(-11, -3))
     lt = LayerTables(rng.normal(0, 1, (H, d)), rng.uniform(0.5, 2, (H, d)), rng.normal(0, 1, (H, d)),
                      rng.uniform(0.5, 2, (H, d)), rng.uniform(0.8, 1.2, H), rng.uniform(0.8, 1.2, H),
                      rotation_signs(d, 2))
-    x = rng.normal(0, 1, (T, H, d)).astype(np.float32)
-    want = LayerQuantizer(lf, lt, 2).fake_quant(x, "k", np.arange(T))
-    got = TorchTurbo(lf, lt).fake_quant(torch.from_numpy(x.transpose(1, 0, 2))[None], "k")[0]
-    got = got.numpy().transpose(1, 0, 2)
-    # a code may flip at a decision boundary (rotation rounding): compare per vector
-    close = np.all(np.abs(got - want) < 1e-4, axis=-1)
-    assert close.mean() > 0.97
-    np.testing.assert_allclose(got[:1], want[:1], atol=1e-3)  # sink token
+    x = (rng.normal(0, 1, (T, H, d)) * np.array([1.0, 1024.0])[None, :, None]).astype(np.float32)
+    wants = {}
+    for which in ("k", "v"):
+        want = wants[which] = LayerQuantizer(lf, lt, 2).fake_quant(x, which, np.arange(T))
+        got = TorchTurbo(lf, lt).fake_quant(torch.from_numpy(x.transpose(1, 0, 2))[None], which)[0]
+        got = got.numpy().transpose(1, 0, 2)
+        # a code or a scale step may flip at a boundary (rotation rounding): compare per vector
+        tol = 1e-4 * np.abs(want).max(axis=(0, 2), keepdims=True)
+        close = np.all(np.abs(got - want) < tol, axis=-1)
+        assert close.mean() > 0.97
+        np.testing.assert_allclose(got[:1], want[:1], rtol=1e-3, atol=1e-3)  # sink token
+    # the exponents are used: with the default E (scales up to 2^5.9) head 1 would be clamped
+    plain = LayerFormat(d, (bits,) * H, (bits,) * H, sink_tokens=1, norm_correction=bits != 3)
+    clamped = TorchTurbo(plain, lt).fake_quant(torch.from_numpy(x.transpose(1, 0, 2))[None], "k")[0]
+    assert not np.allclose(clamped.numpy().transpose(1, 0, 2)[1:, 1], wants["k"][1:, 1], rtol=0.1)
 
 
 @pytest.mark.slow

@@ -85,3 +85,14 @@ def test_generator_reproduces_the_checked_in_header():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.render() == HEADER.read_text(), "run python build_scripts/gen_codebooks.py"
+
+
+def test_header_scale8_tables_equal_python():
+    # the one-byte scale's grid and midpoints (docs/format.md §3.1), exact fp32 values
+    from turboquant_trt.reference import scale8_tables
+
+    arrays = _arrays(HEADER.read_text())
+    f, m = scale8_tables()
+    for name, want in (("kScale8Frac", f), ("kScale8Mid", m)):
+        got = arrays[name]
+        assert np.array_equal(got.astype(np.float32), want) and np.array_equal(got, want.astype(np.float64))

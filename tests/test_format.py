@@ -72,13 +72,17 @@ def test_accounting_equals_real_bytes(kb, d, t, kind, seed):
     rng = np.random.default_rng(seed)
     vb = list(rng.choice([2, 3, 4, 8], size=len(kb)))
     gs = 0 if kind == "turbo" else int(rng.choice([g for g in (8, 32, 64, d) if d % g == 0]))
-    lf = LayerFormat(d, tuple(kb), tuple(vb), kind=kind, group_size=gs)
+    exps = tuple(int(e) for e in rng.integers(-64, 49, size=2 * len(kb)))
+    lf = LayerFormat(d, tuple(kb), tuple(vb), kind=kind, group_size=gs,
+                     k_scale_exp=exps[:len(kb)], v_scale_exp=exps[len(kb):])
     q = LayerQuantizer(lf)
     n = 5
     x = rng.standard_normal((n, lf.kv_heads, d)).astype(np.float32)
     ek, ev = q.encode(x, "k"), q.encode(x, "v")
     real = sum(a.nbytes for a in ek.codes + ek.meta + ev.codes + ev.meta)
     assert real == n * lf.bytes_per_token(ref_tokens=0)
+    if kind == "turbo":  # one byte of metadata per vector: the scale8 code
+        assert all(m.shape == (n, 1) and m.dtype == np.uint8 for m in ek.meta + ev.meta)
     # bits/element without amortized parts is exactly the byte count
     assert lf.bits_per_element(ref_tokens=0) * 2 * d * lf.kv_heads * n == pytest.approx(real * 8)
     lay = lf.block_layout(t)
@@ -121,16 +125,16 @@ def test_block_layout_offsets_unchanged_from_v1(t):
 
 def test_amortized_parts_counted():
     f = KVFormat(3, 3, head_dim=64, sink_tokens=4)
-    base = (24 + 24 + 2 + 2) * 8 / 128
+    base = (24 + 24 + 1 + 1) * 8 / 128  # codes + one-byte scales (format version 3)
     sinks = 4 * 2 * 64 * 2 * 8 / 1024 / 128
-    tables = (8 * 64 + 4) * 8 / 1024 / 128
+    tables = (8 * 64 + 4 + 2) * 8 / 1024 / 128  # mu, s: fp16 [d] x 4; clips: fp16 x 2; E_k, E_v
     assert f.bits_per_element() == pytest.approx(base + sinks + tables)
     assert f.bits_per_element(tables=False) == pytest.approx(base + sinks)
     m = ModelFormat((LayerFormat(64, (8,), (8,)), LayerFormat(64, (2,), (2,))))
-    assert m.bits_per_element(0) == pytest.approx((8.25 + 2.25) / 2)
+    assert m.bits_per_element(0) == pytest.approx((8.125 + 2.125) / 2)
     assert ModelFormat.from_dict(json.loads(m.to_json())) == m
-    assert FORMAT_VERSION == 2 and json.loads(m.to_json())["format_version"] == 2
-    for v in (1, 99):
+    assert FORMAT_VERSION == 3 and json.loads(m.to_json())["format_version"] == 3
+    for v in (1, 2, 99):
         with pytest.raises(FormatError, match=f"format_version {v} is not supported"):
             ModelFormat.from_dict({"format_version": v, "layers": []})
 
@@ -157,7 +161,8 @@ def test_paged_pool_tokens_land_where_layout_says():
     vt = unpack_tile(pool.pool[0, lay.v_codes[0]:lay.v_codes[0] + tile_bytes(64, 2)], 2, "v", 64)
     np.testing.assert_array_equal(pool.token_codes(0, 8, "v", 0), vt[8])
     np.testing.assert_array_equal(pack_codes(vt[8], 2), ev.codes[0][40])
-    np.testing.assert_array_equal(pool.pool[0, lay.v_meta[0] + 2 * 8: lay.v_meta[0] + 2 * 9], ev.meta[0][40])
+    assert lf.meta_bytes == 1 and ev.meta[0].shape == (n, 1) and ev.meta[0].dtype == np.uint8
+    np.testing.assert_array_equal(pool.pool[0, lay.v_meta[0] + 8: lay.v_meta[0] + 9], ev.meta[0][40])
     ks, vs = pool.read(bt[0], n, 2)
     np.testing.assert_array_equal(ks[2:], q.decode_transformed(ek, "k")[2:])
     np.testing.assert_array_equal(vs[2:], q.decode_transformed(ev, "v")[2:])
@@ -209,9 +214,10 @@ def test_paged_pool_partial_tiles_of_a_reused_block(t):
             np.testing.assert_array_equal(pool.block_codes(2, which, h),
                                           unpack_codes(enc.codes[h][:t], bits, d))
         for off, enc in ((lay.k_meta[h], ek), (lay.v_meta[h], ev)):
-            rows = pool.pool[0, off: off + 2 * t].reshape(t, 2)
+            mb = lf.meta_bytes  # 1: the one-byte scale
+            rows = pool.pool[0, off: off + mb * t].reshape(t, mb)
             np.testing.assert_array_equal(rows[:m], enc.meta[h][t:])
-            np.testing.assert_array_equal(rows[m:], before[0, off + 2 * m: off + 2 * t].reshape(-1, 2))
+            np.testing.assert_array_equal(rows[m:], before[0, off + mb * m: off + mb * t].reshape(-1, mb))
 
 
 def test_formats_cli_table_and_json():
@@ -220,7 +226,7 @@ def test_formats_cli_table_and_json():
     rows = json.loads(r.output)
     assert {x["preset"] for x in rows} == set(PRESETS)
     k3v3 = next(x for x in rows if x["preset"] == "k3v3")
-    assert k3v3["bytes_per_token_head"] == 52
+    assert k3v3["bytes_per_token_head"] == 24 + 24 + 1 + 1
     assert k3v3["bits_per_element"] == pytest.approx(preset("k3v3", 64, 4).bits_per_element(), abs=1e-4)
     r = CliRunner().invoke(cli, ["formats"])
     assert r.exit_code == 0 and "k2v2" in r.output and "compression" in r.output
@@ -290,3 +296,56 @@ def test_recent_ring_bytes_match_a_written_pool():
     ring_only = lf.bytes_per_token(1024) - LayerFormat(64, (3, 4, 2), (8, 3, 2),
                                                        sink_tokens=1).bytes_per_token(1024)
     assert ring_only == pytest.approx(per_slot / 1024)
+
+
+# -- the one-byte scale's exponents (docs/format.md §3.1, version 3) -----------------------------
+
+def test_turbo_metadata_is_one_byte():
+    # turbo k3v3 at d = 128: 48 + 48 bytes of codes, one scale byte each for K and V
+    assert KVFormat(3, 3, head_dim=128).bytes_per_token_head() == 48 + 48 + 1 + 1
+    assert preset("k2v2", 64).bytes_per_token_head() == 16 + 16 + 1 + 1
+    lf = KVFormat(3, 3, head_dim=128).layer(1)
+    assert lf.meta_bytes == 1 and lf.bits_per_element(0) == 8 * 98 / 256
+    # uniform keeps its fp16 scale and zero per group (4 bytes per group)
+    assert KVFormat(3, 3, kind="uniform", group_size=32, head_dim=128).layer(1).meta_bytes == 16
+    # k2v2 at d = 64 without tables or sinks: 2.125 bits, 7.53x
+    assert preset("k2v2", 64).bits_per_element(0, tables=False) == 2.125
+    # the tables: mu, s (fp16 [d]) x 4, two fp16 clips, two one-byte exponents per head
+    one = LayerFormat(64, (3,), (3,))
+    assert (one.bytes_per_token(1024, tables=True) - one.bytes_per_token(1024)) * 1024 == \
+        pytest.approx(8 * 64 + 4 + 2)
+
+
+def test_scale_exponents_default_and_validation():
+    lf = LayerFormat(64, (3, 2), (4, 3))
+    assert lf.k_scale_exp == (-10, -10) and lf.v_scale_exp == (-10, -10)
+    assert KVFormat(3, 3, head_dim=64, scale_exp=-7).layer(3).v_scale_exp == (-7, -7, -7)
+    assert KVFormat(3, 3, head_dim=64).layer(2).k_scale_exp == (-10, -10)
+    ok = LayerFormat(64, (3, 2), (4, 3), k_scale_exp=(-64, 48), v_scale_exp=[np.int64(0), 5])
+    assert ok.k_scale_exp == (-64, 48) and ok.v_scale_exp == (0, 5)
+    assert all(type(e) is int for e in ok.v_scale_exp)
+    with pytest.raises(FormatError, match=r"k_scale_exp lists 1 exponents for 2 KV heads"):
+        LayerFormat(64, (3, 2), (4, 3), k_scale_exp=(-10,))
+    with pytest.raises(FormatError, match=r"v_scale_exp\[1\]=49 is out of range.*-64 and 48"):
+        LayerFormat(64, (3, 2), (4, 3), v_scale_exp=(0, 49))
+    with pytest.raises(FormatError, match=r"k_scale_exp\[0\]=-65 is out of range"):
+        LayerFormat(64, (3, 2), (4, 3), k_scale_exp=(-65, 0))
+    for bad in (1.5, "3", None, True):
+        with pytest.raises(FormatError, match="must be an integer between -64 and 48"):
+            LayerFormat(64, (3, 2), (4, 3), k_scale_exp=(bad, 0))
+    with pytest.raises(FormatError, match="scale_exp=49 is out of range"):
+        KVFormat(3, 3, head_dim=64, scale_exp=49)
+
+
+def test_scale_exponents_round_trip():
+    lf = LayerFormat(64, (3, 2), (4, 8), sink_tokens=1, recent_tokens=4,
+                     k_scale_exp=(-64, 48), v_scale_exp=(-3, -12))
+    mf = ModelFormat((lf, LayerFormat(64, (2, 2), (2, 2))))
+    d = json.loads(mf.to_json())
+    assert d["format_version"] == 3
+    assert d["layers"][0]["k_scale_exp"] == [-64, 48] and d["layers"][0]["v_scale_exp"] == [-3, -12]
+    assert d["layers"][1]["k_scale_exp"] == [-10, -10]
+    back = ModelFormat.from_dict(d)
+    assert back == mf and back.layers[0].v_scale_exp == (-3, -12)
+    # the exponents are part of the table, not of the block: the layout does not change
+    assert lf.block_layout(64) == LayerFormat(64, (3, 2), (4, 8)).block_layout(64)

@@ -30,7 +30,9 @@ def make_table(ident=None, seed=0, recent=0):
     layers, tables = [], []
     for li in range(ident.num_layers):
         layers.append(LayerFormat(d, tuple(rng.choice(bits, H)), tuple(rng.choice(bits, H)),
-                                  sink_tokens=int(rng.integers(0, 4)), recent_tokens=recent))
+                                  sink_tokens=int(rng.integers(0, 4)), recent_tokens=recent,
+                                  k_scale_exp=tuple(rng.integers(-64, 49, H)),
+                                  v_scale_exp=tuple(rng.integers(-64, 49, H))))
         tables.append(LayerTables(rng.normal(0, 1, (H, d)), rng.uniform(0.2, 5, (H, d)),
                                   rng.normal(0, 1, (H, d)), rng.uniform(0.2, 5, (H, d)),
                                   rng.uniform(0.8, 1.3, H), rng.uniform(0.8, 1.3, H),
@@ -53,13 +55,17 @@ def test_round_trip_and_manifest(tmp_path):
     st, js = t.save(str(tmp_path / "tab"))
     assert os.path.basename(st) == "tab.safetensors" and os.path.basename(js) == "tab.json"
     man = json.load(open(js))
-    assert man["kind"] == "turboquant-scale-table" and man["format_version"] == 2
+    assert man["kind"] == "turboquant-scale-table" and man["format_version"] == 3
     assert man["model"]["num_kv_heads"] == 4 and man["model"]["rope"] == {"rope_theta": 10000.0}
     assert len(man["format"]["layers"]) == 3 and man["recent_tokens"] == 4
     # the fp16 ring of the 4-token window is counted: 4 tokens x K and V x 16 bits per sequence
     no_window = ModelFormat(tuple(replace(lf, recent_tokens=0) for lf in t.format.layers))
     assert abs(man["bits_per_element"] - (no_window.bits_per_element() + 4 * 16 / 1024)) < 1e-5
     assert all(lf["recent_tokens"] == 4 for lf in man["format"]["layers"])
+    # the one-byte scales' exponents per KV head, K and V
+    for lf, lj in zip(t.format.layers, man["format"]["layers"]):
+        assert lj["k_scale_exp"] == list(lf.k_scale_exp) and lj["v_scale_exp"] == list(lf.v_scale_exp)
+        assert len(lj["k_scale_exp"]) == 4
     for path in (str(tmp_path / "tab"), st, js):
         assert_same(ScaleTable.load(path, t.identity), t)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tq-")]  # no temp files left
@@ -145,12 +151,29 @@ def test_tp_split_reassembles(kv_heads, tp, tmp_path):
         for li in range(t.identity.num_layers):
             np.testing.assert_array_equal(s.tables[li].k_mean, t.tables[li].k_mean[heads])
             assert s.format.layers[li].v_bits == tuple(t.format.layers[li].v_bits[h] for h in heads)
+            # each head's scale exponents go with the head
+            for name in ("k_scale_exp", "v_scale_exp"):
+                whole = getattr(t.format.layers[li], name)
+                assert getattr(s.format.layers[li], name) == tuple(whole[h] for h in heads)
     # shards are saved and loaded like tables, then reassemble exactly
     merged = merge_tp([ScaleTable.load(s.save(str(tmp_path / f"rank{r}"))[1])
                        for r, s in enumerate(reversed(shards))][::-1])
     assert_same(merged, t)
     with pytest.raises(ScaleTableError, match="tensor-parallel shard"):
         shards[0].check_model(t.identity)
+
+
+def test_version_2_table_refused(tmp_path):
+    t = make_table()
+    st, js = t.save(str(tmp_path / "tab"))
+    man = json.load(open(js))
+    for v in (2, 1, 99, None):
+        man["format_version"] = v
+        json.dump(man, open(js, "w"))
+        with pytest.raises(ScaleTableError, match=f"made for KV format version {v!r}; this "
+                                                  "turboquant reads version 3: re-run turboquant "
+                                                  "calibrate"):
+            ScaleTable.load(str(tmp_path / "tab"))
 
 
 def test_tp_split_errors():

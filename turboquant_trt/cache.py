@@ -115,8 +115,8 @@ class _QuantLayerBase(CacheLayerMixin):
 
 
 class PackedTurboLayer(_QuantLayerBase):
-    """One layer stored as packed codes + fp16 scales, fp16 sinks and the fp16 recent-token ring
-    (docs/format.md §5), per batch row and KV head."""
+    """One layer stored as packed codes + one-byte scales, fp16 sinks and the fp16 recent-token
+    ring (docs/format.md §5), per batch row and KV head."""
 
     def __init__(self, quantizer: LayerQuantizer, layer_idx: int = 0) -> None:
         super().__init__(layer_idx, quantizer.fmt.recent_tokens)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_KINDS = ("turbo", "uniform")
@@ -20,6 +20,11 @@ TILE_TOKENS = 32  # the pool stores codes in tiles of 32 consecutive token slots
 SUPPORTED_TOKENS_PER_BLOCK = (32, 64, 128)
 ALIGN = 16  # every array in a block starts at a multiple of 16 bytes (one 16-byte vector load)
 DEFAULT_REF_TOKENS = 1024  # tokens of one sequence that sink copies and tables are spread over
+# The one-byte scale of kind 'turbo' (docs/format.md §3.1): a log grid of SCALE8_STEPS steps per
+# octave starting at 2^E, with one integer exponent E per layer, KV head and K/V.
+SCALE8_STEPS = 16
+SCALE_EXP_MIN, SCALE_EXP_MAX = -64, 48
+DEFAULT_SCALE_EXP = -10    # E of formats without calibration data: scales 2^-10 .. 2^5.9
 
 
 class FormatError(ValueError):
@@ -66,15 +71,31 @@ def _validate_common(kind: str, head_dim: int, group_size: int, rotation: bool,
         raise FormatError(f"recent_tokens={recent_tokens} must be between 0 and {MAX_RECENT_TOKENS}")
 
 
+def _check_scale_exp(exp, what: str) -> int:
+    try:
+        ok = not isinstance(exp, (bool, str)) and int(exp) == exp
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise FormatError(f"{what}={exp!r} must be an integer between {SCALE_EXP_MIN} and "
+                          f"{SCALE_EXP_MAX}")
+    e = int(exp)
+    if not SCALE_EXP_MIN <= e <= SCALE_EXP_MAX:
+        raise FormatError(f"{what}={e} is out of range; the scale exponent E must be between "
+                          f"{SCALE_EXP_MIN} and {SCALE_EXP_MAX} (default {DEFAULT_SCALE_EXP})")
+    return e
+
+
 def _meta_bytes(kind: str, head_dim: int, group_size: int) -> int:
     if kind == "turbo":
-        return 2
+        return 1  # scale8 (docs/format.md §3.1)
     return 4 * (head_dim // (group_size or head_dim))
 
 
 def _table_bytes(head_dim: int) -> int:
-    # k_mean, k_smooth, v_mean, v_smooth: fp16 [d] each; k_clip, v_clip: fp16 scalars
-    return 4 * 2 * head_dim + 2 * 2
+    # k_mean, k_smooth, v_mean, v_smooth: fp16 [d] each; k_clip, v_clip: fp16 scalars;
+    # E_k, E_v: one byte each (docs/format.md §6)
+    return 4 * 2 * head_dim + 2 * 2 + 2
 
 
 @dataclass(frozen=True)
@@ -90,19 +111,23 @@ class KVFormat:
     norm_correction: bool = True
     sink_tokens: int = 0
     recent_tokens: int = 0
+    scale_exp: int = DEFAULT_SCALE_EXP  # E of every head's K and V scales (docs/format.md §3.1)
 
     def __post_init__(self) -> None:
         _check_bits(self.k_bits, "k_bits")
         _check_bits(self.v_bits, "v_bits")
         _validate_common(self.kind, self.head_dim, self.group_size, self.rotation,
                          self.sink_tokens, self.recent_tokens)
+        object.__setattr__(self, "scale_exp", _check_scale_exp(self.scale_exp, "scale_exp"))
 
     def layer(self, kv_heads: int) -> "LayerFormat":
         return LayerFormat(head_dim=self.head_dim, k_bits=(self.k_bits,) * kv_heads,
                            v_bits=(self.v_bits,) * kv_heads, kind=self.kind,
                            group_size=self.group_size, rotation=self.rotation,
                            norm_correction=self.norm_correction, sink_tokens=self.sink_tokens,
-                           recent_tokens=self.recent_tokens)
+                           recent_tokens=self.recent_tokens,
+                           k_scale_exp=(self.scale_exp,) * kv_heads,
+                           v_scale_exp=(self.scale_exp,) * kv_heads)
 
     def bytes_per_token_head(self) -> int:
         """Codes and metadata of K and V for one token of one KV head (no amortized parts)."""
@@ -129,7 +154,8 @@ class BlockLayout:
 
 @dataclass(frozen=True)
 class LayerFormat:
-    """One layer's format: bit widths per KV head for K and for V."""
+    """One layer's format: bit widths per KV head for K and for V, and the exponents E of the
+    one-byte turbo scales per KV head (docs/format.md §3.1; empty: DEFAULT_SCALE_EXP)."""
 
     head_dim: int
     k_bits: tuple[int, ...]
@@ -140,6 +166,8 @@ class LayerFormat:
     norm_correction: bool = True
     sink_tokens: int = 0
     recent_tokens: int = 0
+    k_scale_exp: tuple[int, ...] = ()
+    v_scale_exp: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k_bits", tuple(int(b) for b in self.k_bits))
@@ -151,6 +179,17 @@ class LayerFormat:
         for h, (kb, vb) in enumerate(zip(self.k_bits, self.v_bits)):
             _check_bits(kb, f"k_bits[{h}]")
             _check_bits(vb, f"v_bits[{h}]")
+        n = len(self.k_bits)
+        for name in ("k_scale_exp", "v_scale_exp"):
+            exps = tuple(getattr(self, name))
+            if not exps:
+                exps = (DEFAULT_SCALE_EXP,) * n
+            if len(exps) != n:
+                raise FormatError(f"{name} lists {len(exps)} exponents for {n} KV heads; give "
+                                  f"one per KV head (or none for the default "
+                                  f"{DEFAULT_SCALE_EXP})")
+            object.__setattr__(self, name, tuple(_check_scale_exp(e, f"{name}[{h}]")
+                                                 for h, e in enumerate(exps)))
         _validate_common(self.kind, self.head_dim, self.group_size, self.rotation,
                          self.sink_tokens, self.recent_tokens)
 
@@ -209,8 +248,8 @@ class LayerFormat:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["k_bits"] = list(self.k_bits)
-        d["v_bits"] = list(self.v_bits)
+        for name in ("k_bits", "v_bits", "k_scale_exp", "v_scale_exp"):
+            d[name] = list(getattr(self, name))
         return d
 
     @classmethod

@@ -14,12 +14,17 @@ from functools import lru_cache
 import numpy as np
 
 from .format import (
+    DEFAULT_SCALE_EXP,
+    SCALE8_STEPS,
+    SCALE_EXP_MAX,
+    SCALE_EXP_MIN,
     SUPPORTED_BITS,
     TILE_TOKENS,
     FormatError,
     LayerFormat,
     code_bytes,
 )
+from .format import _check_scale_exp as _check_exp
 
 ROTATION_SEED = 0x7142
 _TAIL = 40.0  # stands for infinity in the Gaussian integrals (phi and Q vanish there)
@@ -380,11 +385,6 @@ def ordered_sum(x: np.ndarray) -> np.ndarray:
     return total
 
 
-SCALE8_STEPS = 16          # grid steps per octave of the one-byte scale (docs/format.md §3.1)
-SCALE_EXP_MIN, SCALE_EXP_MAX = -64, 48
-DEFAULT_SCALE_EXP = -10    # E of formats without calibration data: scales 2^-10 .. 2^5.9
-
-
 @lru_cache(maxsize=None)
 def _scale8_tables() -> tuple[np.ndarray, np.ndarray]:
     i = np.arange(SCALE8_STEPS, dtype=np.float64)
@@ -400,10 +400,7 @@ def scale8_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_scale_exp(exp: int) -> int:
-    e = int(exp)
-    if not SCALE_EXP_MIN <= e <= SCALE_EXP_MAX:
-        raise FormatError(f"scale exponent E={e} must be between {SCALE_EXP_MIN} and {SCALE_EXP_MAX}")
-    return e
+    return _check_exp(exp, "scale exponent E")
 
 
 def scale8_encode(scale: np.ndarray, exp: int) -> np.ndarray:
@@ -433,9 +430,10 @@ def scale8_decode(code: np.ndarray, exp: int) -> np.ndarray:
     return np.where(k > 0, v, np.float32(0)).astype(np.float32)
 
 
-def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
-                   clip: float | np.ndarray = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize transformed vectors x [..., d] -> (codes uint8 [..., d], scale fp16 [...])."""
+def turbo_scale(x: np.ndarray, bits: int, norm_correction: bool = True,
+                clip: float | np.ndarray = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and the fp32 scale before its one-byte rounding (docs/format.md §3.1):
+    x [..., d] -> (codes uint8 [..., d], scale fp32 [...])."""
     x = np.asarray(x, dtype=np.float32)
     d = x.shape[-1]
     beta = codebook_boundaries(bits)
@@ -454,13 +452,44 @@ def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
             scale = np.where(cn > 0, n / np.where(cn > 0, cn, np.float32(1)), np.float32(0))
         scale = scale.astype(np.float32)
     else:
-        scale = gamma * n / np.float32(math.sqrt(d))
-    return codes, _to_fp16_bytes(scale)
+        scale = (gamma * n / np.float32(math.sqrt(d))).astype(np.float32)
+    return codes, np.asarray(scale, np.float32)
 
 
-def dequantize_turbo(codes: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+SCALE_EXP_HEADROOM = 11  # calibration's E = floor(log2 max scale) - 11 (docs/format.md §3.1)
+
+
+def scale_exp_for_max(max_scale: float) -> int:
+    """The exponent E calibration chooses for a largest scale: floor(log2 max_scale) - 11, so
+    that it sits 11-12 octaves above 2^E, 14.7-29.3x below the top of the 16-octave grid;
+    clamped to SCALE_EXP_MIN..SCALE_EXP_MAX; DEFAULT_SCALE_EXP when max_scale is not positive
+    and finite. Exact (frexp), so deterministic."""
+    m = float(max_scale)
+    if not (m > 0 and math.isfinite(m)):
+        return DEFAULT_SCALE_EXP
+    e = math.frexp(m)[1] - 1  # m = f * 2^(e+1), 0.5 <= f < 1: floor(log2 m) = e
+    return int(min(max(e - SCALE_EXP_HEADROOM, SCALE_EXP_MIN), SCALE_EXP_MAX))
+
+
+def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
+                   clip: float | np.ndarray = 1.0,
+                   scale_exp: int = DEFAULT_SCALE_EXP) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize transformed vectors x [..., d] -> (codes uint8 [..., d], scale8 uint8 [...]):
+    the one-byte scale enc(scale, E) with E = ``scale_exp`` (docs/format.md §3.1)."""
+    _check_scale_exp(scale_exp)
+    codes, scale = turbo_scale(x, bits, norm_correction, clip)
+    return codes, scale8_encode(scale, scale_exp)
+
+
+def dequantize_turbo(codes: np.ndarray, scale8: np.ndarray, bits: int,
+                     scale_exp: int = DEFAULT_SCALE_EXP) -> np.ndarray:
+    """x̂_i = dec(scale8, E) · c[code_i] (fp32 product): codes [..., d], scale8 uint8 [...]."""
+    scale8 = np.asarray(scale8)
+    if scale8.dtype != np.uint8:
+        raise FormatError(f"turbo scales are one-byte codes (uint8), not {scale8.dtype}; "
+                          "encode them with scale8_encode")
     cb = codebook(bits)
-    return scale.astype(np.float32)[..., None] * cb[codes]
+    return scale8_decode(scale8, scale_exp)[..., None] * cb[codes]
 
 
 def quantize_uniform(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -545,7 +574,7 @@ class EncodedKV:
     """Packed K or V of some tokens of one layer, per KV head."""
 
     codes: list[np.ndarray]  # per head: uint8 [tokens, code_bytes(d, bits_h)]
-    meta: list[np.ndarray]   # per head: uint8 [tokens, meta_bytes]
+    meta: list[np.ndarray]   # per head: uint8 [tokens, meta_bytes] (turbo: scale8 [tokens, 1])
 
 
 class LayerQuantizer:
@@ -595,16 +624,20 @@ class LayerQuantizer:
     def _bits(self, which: str) -> tuple[int, ...]:
         return self.fmt.k_bits if which == "k" else self.fmt.v_bits
 
+    def _exps(self, which: str) -> tuple[int, ...]:
+        return self.fmt.k_scale_exp if which == "k" else self.fmt.v_scale_exp
+
     def encode_transformed(self, y: np.ndarray, which: str) -> EncodedKV:
         """Quantize and pack transformed vectors y [tokens, H, d]."""
         fmt = self.fmt
         clip = self.tables.k_clip if which == "k" else self.tables.v_clip
         codes_out, meta_out = [], []
+        exps = self._exps(which)
         for h, bits in enumerate(self._bits(which)):
             yh = y[:, h, :]
             if fmt.kind == "turbo":
-                codes, scale = quantize_turbo(yh, bits, fmt.norm_correction, clip[h])
-                meta = scale.reshape(-1, 1).view(np.uint8)
+                codes, scale8 = quantize_turbo(yh, bits, fmt.norm_correction, clip[h], exps[h])
+                meta = scale8.reshape(-1, 1)
             else:
                 codes, m = quantize_uniform(yh, bits, fmt.group_size)
                 meta = np.ascontiguousarray(m).reshape(m.shape[0], -1).view(np.uint8)
@@ -616,11 +649,12 @@ class LayerQuantizer:
         """Packed bytes -> dequantized transformed-domain vectors [tokens, H, d] (fp32)."""
         fmt, d = self.fmt, self.fmt.head_dim
         out = []
+        exps = self._exps(which)
         for h, bits in enumerate(self._bits(which)):
             codes = unpack_codes(enc.codes[h], bits, d)
             if fmt.kind == "turbo":
-                scale = np.ascontiguousarray(enc.meta[h]).view(np.float16)[:, 0]
-                out.append(dequantize_turbo(codes, scale, bits))
+                scale8 = np.asarray(enc.meta[h], np.uint8)[:, 0]
+                out.append(dequantize_turbo(codes, scale8, bits, exps[h]))
             else:
                 m = np.ascontiguousarray(enc.meta[h]).view(np.float16).reshape(len(codes), -1, 2)
                 out.append(dequantize_uniform(codes, m, fmt.group_size))
@@ -846,7 +880,9 @@ __all__ = [
     "EncodedKV", "LayerQuantizer", "LayerTables", "PagedPool",
     "codebook", "codebook_boundaries", "codebook_int8", "dequantize_turbo", "dequantize_uniform",
     "codebook_mse", "gaussian_mse", "hadamard", "lloyd_max_codebook", "ordered_sum", "pack_codes", "pack_tile",
-    "quantize_turbo", "quantize_uniform", "read_tile_slot", "reference_attention", "rotate",
+    "quantize_turbo", "quantize_uniform", "read_tile_slot", "scale8_decode", "scale8_encode",
+    "scale8_tables", "scale_exp_for_max", "turbo_scale", "DEFAULT_SCALE_EXP", "SCALE8_STEPS", "SCALE_EXP_MAX",
+    "SCALE_EXP_MIN", "reference_attention", "rotate",
     "rotation_signs", "rsqrt_d", "tile_bytes", "tile_position", "unpack_codes", "unpack_tile",
     "unrotate", "write_tile_slot",
 ]

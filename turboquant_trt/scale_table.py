@@ -7,7 +7,8 @@ On disk a table is two files side by side:
   `layers.l.k_clip`, `layers.l.v_clip` [H], `layers.l.signs` [d] (±1);
 - `NAME.json`: the manifest — `format_version`, `kind: "turboquant-scale-table"`, the model's
   identity (architecture, layers, heads, KV heads, head_dim, RoPE settings, config hash), the
-  per-layer formats (bits per KV head for K and V, sink tokens, recent-token window, ...),
+  per-layer formats (bits and one-byte scale exponents E per KV head for K and V, sink tokens,
+  recent-token window, ...),
   `recent_tokens` (the largest window of any layer, a summary of the per-layer field), bits/element
   and compression, a summary of the calibration data, the tensor-parallel shard it is (if any),
   and the sha256 of the safetensors file.
@@ -162,8 +163,9 @@ class ScaleTable:
         if not isinstance(man, dict) or man.get("kind") != TABLE_KIND:
             raise ScaleTableError(f"{js_path} is not a turboquant scale table manifest")
         if man.get("format_version") != FORMAT_VERSION:
-            raise ScaleTableError(f"{js_path}: format_version {man.get('format_version')!r}, "
-                                  f"this build reads {FORMAT_VERSION}")
+            raise ScaleTableError(
+                f"{js_path} was made for KV format version {man.get('format_version')!r}; this "
+                f"turboquant reads version {FORMAT_VERSION}: re-run turboquant calibrate")
         want = man.get("safetensors_sha256")
         if want and _sha256(st_path) != want:
             raise ScaleTableError(f"{st_path} does not match its manifest (sha256 differs): the "
@@ -221,10 +223,12 @@ def _sha256(path: str) -> str:
 
 # -- tensor parallelism ------------------------------------------------------------------------
 
+_PER_HEAD = ("k_bits", "v_bits", "k_scale_exp", "v_scale_exp")  # LayerFormat fields per KV head
+
 def _subset_layer(lf: LayerFormat, lt: LayerTables, heads: list[int]) -> tuple[LayerFormat, LayerTables]:
     fd = lf.to_dict()
-    fd["k_bits"] = [lf.k_bits[h] for h in heads]
-    fd["v_bits"] = [lf.v_bits[h] for h in heads]
+    for name in _PER_HEAD:
+        fd[name] = [getattr(lf, name)[h] for h in heads]
     t = LayerTables(lt.k_mean[heads], lt.k_smooth[heads], lt.v_mean[heads], lt.v_smooth[heads],
                     lt.k_clip[heads], lt.v_clip[heads], lt.signs)
     return LayerFormat.from_dict(fd), t
@@ -278,8 +282,8 @@ def merge_tp(shards: list[ScaleTable]) -> ScaleTable:
     for li in range(len(shards[0].format.layers)):
         src = [owner[h] for h in range(H)]
         lf0 = src[0][0].format.layers[li].to_dict()
-        lf0["k_bits"] = [s.format.layers[li].k_bits[j] for s, j in src]
-        lf0["v_bits"] = [s.format.layers[li].v_bits[j] for s, j in src]
+        for name in _PER_HEAD:
+            lf0[name] = [getattr(s.format.layers[li], name)[j] for s, j in src]
         layers.append(LayerFormat.from_dict(lf0))
         pick = lambda name: np.stack([getattr(s.tables[li], name)[j] for s, j in src])  # noqa: E731
         tables.append(LayerTables(pick("k_mean"), pick("k_smooth"), pick("v_mean"),

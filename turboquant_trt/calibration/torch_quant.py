@@ -3,7 +3,9 @@
 Same arithmetic as :mod:`turboquant_trt.reference` (docs/format.md §2, §3.1) on torch tensors of
 shape [batch, heads, tokens, head_dim], without packing bytes. The rotation is a matrix product
 instead of the butterfly, so results can differ from the reference in the last fp32 bit (and then
-rarely in a code at a decision boundary); tests bound the difference. Calibration searches and
+rarely in a code at a decision boundary, or in a one-byte scale at a step boundary); tests bound
+the difference. The one-byte scale (docs/format.md §3.1) is encoded and decoded exactly as the
+reference does. Calibration searches and
 quick experiments use it; the packed cache (:mod:`turboquant_trt.cache`) uses the reference.
 """
 
@@ -15,8 +17,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..format import LayerFormat
-from ..reference import LayerTables, codebook, codebook_boundaries
+from ..format import DEFAULT_SCALE_EXP, SCALE8_STEPS, LayerFormat
+from ..reference import (
+    LayerTables,
+    codebook,
+    codebook_boundaries,
+    scale8_decode,
+    scale8_tables,
+)
 
 FP16_MAX = 65504.0
 
@@ -67,9 +75,11 @@ class TorchTurbo:
         """Dequantized transformed-domain y [B, H, T, d]; positions start..start+T-1."""
         bits = self.fmt.k_bits if which == "k" else self.fmt.v_bits
         clip = self.k_clip if which == "k" else self.v_clip
+        exps = self.fmt.k_scale_exp if which == "k" else self.fmt.v_scale_exp
         out = torch.empty_like(y)
         for h, b in enumerate(bits):
-            out[:, h] = turbo_fake_quant(y[:, h], b, float(clip[h]), self.fmt.norm_correction)
+            out[:, h] = turbo_fake_quant(y[:, h], b, float(clip[h]), self.fmt.norm_correction,
+                                         exps[h])
         ns = self.fmt.sink_tokens - start
         if ns > 0:
             out[:, :, :ns] = fp16_round(y[:, :, :ns])
@@ -85,9 +95,38 @@ def _codebook(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.from_numpy(codebook(bits)), torch.from_numpy(codebook_boundaries(bits)))
 
 
-def turbo_fake_quant(y: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0,
-                     norm_correction: bool = True) -> torch.Tensor:
-    """docs/format.md §3.1 on vectors y [..., d] (fp32): quantize and dequantize."""
+@lru_cache(maxsize=None)
+def _scale8_mid() -> torch.Tensor:
+    return torch.from_numpy(scale8_tables()[1])
+
+
+@lru_cache(maxsize=None)
+def _scale8_values(exp: int) -> torch.Tensor:
+    """dec(k, E) for k = 0..255 (fp32 [256], exactly the reference's values)."""
+    return torch.from_numpy(scale8_decode(np.arange(256), exp))
+
+
+def scale8_encode_torch(scale: torch.Tensor, exp: int) -> torch.Tensor:
+    """enc(s, E) of docs/format.md §3.1 on fp32 scales (int64 codes 0..255, same shape)."""
+    s = scale.float()
+    m, e = torch.frexp(s)                  # s = m * 2^e, 0.5 <= m < 1 (exact, subnormals too)
+    m = m * 2.0
+    e = e.long() - 1                       # now 1 <= m < 2
+    c = (m[..., None] >= _scale8_mid().to(s.device)).sum(-1)
+    k = 1 + torch.clamp(SCALE8_STEPS * (e - int(exp)) + c, 0, 254)
+    k = torch.where(s > 0, k, torch.zeros_like(k))
+    return torch.where(torch.isposinf(s), torch.full_like(k, 255), k)
+
+
+def scale8_round(scale: torch.Tensor, exp: int) -> torch.Tensor:
+    """dec(enc(s, E), E): the scale as the one-byte format stores it (fp32)."""
+    return _scale8_values(int(exp)).to(scale.device)[scale8_encode_torch(scale, exp)]
+
+
+def turbo_scale_torch(y: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0,
+                      norm_correction: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """docs/format.md §3.1 up to the fp32 scale: y [..., d] -> (codebook values [..., d],
+    scale [...] before its one-byte rounding)."""
     cb, beta = _codebook(bits)
     cb, beta = cb.to(y.device), beta.to(y.device)
     d = y.shape[-1]
@@ -100,5 +139,13 @@ def turbo_fake_quant(y: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.
         scale = n / torch.sqrt((c * c).sum(-1))
     else:
         scale = clip * n / math.sqrt(d)
-    scale = fp16_round(torch.nan_to_num(scale, nan=0.0))
-    return scale[..., None] * c
+    return c, torch.nan_to_num(scale, nan=0.0)
+
+
+def turbo_fake_quant(y: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0,
+                     norm_correction: bool = True,
+                     scale_exp: int = DEFAULT_SCALE_EXP) -> torch.Tensor:
+    """docs/format.md §3.1 on vectors y [..., d] (fp32): quantize (codes and the one-byte scale
+    with exponent ``scale_exp``) and dequantize."""
+    c, scale = turbo_scale_torch(y, bits, clip, norm_correction)
+    return scale8_round(scale, scale_exp)[..., None] * c
