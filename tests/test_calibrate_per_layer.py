@@ -99,16 +99,17 @@ def test_windows_chosen_where_they_pay_and_budget_used():
         bpe = _model_bits(a.choice, a.bits, [r0, r16], L, H, d)
         assert budget - 6.0 / (L * H * 2) <= bpe <= budget + 1e-12
     with pytest.raises(CalibrationError, match="below the smallest format"):
-        allocate_per_layer([r0, r16], L, H, d, 2.2)
+        allocate_per_layer([r0, r16], L, H, d, 2.15)  # the smallest (w0, 1 sink) is 2.172
 
 
 def test_layer_bytes_is_the_format_accounting():
     lf = LayerFormat(64, (3, 8, 2), (2, 4, 2), sink_tokens=2, recent_tokens=16)
     n = layer_bytes(64, (3, 8, 2), (2, 4, 2), 2, 16)
     assert n == pytest.approx(lf.bytes_per_token(1024, tables=True) * 1024)
-    # codes + scales per token, fp16 sinks and ring per sequence, tables once
-    codes = (3 + 8 + 2 + 2 + 4 + 2) * 64 // 8 + 6 * 2
-    assert n == 1024 * codes + 3 * (2 + 16) * 2 * 64 * 2 + 3 * (8 * 64 + 4)
+    # codes + one-byte scales per token, fp16 sinks and ring per sequence, tables once (with the
+    # two one-byte scale exponents per head)
+    codes = (3 + 8 + 2 + 2 + 4 + 2) * 64 // 8 + 6 * 1
+    assert n == 1024 * codes + 3 * (2 + 16) * 2 * 64 * 2 + 3 * (8 * 64 + 4 + 2)
 
 
 @pytest.fixture(scope="module")
@@ -237,13 +238,13 @@ def test_cli_per_layer_windows_then_eval(tmp_path):
         return r.exit_code, r.output
 
     code, out = run(["calibrate", "--model", model, "--data", str(text), "--windows", "2",
-                     "--ctx", "64", "--bits", "3.2,2.35", "--recent", "0,4,8",
+                     "--ctx", "64", "--bits", "3.2,2.27", "--recent", "0,4,8",
                      "--window-choice", "both", "--queries", "32", "--out", str(tmp_path / "t")])
     assert code == 0, out
     for w in (0, 4, 8):
         assert os.path.exists(tmp_path / f"t-w{w}-b3.20.json")
-    assert not os.path.exists(tmp_path / "t-w8-b2.35.json")  # below that window's minimum
-    for b in ("3.20", "2.35"):
+    assert not os.path.exists(tmp_path / "t-w8-b2.27.json")  # below that window's minimum (2.30)
+    for b in ("3.20", "2.27"):
         man = json.load(open(tmp_path / f"t-wlayer-b{b}.json"))
         ws = [lf["recent_tokens"] for lf in man["format"]["layers"]]
         assert man["calibration"]["recent_tokens"] == ws and set(ws) <= {0, 4, 8}
@@ -285,10 +286,11 @@ def test_cli_default_window_is_16_where_the_budget_fits(tmp_path):
     text = tmp_path / "text.txt"
     text.write_bytes(("Sphinx of black quartz, judge my vow.\n" * 12).encode())
     r = CliRunner().invoke(cli, ["calibrate", "--model", model, "--data", str(text), "--windows",
-                                 "1", "--ctx", "64", "--bits", "3.2,2.5,2.35", "--queries", "16",
+                                 "1", "--ctx", "64", "--bits", "3.2,2.35,2.25", "--queries", "16",
                                  "--out", str(tmp_path / "a")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    for b, w in (("3.20", 16), ("2.50", 8), ("2.35", 0)):
+    # smallest formats with one sink: 2.42 bits with 16 tokens, 2.30 with 8, 2.17 without
+    for b, w in (("3.20", 16), ("2.35", 8), ("2.25", 0)):
         man = json.load(open(tmp_path / f"a-b{b}.json"))
         assert [lf["recent_tokens"] for lf in man["format"]["layers"]] == [w, w], b
         assert man["bits_per_element"] <= float(b) + 1e-9

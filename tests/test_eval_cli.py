@@ -60,13 +60,13 @@ def test_calibrate_then_eval(setup):
 def test_calibrate_several_windows_then_eval(setup):
     d, model, text = setup
     code, out = run(["calibrate", "--model", model, "--data", text, "--skip-tokens", "256",
-                     "--windows", "1", "--ctx", "64", "--bits", "3.2,2.3", "--recent", "0,4",
+                     "--windows", "1", "--ctx", "64", "--bits", "3.2,2.2", "--recent", "0,4",
                      "--queries", "32", "--out", str(d / "win")])
     assert code == 0, out
-    # 2.3 bits is below the smallest format with a 4-token window (2.36): skipped, said so
+    # 2.2 bits is below the smallest format with a 4-token window (2.235): skipped, said so
     assert "skipped" in out and "4-token window" in out
-    assert not os.path.exists(d / "win-w4-b2.30.json")
-    for name, w in (("win-w0-b3.20", 0), ("win-w0-b2.30", 0), ("win-w4-b3.20", 4)):
+    assert not os.path.exists(d / "win-w4-b2.20.json")
+    for name, w in (("win-w0-b3.20", 0), ("win-w0-b2.20", 0), ("win-w4-b3.20", 4)):
         man = json.load(open(d / f"{name}.json"))
         assert man["recent_tokens"] == w
         assert all(lf["recent_tokens"] == w for lf in man["format"]["layers"])
@@ -113,7 +113,7 @@ def test_generated_calibration_text(setup):
      "between 0 and 64"),
     (["calibrate", "--model", "{model}", "--data", "{text}", "--recent", "8,x", "--out", "{d}/x"],
      "expected whole numbers"),
-    (["calibrate", "--model", "{model}", "--data", "{text}", "--bits", "2.3", "--recent", "8",
+    (["calibrate", "--model", "{model}", "--data", "{text}", "--bits", "2.25", "--recent", "8",
       "--ctx", "64", "--windows", "1", "--queries", "16", "--out", "{d}/low"],
      "below the smallest format with a 8-token window"),
 ])

@@ -9,7 +9,10 @@
 3. Sensitivity (:mod:`turboquant_trt.calibration.sensitivity`): for every layer, KV head, K or V,
    bit width (2, 3, 4, 8) and clip factor, the loss increase estimated from the change of that
    head's attention output, weighted by the captured gradient (Fisher). The best clip factor
-   per bit width is kept. With a recent-token window `w` (docs/format.md §5.2) the `w` most
+   per bit width is kept. The one-byte scales of that head are rounded on their log grid with
+   `E = floor(log2 max scale) - 11` (docs/format.md §3.1), the largest scale of the captured
+   positions read from codes (all but the sinks) at that bit width and clip; the table keeps E
+   of the chosen bits and clip. With a recent-token window `w` (docs/format.md §5.2) the `w` most
    recent keys/values of each query are exact in this estimate, as the format reads them;
    :func:`with_window` re-estimates for another window on the same capture.
 4. Allocation: bit widths per layer/head/K/V minimizing the summed estimate under the average
@@ -28,12 +31,12 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .format import DEFAULT_REF_TOKENS, SUPPORTED_BITS, LayerFormat, ModelFormat
+from .format import DEFAULT_REF_TOKENS, DEFAULT_SCALE_EXP, SUPPORTED_BITS, LayerFormat, ModelFormat
 from .model_loading import ModelIdentity
 from .scale_table import ScaleTable
 
@@ -56,6 +59,7 @@ class CalibrationResult:
     recent: int = 0          # the recent-token window the costs were estimated with
     queries: int = 256
     sinks: int = 1           # the sink tokens the costs were estimated with
+    scale_exp: dict = field(default_factory=dict)  # same key as clip -> E at the best clip
 
 
 def generate_text(model, tokenizer, n: int, length: int, seed: int = 0, progress=None) -> torch.Tensor:
@@ -123,9 +127,15 @@ def collect(model, windows: torch.Tensor, progress=None):
 
 def sensitivity(samples, tables, *, sinks: int, recent: int, queries: int = 256,
                 clip_grid=CLIP_GRID, bits=SUPPORTED_BITS, progress=None):
-    from .calibration.sensitivity import HeadQuantizer, cost_k, cost_v, head_tensors
+    from .calibration.sensitivity import (
+        HeadQuantizer,
+        choose_scale_exp,
+        cost_k,
+        cost_v,
+        head_tensors,
+    )
 
-    cost, clip = {}, {}
+    cost, clip, exps = {}, {}, {}
     for li, (s, t) in enumerate(zip(samples, tables)):
         d = s.k.shape[-1]
         for h in range(s.kv_heads):
@@ -136,13 +146,16 @@ def sensitivity(samples, tables, *, sinks: int, recent: int, queries: int = 256,
             for b in bits:
                 for which, hq, y, fn in (("k", hk, yk, cost_k), ("v", hv, yv, cost_v)):
                     grid = clip_grid if b < 8 else CLIP_GRID_8
-                    cs = {gm: fn(ht, hq, b, gm, sinks, y=y) for gm in grid}
+                    # E of the one-byte scales from this head's captured scales at b and gm
+                    es = {gm: choose_scale_exp(y, b, gm, sinks) for gm in grid}
+                    cs = {gm: fn(ht, hq, b, gm, sinks, y=y, scale_exp=es[gm]) for gm in grid}
                     best = min(cs, key=cs.get)
                     cost[(li, h, which, b)] = cs[best]
                     clip[(li, h, which, b)] = best
+                    exps[(li, h, which, b)] = es[best]
         if progress is not None:
             progress(1)
-    return cost, clip
+    return cost, clip, exps
 
 
 def run_calibration(model, windows: torch.Tensor, *, sinks: int = 1, recent: int = 0,
@@ -157,10 +170,10 @@ def run_calibration(model, windows: torch.Tensor, *, sinks: int = 1, recent: int
     base = [derive_tables(s, li, skip_first=max(sinks, 1), smooth_v="none")
             for li, s in enumerate(samples)]
     with pf(len(samples), f"sensitivity per layer/head/bits (window {recent})") as bar:
-        cost, clip = sensitivity(samples, base, sinks=sinks, recent=recent, queries=queries,
-                                 progress=bar.update)
+        cost, clip, exps = sensitivity(samples, base, sinks=sinks, recent=recent,
+                                       queries=queries, progress=bar.update)
     return CalibrationResult(samples, base, cost, clip, nll, time.time() - t0, recent, queries,
-                             sinks)
+                             sinks, exps)
 
 
 def with_window(res: CalibrationResult, recent: int, *, sinks: int = 1,
@@ -172,10 +185,10 @@ def with_window(res: CalibrationResult, recent: int, *, sinks: int = 1,
     t0 = time.time()
     pf = progress_factory or (lambda total, desc: _NullBar())
     with pf(len(res.samples), f"sensitivity per layer/head/bits (window {recent})") as bar:
-        cost, clip = sensitivity(res.samples, res.base_tables, sinks=sinks, recent=recent,
-                                 queries=res.queries, progress=bar.update)
+        cost, clip, exps = sensitivity(res.samples, res.base_tables, sinks=sinks, recent=recent,
+                                       queries=res.queries, progress=bar.update)
     return CalibrationResult(res.samples, res.base_tables, cost, clip, res.nll,
-                             time.time() - t0, recent, res.queries, sinks)
+                             time.time() - t0, recent, res.queries, sinks, exps)
 
 
 class _NullBar:
@@ -191,7 +204,8 @@ class _NullBar:
 
 def overhead_bits(num_layers: int, kv_heads: int, head_dim: int, sinks: int, recent: int,
                   ref_tokens: int = 1024) -> float:
-    """Bits/element that do not depend on the code widths: scales, sinks, window ring, tables."""
+    """Bits/element that do not depend on the code widths: one-byte scales, sinks, window ring,
+    tables (with the scale exponents)."""
     lf = LayerFormat(head_dim, (2,) * kv_heads, (2,) * kv_heads, sink_tokens=sinks,
                      recent_tokens=recent)
     return lf.bits_per_element(ref_tokens) - 2.0
@@ -235,6 +249,13 @@ def allocate(cost: dict, items: list, code_budget: float, bits=SUPPORTED_BITS) -
     return ch
 
 
+def _exps(res: CalibrationResult, layer: int, which: str, bits: tuple) -> tuple[int, ...]:
+    """The scale exponent E per KV head at the chosen bits (and the clip chosen with them);
+    DEFAULT_SCALE_EXP for a result that carries none (a cost table built by hand)."""
+    return tuple(int(res.scale_exp.get((layer, h, which, b), DEFAULT_SCALE_EXP))
+                 for h, b in enumerate(bits))
+
+
 def build_table(res: CalibrationResult, identity: ModelIdentity, budget: float, *, sinks: int,
                 recent: int | None = None, calibration_info: dict) -> ScaleTable:
     """The scale table for one average-bits budget (every metadata byte counted), with the
@@ -250,7 +271,7 @@ def build_table(res: CalibrationResult, identity: ModelIdentity, budget: float, 
     code = budget - overhead_bits(L, H, d, sinks, recent)
     if code < 2 - 1e-9:
         raise CalibrationError(
-            f"--bits {budget} is below the smallest format: 2-bit codes plus fp16 scales, "
+            f"--bits {budget} is below the smallest format: 2-bit codes plus one-byte scales, "
             f"{sinks} sink token(s), tables and the recent window need "
             f"{2 + overhead_bits(L, H, d, sinks, recent):.3f} bits/element")
     items = [(li, h, w) for li in range(L) for h in range(H) for w in ("k", "v")]
@@ -259,7 +280,9 @@ def build_table(res: CalibrationResult, identity: ModelIdentity, budget: float, 
     for li in range(L):
         kb = tuple(ch[(li, h, "k")] for h in range(H))
         vb = tuple(ch[(li, h, "v")] for h in range(H))
-        layers.append(LayerFormat(d, kb, vb, sink_tokens=sinks, recent_tokens=recent))
+        layers.append(LayerFormat(d, kb, vb, sink_tokens=sinks, recent_tokens=recent,
+                                  k_scale_exp=_exps(res, li, "k", kb),
+                                  v_scale_exp=_exps(res, li, "v", vb)))
         t = copy.deepcopy(res.base_tables[li])
         t.k_clip = np.array([res.clip[(li, h, "k", kb[h])] for h in range(H)], np.float32)
         t.v_clip = np.array([res.clip[(li, h, "v", vb[h])] for h in range(H)], np.float32)
@@ -407,7 +430,9 @@ def build_table_per_layer_window(results: list, identity: ModelIdentity, budget:
         r = results[a.choice[li]]
         kb = tuple(a.bits[(li, h, "k")] for h in range(H))
         vb = tuple(a.bits[(li, h, "v")] for h in range(H))
-        layers.append(LayerFormat(d, kb, vb, sink_tokens=r.sinks, recent_tokens=r.recent))
+        layers.append(LayerFormat(d, kb, vb, sink_tokens=r.sinks, recent_tokens=r.recent,
+                                  k_scale_exp=_exps(r, li, "k", kb),
+                                  v_scale_exp=_exps(r, li, "v", vb)))
         t = copy.deepcopy(r.base_tables[li])
         t.k_clip = np.array([r.clip[(li, h, "k", kb[h])] for h in range(H)], np.float32)
         t.v_clip = np.array([r.clip[(li, h, "v", vb[h])] for h in range(H)], np.float32)

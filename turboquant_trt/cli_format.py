@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import numpy as np
 from .format import (
     DEFAULT_REF_TOKENS,
     PRESETS,
+    SCALE_EXP_MAX,
+    SCALE_EXP_MIN,
     SUPPORTED_BITS,
     SUPPORTED_HEAD_DIMS,
     SUPPORTED_KINDS,
     FormatError,
     KVFormat,
 )
-from .reference import LayerQuantizer, codebook_mse
+from .reference import LayerQuantizer, codebook_mse, scale_exp_for_max, turbo_scale
 from .table import print_table
 
 
@@ -56,9 +59,10 @@ def formats_cmd(head_dim: str, sink_tokens: int, recent_tokens: int, ref_tokens:
     """List the named format presets with every metadata byte counted.
 
     \b
-    bytes_per_token_head: K and V codes plus fp16 scales for one token of one KV head;
-    bits_per_element also counts fp16 sink copies, the fp16 recent-token window and the
-    calibrated tables (means, smoothing, clip: fp16) spread over --ref-tokens tokens.
+    bytes_per_token_head: K and V codes plus their one-byte scales for one token of one KV
+    head; bits_per_element also counts fp16 sink copies, the fp16 recent-token window and the
+    calibrated tables (means, smoothing, clip: fp16; two scale exponents: one byte each)
+    spread over --ref-tokens tokens.
 
     \b
     Examples:
@@ -130,16 +134,19 @@ def error_stats(x: np.ndarray, xq: np.ndarray, rng: np.random.Generator) -> dict
               show_default=True, help="Head dimension of random data (a file's last axis wins).")
 @click.option("--vectors", type=click.IntRange(1), default=4096, show_default=True,
               help="Number of random vectors.")
+@click.option("--scale-exp", type=click.IntRange(SCALE_EXP_MIN, SCALE_EXP_MAX), default=None,
+              help="Exponent E of the one-byte turbo scales (docs/format.md §3.1); default: "
+                   "chosen from the data as calibration does (floor(log2 max scale) - 11).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def quantize_cmd(input_path, tensor_name, bits_list, kind, group_size, no_rotation,
-                 no_norm_correction, head_dim, vectors, seed, as_json) -> None:
+                 no_norm_correction, head_dim, vectors, scale_exp, seed, as_json) -> None:
     """Run the reference quantizer on a tensor and print its error statistics.
 
     Every vector along the last axis is quantized as one KV-head vector (no calibrated tables).
     rel_mse is |x - x^|^2 / |x|^2; ip_rel_rms the RMS error of inner products with 64 random
     queries, relative to their RMS; gauss_theory the distortion of the format's codebook c_b on
-    N(0,1) at that width.
+    N(0,1) at that width; scale_exp the exponent E of the one-byte scales (kind 'turbo').
 
     \b
     Examples:
@@ -169,17 +176,26 @@ def quantize_cmd(input_path, tensor_name, bits_list, kind, group_size, no_rotati
             fmt = KVFormat(b, b, kind, d, group_size, not no_rotation, not no_norm_correction)
         except FormatError as e:
             raise click.UsageError(str(e)) from None
+        exp = scale_exp
+        if kind == "turbo" and exp is None:
+            lq0 = LayerQuantizer(fmt.layer(1))
+            _, sc = turbo_scale(lq0.transform(x[:, None, :], "k")[:, 0], b,
+                                not no_norm_correction)
+            exp = scale_exp_for_max(float(sc.max()))
+        if exp is not None:
+            fmt = dataclasses.replace(fmt, scale_exp=exp)
         lq = LayerQuantizer(fmt.layer(1))
         xq = lq.fake_quant(x[:, None, :], "k")[:, 0, :]
         st = error_stats(x, xq, rng)
         rows.append({"bits": b, "kind": kind, "bits_per_element": round(fmt.bits_per_element(0, False), 4),
+                     "scale_exp": exp if kind == "turbo" else None,
                      **{k: float(f"{v:.6g}") for k, v in st.items()},
                      "gauss_theory": float(f"{codebook_mse(b):.6g}") if kind == "turbo" else None})
     if as_json:
         click.echo(json.dumps({"source": source, "head_dim": d, "vectors": int(x.shape[0]),
                                "rows": rows}, indent=1))
         return
-    print_table(rows, ["bits", "kind", "bits_per_element", "rel_mse", "gauss_theory", "ip_rel_rms",
-                       "cosine", "max_abs_err"],
+    print_table(rows, ["bits", "kind", "bits_per_element", "scale_exp", "rel_mse", "gauss_theory",
+                       "ip_rel_rms", "cosine", "max_abs_err"],
                 title=f"reference quantizer on {source}, head_dim={d}")
 

@@ -221,7 +221,7 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
         need = smallest(rw)
         if b < need - 1e-9:
             msg = (f"--bits {b} is below the smallest format with a {rw}-token window: 2-bit "
-                   f"codes plus fp16 scales, {sinks} sink token(s), the window and tables need "
+                   f"codes plus one-byte scales, {sinks} sink token(s), the window and tables need "
                    f"{need:.3f} bits/element")
             if len(jobs) == 1:
                 _fail(msg)

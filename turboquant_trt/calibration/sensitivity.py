@@ -17,9 +17,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reference import rotation_signs
+from ..format import DEFAULT_SCALE_EXP
+from ..reference import rotation_signs, scale_exp_for_max
 from .stats import LayerSample
-from .torch_quant import fp16_round, hadamard_matrix, turbo_fake_quant
+from .torch_quant import fp16_round, hadamard_matrix, turbo_fake_quant, turbo_scale_torch
+
+
+def choose_scale_exp(y: torch.Tensor, bits: int, clip: float, sinks: int = 0,
+                     norm_correction: bool = True) -> int:
+    """The exponent E of one KV head's K or V from its transformed vectors y [N, T, d] quantized
+    at `bits` and `clip`: :func:`scale_exp_for_max` of the largest scale of the positions that
+    are read from codes (the first `sinks` positions are read in fp16)."""
+    _, scale = turbo_scale_torch(y[:, sinks:], bits, clip, norm_correction)
+    finite = scale[torch.isfinite(scale)]
+    return scale_exp_for_max(float(finite.max()) if finite.numel() else 0.0)
 
 
 @dataclass
@@ -82,9 +93,10 @@ class HeadQuantizer:
         return (y @ self.rot.T) * self.smooth + self.mean
 
     def fake_quant(self, x: torch.Tensor, bits: int, clip: float, sinks: int,
-                   norm_correction: bool = True, y: torch.Tensor | None = None) -> torch.Tensor:
+                   norm_correction: bool = True, y: torch.Tensor | None = None,
+                   scale_exp: int = DEFAULT_SCALE_EXP) -> torch.Tensor:
         y = self.transform(x) if y is None else y
-        yq = turbo_fake_quant(y, bits, clip, norm_correction)
+        yq = turbo_fake_quant(y, bits, clip, norm_correction, scale_exp)
         if sinks:
             yq[:, :sinks] = fp16_round(y[:, :sinks])
         return self.untransform(yq)
@@ -103,13 +115,17 @@ def v_delta(ht: HeadTensors, v_hat: torch.Tensor) -> torch.Tensor:
 
 
 def cost_k(ht: HeadTensors, hq: HeadQuantizer, bits: int, clip: float, sinks: int,
-           norm_correction: bool = True, y: torch.Tensor | None = None) -> float:
-    return fisher_cost(ht, k_delta(ht, hq.fake_quant(ht.k, bits, clip, sinks, norm_correction, y)))
+           norm_correction: bool = True, y: torch.Tensor | None = None,
+           scale_exp: int = DEFAULT_SCALE_EXP) -> float:
+    return fisher_cost(ht, k_delta(ht, hq.fake_quant(ht.k, bits, clip, sinks, norm_correction, y,
+                                                     scale_exp)))
 
 
 def cost_v(ht: HeadTensors, hq: HeadQuantizer, bits: int, clip: float, sinks: int,
-           norm_correction: bool = True, y: torch.Tensor | None = None) -> float:
-    return fisher_cost(ht, v_delta(ht, hq.fake_quant(ht.v, bits, clip, sinks, norm_correction, y)))
+           norm_correction: bool = True, y: torch.Tensor | None = None,
+           scale_exp: int = DEFAULT_SCALE_EXP) -> float:
+    return fisher_cost(ht, v_delta(ht, hq.fake_quant(ht.v, bits, clip, sinks, norm_correction, y,
+                                                     scale_exp)))
 
 
 def pct_from_nats(nats: float) -> float:
