@@ -459,7 +459,8 @@ def _check_context(d, h, g, bits, t, ns, prefix, new, w):
                     write_tile_slot(scrub.tile(blk, which, hh, r // TILE_TOKENS), r % TILE_TOKENS,
                                     rng.integers(0, 1 << nb, d).astype(np.uint8), nb, which)
                 for off in (lay.k_meta[hh], lay.v_meta[hh]):
-                    scrub.pool[blk, off + 2 * r: off + 2 * r + 2] = 0x5A
+                    mb = fmt.meta_bytes
+                    scrub.pool[blk, off + mb * r: off + mb * (r + 1)] = 0x5A
     pool_np = scrub.pool
     layer.pool.copy_(_to_gpu(pool_np))
     sinks_np = ref.sinks.copy()

@@ -88,14 +88,18 @@ def _time(fn, iters: int, warmup: int = 3, per_graph: int = 20) -> tuple[float, 
 
 
 def _random_pool(layer, fmt, t, num_blocks, gen):
-    """Random codes and finite positive fp16 scales in every block."""
+    """Random codes and random one-byte scales between 0.05 and 0.25 in every block."""
+    import math
+
     import torch
     layer.pool.random_(0, 256, generator=gen)
     lay = fmt.block_layout(t)
     for h in range(fmt.kv_heads):
-        for off in (lay.k_meta[h], lay.v_meta[h]):
-            sc = (torch.rand((num_blocks, t), generator=gen, device=layer.pool.device) * 0.2 + 0.05)
-            layer.pool[:, off:off + 2 * t] = sc.half().view(torch.uint8).reshape(num_blocks, 2 * t)
+        for off, e in ((lay.k_meta[h], fmt.k_scale_exp[h]), (lay.v_meta[h], fmt.v_scale_exp[h])):
+            # scale8 code k means 2^(E + (k - 1) / 16) (docs/format.md §3.1)
+            lo, hi = (1 + round(16 * (math.log2(x) - e)) for x in (0.05, 0.25))
+            layer.pool[:, off:off + t] = torch.randint(lo, hi + 1, (num_blocks, t), generator=gen,
+                                                       device=layer.pool.device, dtype=torch.uint8)
 
 
 def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20, recent=0):
