@@ -529,7 +529,7 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(K.KernelError, match="query heads"):
         K.decode_attention(layer, torch.zeros((1, 17, 128), dtype=torch.float16, device="cuda"),
                            np.zeros((1, 2), np.int32), [1], 1)
-    # format version 2 stores codes in tiles of 32 slots: other block sizes are refused
+    # the format stores codes in tiles of 32 slots: other block sizes are refused
     layer.tokens_per_block = 16
     k = torch.zeros((1, 1, 128), dtype=torch.float16, device="cuda")
     with pytest.raises(K.KernelError, match="tokens_per_block"):
@@ -545,3 +545,8 @@ def test_bad_arguments_raise_clear_errors():
                                           q.data_ptr(), 128, q.data_ptr(), 128, 0, 0, 1, 1, 2, 2, 2,
                                           0.0, 0, 0, 0, 0, 0)
     assert rc != 0 and b"write_kv" in K.library().tq_last_error()
+    # the attention kernels read sink and ring rows as 16-byte vectors: a ring 2 bytes off is refused
+    win.recent_pool = torch.full((win.recent_pool.numel() + 8,), float("nan"), dtype=torch.float16,
+                                 device="cuda")[1:1 + win.recent_pool.numel()].view(win.recent_pool.shape)
+    with pytest.raises(K.KernelError, match="16-byte aligned"):
+        K.decode_attention(win, q[:1], np.zeros((1, 2), np.int32), [2], 2)

@@ -116,6 +116,17 @@ int32_t done(cudaError_t err)
     return static_cast<int32_t>(err);
 }
 
+// The attention kernels read sink and ring rows as 16-byte vectors (checkCommon refuses otherwise
+// with cudaErrorInvalidValue; this says why in words).
+char const* fp16PoolsAligned(turboquant::PagedKvPool const& kv)
+{
+    if ((reinterpret_cast<uintptr_t>(kv.sink_pool) | reinterpret_cast<uintptr_t>(kv.recent_pool)) % 16 != 0)
+    {
+        return "sink_pool and recent_pool must be 16-byte aligned (attention reads their rows as 16-byte vectors)";
+    }
+    return nullptr;
+}
+
 } // namespace
 
 extern "C" {
@@ -245,6 +256,10 @@ int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_toke
     {
         return fail(why);
     }
+    if (char const* why = fp16PoolsAligned(p.kv))
+    {
+        return fail(why);
+    }
     p.q = q;
     p.q_token_stride = q_token_stride;
     p.out = out;
@@ -287,6 +302,10 @@ int32_t tq_context_attention(TqLayerC const* layer, void const* q, int64_t q_tok
     turboquant::ContextAttentionParams p;
     std::memset(&p, 0, sizeof(p));
     if (char const* why = toViews(layer, p.layer, p.kv, p.tables, num_q_heads))
+    {
+        return fail(why);
+    }
+    if (char const* why = fp16PoolsAligned(p.kv))
     {
         return fail(why);
     }
