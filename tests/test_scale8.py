@@ -153,8 +153,14 @@ def test_bad_exponents_refused():
             scale8_decode(np.ones(3, np.uint8), e)
         with pytest.raises(FormatError, match="between -64 and 48"):
             quantize_turbo(np.ones((1, 64), np.float32), 3, scale_exp=e)
-    with pytest.raises(FormatError, match="uint8"):
+    with pytest.raises(FormatError, match="one-byte codes"):
         dequantize_turbo(np.zeros((1, 64), np.uint8), np.ones(1, np.float16), 3)
+    with pytest.raises(FormatError, match="one-byte codes"):
+        dequantize_turbo(np.zeros((1, 64), np.uint8), np.array([256]), 3)
+    # any integer type holding codes 0..255 is read as the same bytes
+    codes = np.zeros((2, 64), np.uint8)
+    np.testing.assert_array_equal(dequantize_turbo(codes, np.array([7, 200], np.int64), 3, -5),
+                                  dequantize_turbo(codes, np.array([7, 200], np.uint8), 3, -5))
 
 
 def test_calibration_rule_for_e():

@@ -485,9 +485,10 @@ def dequantize_turbo(codes: np.ndarray, scale8: np.ndarray, bits: int,
                      scale_exp: int = DEFAULT_SCALE_EXP) -> np.ndarray:
     """x̂_i = dec(scale8, E) · c[code_i] (fp32 product): codes [..., d], scale8 uint8 [...]."""
     scale8 = np.asarray(scale8)
-    if scale8.dtype != np.uint8:
-        raise FormatError(f"turbo scales are one-byte codes (uint8), not {scale8.dtype}; "
-                          "encode them with scale8_encode")
+    if not np.issubdtype(scale8.dtype, np.integer) or (
+            scale8.size and (int(scale8.min()) < 0 or int(scale8.max()) > 255)):
+        raise FormatError(f"turbo scales are one-byte codes (integers 0..255, uint8), not "
+                          f"{scale8.dtype} values; encode fp32 scales with scale8_encode")
     cb = codebook(bits)
     return scale8_decode(scale8, scale_exp)[..., None] * cb[codes]
 
