@@ -816,16 +816,8 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             }
             if (grow && gm > mRun[nt] + kMaxSlack)
             {
-                float const alpha = exp2f(mRun[nt] - gm);
                 flush(nt);
-#pragma unroll
-                for (int m = 0; m < MT; ++m)
-                {
-                    oF[m][nt][0] *= alpha;
-                    oF[m][nt][1] *= alpha;
-                }
-                lRun[nt] *= alpha;
-                mRun[nt] = gm;
+                rescaleHead(nt, gm);
             }
             bool const headOk = 4 * nt + t < nh;
             float pv[4];
