@@ -89,15 +89,15 @@ def _time(fn, iters: int, warmup: int = 3, per_graph: int = 20) -> tuple[float, 
 
 def _random_pool(layer, fmt, t, num_blocks, gen):
     """Random codes and random one-byte scales between 0.05 and 0.25 in every block."""
-    import math
-
+    import numpy as np
     import torch
+
+    from .reference import scale8_encode
     layer.pool.random_(0, 256, generator=gen)
     lay = fmt.block_layout(t)
     for h in range(fmt.kv_heads):
         for off, e in ((lay.k_meta[h], fmt.k_scale_exp[h]), (lay.v_meta[h], fmt.v_scale_exp[h])):
-            # scale8 code k means 2^(E + (k - 1) / 16) (docs/format.md §3.1)
-            lo, hi = (1 + round(16 * (math.log2(x) - e)) for x in (0.05, 0.25))
+            lo, hi = (int(k) for k in scale8_encode(np.array([0.05, 0.25], np.float32), e))
             layer.pool[:, off:off + t] = torch.randint(lo, hi + 1, (num_blocks, t), generator=gen,
                                                        device=layer.pool.device, dtype=torch.uint8)
 
