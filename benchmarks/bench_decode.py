@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Decode attention over the quantized cache vs torch fp16 SDPA (same process, same shapes).
 
-Prints ms, bytes read per second, the fraction of the H100's ~3.0 TB/s, the speedup, and the
-write kernel's share of a decode step. Same as `turboquant bench kernels`.
+Prints ms, bytes read per second, the fraction of the card's read bandwidth (measured at the start
+of the run), the speedup, and the write kernel's share of a decode step. Same as `turboquant bench kernels`.
 
     python benchmarks/bench_decode.py [--iters 50] [--json out.json]
 """

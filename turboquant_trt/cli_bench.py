@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-HBM_READ_BW = 3.0e12  # measured read bandwidth of the H100 (docs/benchmarks.md), bytes/s
+READ_BW_BYTES = 2 << 30  # the tensor the read-bandwidth probe reduces: 40x the H100's/H200's L2
 
 # (name, batch, seq_len, q heads, kv heads, head_dim)
 DEFAULT_SHAPES = [
@@ -102,7 +102,23 @@ def _random_pool(layer, fmt, t, num_blocks, gen):
                                                        device=layer.pool.device, dtype=torch.uint8)
 
 
-def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20, recent=0):
+def measure_read_bw(iters: int = 50) -> float:
+    """The card's HBM read bandwidth in bytes/s, measured in this process: the best of two torch
+    reductions (sum and max) over a 2 GiB fp16 tensor, which read every byte once and write almost
+    nothing. The decode kernel's fraction of the bandwidth is taken of this figure."""
+    import torch
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = torch.randn((READ_BW_BYTES // 2,), dtype=torch.float16, device="cuda", generator=gen)
+    best = min(_time(lambda: torch.sum(x, dtype=torch.float32), iters, per_graph=5)[0],
+               _time(lambda: torch.amax(x), iters, per_graph=5)[0])
+    del x
+    torch.cuda.empty_cache()
+    return READ_BW_BYTES / (best * 1e-3)
+
+
+def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20, recent=0,
+                read_bw=3.0e12):
     import torch
     import torch.nn.functional as F
 
@@ -170,7 +186,7 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     # conservative figure), the fp16 window ring, q and out
     bytes_read = b * L * h * per_token_head + b * h * 2 * min(recent, L) * d * 2 + 2 * q.numel() * 2
     return Row(name, b, L, hq, h, d, f"k{k_bits}v{v_bits}" + (f"w{recent}" if recent else ""), t, splits, ours_ms, spread, sdpa_ms,
-               sdpa_ms / ours_ms, bytes_read, bytes_read / ours_ms / 1e6, bytes_read / ours_ms / 1e6 / (HBM_READ_BW / 1e9),
+               sdpa_ms / ours_ms, bytes_read, bytes_read / ours_ms / 1e6, bytes_read / ours_ms / 1e6 / (read_bw / 1e9),
                kv_bytes / sdpa_ms / 1e6, write_ms, write_ms / ours_ms)
 
 
@@ -229,14 +245,20 @@ def _commit() -> str:
         return "unknown"
 
 
-def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None, recent=0):
+def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None, recent=0, read_bw=None):
     import torch
+    measured = read_bw is None
+    if measured:
+        read_bw = measure_read_bw()
+    bw_tb = f"{read_bw / 1e12:.2f} TB/s"
+    print(f"{torch.cuda.get_device_name()}: read bandwidth {bw_tb} "
+          f"({'measured: torch sum/max over 2 GiB' if measured else 'given with --read-bw'})", flush=True)
     rows = []
     for spec in shapes or DEFAULT_SHAPES:
-        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters, recent=recent))
+        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters, recent=recent, read_bw=read_bw))
         r = rows[-1]
         print(f"{r.shape:18s} ours {r.ours_ms:8.4f} ms  sdpa {r.sdpa_ms:8.4f} ms  x{r.speedup:5.2f}  "
-              f"{r.ours_tbps:6.0f} GB/s ({100 * r.frac_hbm:4.1f}% of 3.0 TB/s)  write {r.write_ms * 1000:6.1f} us "
+              f"{r.ours_tbps:6.0f} GB/s ({100 * r.frac_hbm:4.1f}% of {bw_tb})  write {r.write_ms * 1000:6.1f} us "
               f"({100 * r.write_frac:4.1f}%)  splits {r.splits}", flush=True)
     ctx = []
     if context:
@@ -247,11 +269,11 @@ def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=N
                   f"ours {c['ours_ms']:.3f} ms  sdpa {c['sdpa_ms']:.3f} ms", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "commit": _commit(), "torch": torch.__version__, "tokens_per_block": tokens_per_block,
-            "recent_tokens": recent}
+            "recent_tokens": recent, "read_bw_bytes_per_s": read_bw, "read_bw_measured": measured}
     result = {"meta": meta, "decode": [asdict(r) for r in rows], "context": ctx}
     print()
     print(f"{meta['device']}  {meta['date']}  commit {meta['commit']}")
-    print(f"{'shape':18s} {'ours ms':>9s} {'sdpa ms':>9s} {'speedup':>8s} {'GB/s':>7s} {'%3TB/s':>7s} {'write%':>7s}")
+    print(f"{'shape':18s} {'ours ms':>9s} {'sdpa ms':>9s} {'speedup':>8s} {'GB/s':>7s} {'%BW':>7s} {'write%':>7s}")
     for r in rows:
         print(f"{r.shape:18s} {r.ours_ms:9.4f} {r.sdpa_ms:9.4f} {r.speedup:8.2f} {r.ours_tbps:7.0f} "
               f"{100 * r.frac_hbm:7.1f} {100 * r.write_frac:7.1f}")
@@ -276,7 +298,11 @@ def bench() -> None:
 @click.option("--recent", default=0, show_default=True, type=click.IntRange(0, 64),
               help="recent-token window of the format: each sequence's last W positions read from the fp16 "
                    "ring instead of their codes (the calibration's default is 16)")
-def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: str | None, recent: int) -> None:
+@click.option("--read-bw", type=click.FloatRange(min=1.0, min_open=False), default=None,
+              help="the card's HBM read bandwidth in GB/s for the '% of bandwidth' column "
+                   "[default: measured at the start of the run]")
+def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: str | None, recent: int,
+                read_bw: float | None) -> None:
     """Decode attention over the 3-bit cache vs torch fp16 SDPA, same shapes, same process.
 
     \b
@@ -296,7 +322,7 @@ def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: s
     except KernelError as e:
         raise click.ClickException(str(e)) from None
     run_all(iters=iters, tokens_per_block=tokens_per_block, context=not no_context, out_json=out_json,
-            recent=recent)
+            recent=recent, read_bw=None if read_bw is None else read_bw * 1e9)
 
 
 if __name__ == "__main__":
