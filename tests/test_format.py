@@ -133,7 +133,7 @@ def test_amortized_parts_counted():
     m = ModelFormat((LayerFormat(64, (8,), (8,)), LayerFormat(64, (2,), (2,))))
     assert m.bits_per_element(0) == pytest.approx((8.125 + 2.125) / 2)
     assert ModelFormat.from_dict(json.loads(m.to_json())) == m
-    assert FORMAT_VERSION == 3 and json.loads(m.to_json())["format_version"] == 3
+    assert FORMAT_VERSION == 4 and json.loads(m.to_json())["format_version"] == 4
     for v in (1, 2, 99):
         with pytest.raises(FormatError, match=f"format_version {v} is not supported"):
             ModelFormat.from_dict({"format_version": v, "layers": []})
@@ -342,7 +342,7 @@ def test_scale_exponents_round_trip():
                      k_scale_exp=(-64, 48), v_scale_exp=(-3, -12))
     mf = ModelFormat((lf, LayerFormat(64, (2, 2), (2, 2))))
     d = json.loads(mf.to_json())
-    assert d["format_version"] == 3
+    assert d["format_version"] == 4
     assert d["layers"][0]["k_scale_exp"] == [-64, 48] and d["layers"][0]["v_scale_exp"] == [-3, -12]
     assert d["layers"][1]["k_scale_exp"] == [-10, -10]
     back = ModelFormat.from_dict(d)

@@ -2,8 +2,8 @@
 
 Write kernel: the pool bytes equal turboquant_trt.reference.PagedPool's bytes (codes in 32-slot
 tiles, so the tokens of one tile share 32-bit words; one-byte log scales with a random exponent E
-per head, format version 3; pools start as reused blocks full of random bits, which the writers
-must keep in every slot they do not own).
+per head, format version 4: 8-bit codes taken again against the stored scale); pools start as
+reused blocks full of random bits, which the writers must keep in every slot they do not own).
 Attention: float64 reference attention over the same dequantized cache, relative error <= 1e-3
 (fp16 output). Every test draws fresh random data, poisons outputs, and uses block tables whose
 unused entries point far outside the pool. Skipped without a CUDA GPU.

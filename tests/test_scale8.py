@@ -1,5 +1,6 @@
-"""The one-byte log scale of kind 'turbo' (docs/format.md §3.1, format version 3): enc/dec against
-an independent float64 referee, the edge cases, and its use by the quantizers (reference, torch)."""
+"""The one-byte log scale of kind 'turbo' (docs/format.md §3.1, format versions 3 and 4): enc/dec
+against an independent float64 referee, the edge cases, and its use by the quantizers (reference,
+torch), with 8-bit codes taken again against the stored scale (version 4)."""
 
 import math
 
@@ -179,6 +180,52 @@ def test_calibration_rule_for_e():
         assert 2 ** 3.875 < 2.0 ** (e + 15.875) / m <= 2 ** 4.875  # 14.7x to 29.3x
 
 
+def _nearest_level_codes(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """8-bit codes against the stored scale s, written out in float64: the level (m - 128) / 32
+    nearest to y / s (lower on a tie), clamped to 0..255 (docs/format.md §3.1)."""
+    u = y.astype(np.float64) / s.astype(np.float64)[:, None]
+    m = np.clip(np.ceil(u * 32 + 128 - 0.5), 0, 255)
+    return m.astype(np.uint8)
+
+
+def test_8bit_codes_follow_the_stored_scale():
+    """Version 4: the 8-bit codes are taken against dec(scale8, E), so the scale's rounding (up to
+    2^(1/32)) does not multiply the whole vector: the error per coordinate stays within half a code
+    step of the stored scale, and the norm within the codes' error instead of the scale's step."""
+    rng = np.random.default_rng(77)
+    d = 128
+    y = rotate(rng.standard_normal((2000, d)).astype(np.float32), rotation_signs(d, 2))
+    y *= np.exp2(rng.uniform(-3, 3, (2000, 1))).astype(np.float32)
+    codes, s8 = quantize_turbo(y, 8, True, 1.0, -12)
+    s = scale8_decode(s8, -12)
+    np.testing.assert_array_equal(codes, _nearest_level_codes(y, s))
+    yh = dequantize_turbo(codes, s8, 8, -12)
+    inside = np.abs(y / s[:, None]) < 3.96875
+    assert inside.mean() > 0.999
+    err = np.abs(yh - y) / s[:, None]
+    assert np.all(err[inside] <= 1 / 64 + 1e-6)
+    # the norm: the first pass's codes with the rounded scale are off by the scale's step
+    ratio = np.linalg.norm(yh, axis=-1) / np.linalg.norm(y, axis=-1)
+    c1, scale = turbo_scale(y, 8, True, 1.0)
+    r1 = np.linalg.norm(scale8_decode(s8, -12)[:, None] * codebook(8)[c1], axis=-1) / np.linalg.norm(y, axis=-1)
+    assert np.abs(np.log2(ratio)).mean() < 0.25 * np.abs(np.log2(r1)).mean()
+    # lower bits keep the first pass's codes (norm correction)
+    for bits in (2, 3, 4):
+        c, _ = quantize_turbo(y, bits, True, 1.0, -12)
+        np.testing.assert_array_equal(c, turbo_scale(y, bits, True, 1.0)[0])
+
+
+def test_8bit_scale_clamped_from_below_keeps_the_magnitude():
+    """A vector whose scale lies below 2^E gets the scale 2^E; its 8-bit codes then shrink with it
+    instead of keeping full-range codes (version 3 raised such a vector's magnitude to 2^E * c)."""
+    rng = np.random.default_rng(5)
+    y = (rng.standard_normal((50, 64)) * 1e-5).astype(np.float32)
+    codes, s8 = quantize_turbo(y, 8, True, 1.0, -10)
+    assert np.all(s8 == 1)
+    yh = dequantize_turbo(codes, s8, 8, -10)
+    assert np.all(np.abs(yh - y) <= 2.0 ** -10 / 64 + 1e-9)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantize_turbo_stores_the_encoded_scale(bits):
     rng = np.random.default_rng(bits + 40)
@@ -189,7 +236,10 @@ def test_quantize_turbo_stores_the_encoded_scale(bits):
             codes, s8 = quantize_turbo(y, bits, nc, 1.1, exp)
             c2, scale = turbo_scale(y, bits, nc, 1.1)
             assert s8.dtype == np.uint8 and s8.shape == (300,)
-            np.testing.assert_array_equal(codes, c2)
+            if bits == 8:
+                np.testing.assert_array_equal(codes, _nearest_level_codes(y, scale8_decode(s8, exp)))
+            else:
+                np.testing.assert_array_equal(codes, c2)
             np.testing.assert_array_equal(s8, scale8_encode(scale, exp))
             want = scale8_decode(s8, exp)[:, None] * codebook(bits)[codes]
             np.testing.assert_array_equal(dequantize_turbo(codes, s8, bits, exp), want)

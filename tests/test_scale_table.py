@@ -55,7 +55,7 @@ def test_round_trip_and_manifest(tmp_path):
     st, js = t.save(str(tmp_path / "tab"))
     assert os.path.basename(st) == "tab.safetensors" and os.path.basename(js) == "tab.json"
     man = json.load(open(js))
-    assert man["kind"] == "turboquant-scale-table" and man["format_version"] == 3
+    assert man["kind"] == "turboquant-scale-table" and man["format_version"] == 4
     assert man["model"]["num_kv_heads"] == 4 and man["model"]["rope"] == {"rope_theta": 10000.0}
     assert len(man["format"]["layers"]) == 3 and man["recent_tokens"] == 4
     # the fp16 ring of the 4-token window is counted: 4 tokens x K and V x 16 bits per sequence
@@ -167,13 +167,25 @@ def test_version_2_table_refused(tmp_path):
     t = make_table()
     st, js = t.save(str(tmp_path / "tab"))
     man = json.load(open(js))
-    for v in (2, 1, 99, None):
+    for v in (2, 1, 5, 99, None):
         man["format_version"] = v
         json.dump(man, open(js, "w"))
         with pytest.raises(ScaleTableError, match=f"made for KV format version {v!r}; this "
-                                                  "turboquant reads version 3: re-run turboquant "
-                                                  "calibrate"):
+                                                  "turboquant reads versions 3 to 4: re-run "
+                                                  "turboquant calibrate"):
             ScaleTable.load(str(tmp_path / "tab"))
+
+
+def test_version_3_table_read_as_version_4(tmp_path):
+    """Version 4 changed only how 8-bit codes are written: a version 3 table has the same fields."""
+    t = make_table()
+    st, js = t.save(str(tmp_path / "tab"))
+    man = json.load(open(js))
+    assert man["format_version"] == 4
+    man["format_version"] = 3
+    json.dump(man, open(js, "w"))
+    back = ScaleTable.load(str(tmp_path / "tab"))
+    assert back.format == t.format
 
 
 def test_tp_split_errors():

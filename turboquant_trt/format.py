@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+# Versions whose formats and scale tables this build reads: version 4 changed only how 8-bit codes
+# are written (docs/format.md), so a version 3 table holds the same fields.
+READABLE_FORMAT_VERSIONS = (3, 4)
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_KINDS = ("turbo", "uniform")
@@ -297,9 +300,9 @@ class ModelFormat:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFormat":
         v = d.get("format_version")
-        if v != FORMAT_VERSION:
+        if v not in READABLE_FORMAT_VERSIONS:
             raise FormatError(f"format_version {v!r} is not supported; this build reads "
-                              f"version {FORMAT_VERSION}")
+                              f"versions {READABLE_FORMAT_VERSIONS[0]} to {FORMAT_VERSION}")
         return cls(tuple(LayerFormat.from_dict(x) for x in d["layers"]))
 
     def to_json(self) -> str:

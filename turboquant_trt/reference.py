@@ -471,14 +471,34 @@ def scale_exp_for_max(max_scale: float) -> int:
     return int(min(max(e - SCALE_EXP_HEADROOM, SCALE_EXP_MIN), SCALE_EXP_MAX))
 
 
+RECODED_BITS = (8,)  # bit widths whose codes are taken again against the stored scale (§3.1)
+
+
+def recode_turbo(x: np.ndarray, codes: np.ndarray, scale8: np.ndarray, bits: int,
+                 scale_exp: int) -> np.ndarray:
+    """The codes of docs/format.md §3.1 for b in RECODED_BITS: with s = dec(scale8, E) > 0,
+    code_i = #{ j : x_i / s > beta[j] } (fp32 IEEE division); where s = 0 the codes stay."""
+    x = np.asarray(x, dtype=np.float32)
+    s = scale8_decode(scale8, scale_exp).astype(np.float32)
+    pos = s > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = (x / np.where(pos, s, np.float32(1))[..., None]).astype(np.float32)
+    again = np.searchsorted(codebook_boundaries(bits), u, side="left").astype(np.uint8)
+    return np.where(pos[..., None], again, codes).astype(np.uint8)
+
+
 def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
                    clip: float | np.ndarray = 1.0,
                    scale_exp: int = DEFAULT_SCALE_EXP) -> tuple[np.ndarray, np.ndarray]:
     """Quantize transformed vectors x [..., d] -> (codes uint8 [..., d], scale8 uint8 [...]):
-    the one-byte scale enc(scale, E) with E = ``scale_exp`` (docs/format.md §3.1)."""
+    the one-byte scale enc(scale, E) with E = ``scale_exp``; 8-bit codes are then taken again
+    against dec(scale8, E) (docs/format.md §3.1)."""
     _check_scale_exp(scale_exp)
     codes, scale = turbo_scale(x, bits, norm_correction, clip)
-    return codes, scale8_encode(scale, scale_exp)
+    scale8 = scale8_encode(scale, scale_exp)
+    if bits in RECODED_BITS:
+        codes = recode_turbo(x, codes, scale8, bits, scale_exp)
+    return codes, scale8
 
 
 def dequantize_turbo(codes: np.ndarray, scale8: np.ndarray, bits: int,
@@ -881,7 +901,7 @@ __all__ = [
     "EncodedKV", "LayerQuantizer", "LayerTables", "PagedPool",
     "codebook", "codebook_boundaries", "codebook_int8", "dequantize_turbo", "dequantize_uniform",
     "codebook_mse", "gaussian_mse", "hadamard", "lloyd_max_codebook", "ordered_sum", "pack_codes", "pack_tile",
-    "quantize_turbo", "quantize_uniform", "read_tile_slot", "scale8_decode", "scale8_encode",
+    "quantize_turbo", "quantize_uniform", "read_tile_slot", "recode_turbo", "RECODED_BITS", "scale8_decode", "scale8_encode",
     "scale8_tables", "scale_exp_for_max", "turbo_scale", "DEFAULT_SCALE_EXP", "SCALE8_STEPS", "SCALE_EXP_MAX",
     "SCALE_EXP_MIN", "reference_attention", "rotate",
     "rotation_signs", "rsqrt_d", "tile_bytes", "tile_position", "unpack_codes", "unpack_tile",

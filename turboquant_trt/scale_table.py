@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .format import FORMAT_VERSION, FormatError, LayerFormat, ModelFormat
+from .format import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, FormatError, LayerFormat, ModelFormat
 from .model_loading import ModelIdentity
 from .reference import LayerTables
 
@@ -162,10 +162,11 @@ class ScaleTable:
             raise ScaleTableError(f"{js_path} is not a readable JSON manifest: {e}") from None
         if not isinstance(man, dict) or man.get("kind") != TABLE_KIND:
             raise ScaleTableError(f"{js_path} is not a turboquant scale table manifest")
-        if man.get("format_version") != FORMAT_VERSION:
+        if man.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise ScaleTableError(
                 f"{js_path} was made for KV format version {man.get('format_version')!r}; this "
-                f"turboquant reads version {FORMAT_VERSION}: re-run turboquant calibrate")
+                f"turboquant reads versions {READABLE_FORMAT_VERSIONS[0]} to {FORMAT_VERSION}: "
+                "re-run turboquant calibrate")
         want = man.get("safetensors_sha256")
         if want and _sha256(st_path) != want:
             raise ScaleTableError(f"{st_path} does not match its manifest (sha256 differs): the "

@@ -305,7 +305,8 @@ struct SlotDest
 };
 
 // Quantizes the transformed vector x (lane holds channels lane*E .. +E-1) with B-bit codes and
-// writes codes and the one-byte scale (docs/format.md §3.1, §5).
+// writes codes and the one-byte scale (docs/format.md §3.1, §5); 8-bit codes are taken again
+// against the stored scale before they are written.
 template <int D, int B>
 __device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&x)[D / 32], bool isV, float gamma,
     float* sq, float* cq, uint32_t* codeWords, SlotDest const& dst, int lane)
@@ -332,6 +333,34 @@ __device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&
         c2[e] = __fmul_rn(cv, cv);
     }
     storeF32<E>(cq + c0, c2);
+    // the scale from the first codes (norm correction: their squared sum in cq)
+    auto scaleOf = [&]() {
+        if (a.norm_correction)
+        {
+            // only the 8-bit codebook has a zero level: every code at it (a zero vector) gives scale 0
+            float const cn = __fsqrt_rn(orderedSum<D>(cq, lane));
+            return cn > 0.F ? __fdiv_rn(n, cn) : 0.F;
+        }
+        return __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
+    };
+    uint8_t scale8 = 0;
+    if constexpr (B == 8)
+    {
+        // 8-bit codes are taken again against the stored scale s = dec(scale8, E) where s > 0
+        // (docs/format.md §3.1), so the scale's rounding does not scale the whole vector
+        __syncwarp();
+        scale8 = tqScale8Encode(scaleOf(), dst.scaleExp, kDevScale8Mid);
+        float const s = tqScale8Decode(scale8, dst.scaleExp, kDevScale8Frac);
+        if (s > 0.F)
+        {
+#pragma unroll
+            for (int e = 0; e < E; ++e)
+            {
+                float cv;
+                code[e] = turboCode<B>(__fdiv_rn(x[e], s), cv);
+            }
+        }
+    }
     uint8_t* cb = reinterpret_cast<uint8_t*>(codeWords);
     if (!isV)
     {
@@ -393,20 +422,13 @@ __device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&
         }
     }
 
-    float scale;
-    if (a.norm_correction)
+    if constexpr (B != 8)
     {
-        // only the 8-bit codebook has a zero level: every code at it (a zero vector) gives scale 0
-        float const cn = __fsqrt_rn(orderedSum<D>(cq, lane));
-        scale = cn > 0.F ? __fdiv_rn(n, cn) : 0.F;
-    }
-    else
-    {
-        scale = __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
+        scale8 = tqScale8Encode(scaleOf(), dst.scaleExp, kDevScale8Mid);
     }
     if (lane == 0)
     {
-        block[dst.metaOff + dst.r * kTurboMetaBytes] = tqScale8Encode(scale, dst.scaleExp, kDevScale8Mid);
+        block[dst.metaOff + dst.r * kTurboMetaBytes] = scale8;
     }
 }
 

@@ -19,6 +19,7 @@ import torch
 
 from ..format import DEFAULT_SCALE_EXP, SCALE8_STEPS, LayerFormat
 from ..reference import (
+    RECODED_BITS,
     LayerTables,
     codebook,
     codebook_boundaries,
@@ -146,6 +147,14 @@ def turbo_fake_quant(y: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.
                      norm_correction: bool = True,
                      scale_exp: int = DEFAULT_SCALE_EXP) -> torch.Tensor:
     """docs/format.md §3.1 on vectors y [..., d] (fp32): quantize (codes and the one-byte scale
-    with exponent ``scale_exp``) and dequantize."""
+    with exponent ``scale_exp``, 8-bit codes taken again against the stored scale) and
+    dequantize."""
     c, scale = turbo_scale_torch(y, bits, clip, norm_correction)
-    return scale8_round(scale, scale_exp)[..., None] * c
+    s = scale8_round(scale, scale_exp)
+    if bits in RECODED_BITS:
+        # the codes again, against the stored scale where it is positive (docs/format.md §3.1)
+        cb, beta = _codebook(bits)
+        pos = (s > 0)[..., None]
+        u = y / torch.where(pos, s[..., None], torch.ones_like(s[..., None]))
+        c = torch.where(pos, cb.to(y.device)[torch.bucketize(u, beta.to(y.device), right=False)], c)
+    return s[..., None] * c

@@ -370,7 +370,8 @@ TEST(validation_rejects_each_invalid_value)
     expect([](AttentionConfig& c) { c.layer_offset = 8; }, "layer_offset=8");
     expect([](AttentionConfig& c) { c.format_version = 1; }, "format_version=1");
     expect([](AttentionConfig& c) { c.format_version = 2; }, "format_version=2");
-    expect([](AttentionConfig& c) { c.format_version = 4; }, "format_version=4");
+    expect([](AttentionConfig& c) { c.format_version = 3; }, "format_version=3");
+    expect([](AttentionConfig& c) { c.format_version = 5; }, "format_version=5");
     expect([](AttentionConfig& c) { c.k_scale_exp[2] = 49; }, "k_scale_exp[2]=49");
     expect([](AttentionConfig& c) { c.v_scale_exp[5] = -65; }, "v_scale_exp[5]=-65");
 

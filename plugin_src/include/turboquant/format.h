@@ -17,7 +17,7 @@
 namespace turboquant
 {
 
-constexpr int32_t kFormatVersion = 3;
+constexpr int32_t kFormatVersion = 4;
 constexpr int32_t kMaxKvHeads = 128;        // KV heads of one layer the params structs can describe
 constexpr int32_t kMaxSinkTokens = 16;      // n_s
 constexpr int32_t kMaxRecentTokens = 64;    // w (§5.2)
