@@ -22,6 +22,7 @@ from turboquant_trt.reference import (
     rotation_signs,
     scale8_decode,
     scale8_encode,
+    scale8_encode_up,
     scale8_tables,
     scale_exp_for_max,
     turbo_scale,
@@ -181,38 +182,43 @@ def test_calibration_rule_for_e():
 
 
 def _nearest_level_codes(y: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """8-bit codes against the stored scale s, written out in float64: the level (m - 128) / 32
-    nearest to y / s (lower on a tie), clamped to 0..255 (docs/format.md §3.1)."""
-    u = y.astype(np.float64) / s.astype(np.float64)[:, None]
+    """8-bit codes against the stored scale s, written out independently: u = y / s in fp32 (IEEE
+    division), then the level (m - 128) / 32 nearest to u in float64 (lower on a tie), clamped to
+    0..255 (docs/format.md §3.1)."""
+    u = (y.astype(np.float32) / s.astype(np.float32)[:, None]).astype(np.float64)
     m = np.clip(np.ceil(u * 32 + 128 - 0.5), 0, 255)
     return m.astype(np.uint8)
 
 
-def test_8bit_codes_follow_the_stored_scale():
-    """Version 4: the 8-bit codes are taken against dec(scale8, E), so the scale's rounding (up to
-    2^(1/32)) does not multiply the whole vector: the error per coordinate stays within half a code
-    step of the stored scale, and the norm within the codes' error instead of the scale's step."""
+def test_8bit_scale_is_the_absmax_rounded_up_and_codes_follow_it():
+    """Version 4: at 8 bits the scale is max|x_i| / 3.96875 rounded up on the one-byte grid, and
+    the codes are taken against the stored scale: no coordinate clips, each is within half a level
+    (s/64), and the scale's rounding does not multiply the whole vector. Clip and norm correction
+    do not apply."""
     rng = np.random.default_rng(77)
     d = 128
     y = rotate(rng.standard_normal((2000, d)).astype(np.float32), rotation_signs(d, 2))
     y *= np.exp2(rng.uniform(-3, 3, (2000, 1))).astype(np.float32)
     codes, s8 = quantize_turbo(y, 8, True, 1.0, -12)
     s = scale8_decode(s8, -12)
+    want = np.abs(y).max(axis=-1).astype(np.float32) / np.float32(3.96875)
+    grid = _grid(-12)
+    # the smallest grid value >= max|y| / 3.96875, found by search in the float64 grid
+    np.testing.assert_array_equal(s, grid[np.searchsorted(grid, want.astype(np.float64), side="left")])
     np.testing.assert_array_equal(codes, _nearest_level_codes(y, s))
     yh = dequantize_turbo(codes, s8, 8, -12)
-    inside = np.abs(y / s[:, None]) < 3.96875
-    assert inside.mean() > 0.999
-    err = np.abs(yh - y) / s[:, None]
-    assert np.all(err[inside] <= 1 / 64 + 1e-6)
-    # the norm: the first pass's codes with the rounded scale are off by the scale's step
-    ratio = np.linalg.norm(yh, axis=-1) / np.linalg.norm(y, axis=-1)
-    c1, scale = turbo_scale(y, 8, True, 1.0)
-    r1 = np.linalg.norm(scale8_decode(s8, -12)[:, None] * codebook(8)[c1], axis=-1) / np.linalg.norm(y, axis=-1)
-    assert np.abs(np.log2(ratio)).mean() < 0.25 * np.abs(np.log2(r1)).mean()
-    # lower bits keep the first pass's codes (norm correction)
+    assert np.all(np.abs(y) <= np.float32(3.96875) * s[:, None])
+    assert np.all(np.abs(yh - y) <= s[:, None] / 64 * (1 + 1e-6))
+    for nc, clip in ((False, 1.0), (True, 0.7), (False, 1.3)):
+        c2, k2 = quantize_turbo(y, 8, nc, clip, -12)
+        np.testing.assert_array_equal(c2, codes)
+        np.testing.assert_array_equal(k2, s8)
+    # lower bits keep the norm-based codes and scale (norm correction)
     for bits in (2, 3, 4):
-        c, _ = quantize_turbo(y, bits, True, 1.0, -12)
-        np.testing.assert_array_equal(c, turbo_scale(y, bits, True, 1.0)[0])
+        c, k = quantize_turbo(y, bits, True, 1.0, -12)
+        c1, scale = turbo_scale(y, bits, True, 1.0)
+        np.testing.assert_array_equal(c, c1)
+        np.testing.assert_array_equal(k, scale8_encode(scale, -12))
 
 
 def test_8bit_scale_clamped_from_below_keeps_the_magnitude():
@@ -224,6 +230,14 @@ def test_8bit_scale_clamped_from_below_keeps_the_magnitude():
     assert np.all(s8 == 1)
     yh = dequantize_turbo(codes, s8, 8, -10)
     assert np.all(np.abs(yh - y) <= 2.0 ** -10 / 64 + 1e-9)
+
+
+def test_8bit_zero_and_huge_vectors():
+    y = np.zeros((2, 64), np.float32)
+    y[1, 3] = 3e38  # the scale clips at the top of the grid: codes saturate
+    codes, s8 = quantize_turbo(y, 8, True, 1.0, 0)
+    assert s8[0] == 0 and np.all(codes[0] == 128)
+    assert s8[1] == 255 and codes[1, 3] == 255 and np.all(np.delete(codes[1], 3) == 128)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -238,9 +252,10 @@ def test_quantize_turbo_stores_the_encoded_scale(bits):
             assert s8.dtype == np.uint8 and s8.shape == (300,)
             if bits == 8:
                 np.testing.assert_array_equal(codes, _nearest_level_codes(y, scale8_decode(s8, exp)))
+                np.testing.assert_array_equal(s8, scale8_encode_up(scale, exp))
             else:
                 np.testing.assert_array_equal(codes, c2)
-            np.testing.assert_array_equal(s8, scale8_encode(scale, exp))
+                np.testing.assert_array_equal(s8, scale8_encode(scale, exp))
             want = scale8_decode(s8, exp)[:, None] * codebook(bits)[codes]
             np.testing.assert_array_equal(dequantize_turbo(codes, s8, bits, exp), want)
     # data scaled by 2^t with E + t: the same bytes (the grid is relative to 2^E)

@@ -430,14 +430,22 @@ def scale8_decode(code: np.ndarray, exp: int) -> np.ndarray:
     return np.where(k > 0, v, np.float32(0)).astype(np.float32)
 
 
+TURBO8_TOP = np.float32(3.96875)  # c[255], the largest level of the 8-bit codebook
+
+
 def turbo_scale(x: np.ndarray, bits: int, norm_correction: bool = True,
                 clip: float | np.ndarray = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Codes and the fp32 scale before its one-byte rounding (docs/format.md §3.1):
-    x [..., d] -> (codes uint8 [..., d], scale fp32 [...])."""
+    x [..., d] -> (codes uint8 [..., d], scale fp32 [...]). At 8 bits the scale is
+    max |x_i| / c[255] (clip and norm correction do not apply) and the codes are taken against it;
+    quantize_turbo rounds it up on the one-byte grid and takes the codes again."""
     x = np.asarray(x, dtype=np.float32)
     d = x.shape[-1]
     beta = codebook_boundaries(bits)
     cb = codebook(bits)
+    if bits == 8:
+        scale = (np.abs(x).max(axis=-1) / TURBO8_TOP).astype(np.float32)
+        return recode_8(x, scale), np.asarray(scale, np.float32)
     n = np.sqrt(ordered_sum(x * x), dtype=np.float32)
     gamma = np.asarray(clip, dtype=np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -471,34 +479,39 @@ def scale_exp_for_max(max_scale: float) -> int:
     return int(min(max(e - SCALE_EXP_HEADROOM, SCALE_EXP_MIN), SCALE_EXP_MAX))
 
 
-RECODED_BITS = (8,)  # bit widths whose codes are taken again against the stored scale (§3.1)
-
-
-def recode_turbo(x: np.ndarray, codes: np.ndarray, scale8: np.ndarray, bits: int,
-                 scale_exp: int) -> np.ndarray:
-    """The codes of docs/format.md §3.1 for b in RECODED_BITS: with s = dec(scale8, E) > 0,
-    code_i = #{ j : x_i / s > beta[j] } (fp32 IEEE division); where s = 0 the codes stay."""
+def recode_8(x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """8-bit codes against the scale s (docs/format.md §3.1): s > 0 ? #{ j : x_i / s > beta[j] }
+    (fp32 IEEE division) : 128 (the zero level)."""
     x = np.asarray(x, dtype=np.float32)
-    s = scale8_decode(scale8, scale_exp).astype(np.float32)
+    s = np.asarray(s, dtype=np.float32)
     pos = s > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         u = (x / np.where(pos, s, np.float32(1))[..., None]).astype(np.float32)
-    again = np.searchsorted(codebook_boundaries(bits), u, side="left").astype(np.uint8)
-    return np.where(pos[..., None], again, codes).astype(np.uint8)
+    codes = np.searchsorted(codebook_boundaries(8), u, side="left").astype(np.uint8)
+    return np.where(pos[..., None], codes, np.uint8(128)).astype(np.uint8)
+
+
+def scale8_encode_up(scale: np.ndarray, exp: int) -> np.ndarray:
+    """enc(scale, E), one step up where dec of it is below scale (and below the top code 255):
+    the smallest grid value >= scale inside the grid (docs/format.md §3.1, 8-bit codes)."""
+    scale = np.asarray(scale, dtype=np.float32)
+    k = scale8_encode(scale, exp)
+    up = (scale8_decode(k, exp) < scale) & (k > 0) & (k < 255)
+    return np.where(up, k + 1, k).astype(np.uint8)
 
 
 def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
                    clip: float | np.ndarray = 1.0,
                    scale_exp: int = DEFAULT_SCALE_EXP) -> tuple[np.ndarray, np.ndarray]:
     """Quantize transformed vectors x [..., d] -> (codes uint8 [..., d], scale8 uint8 [...]):
-    the one-byte scale enc(scale, E) with E = ``scale_exp``; 8-bit codes are then taken again
-    against dec(scale8, E) (docs/format.md §3.1)."""
+    the one-byte scale enc(scale, E) with E = ``scale_exp``; at 8 bits the scale max|x_i| / c[255]
+    rounded up on the grid and the codes taken against it (docs/format.md §3.1)."""
     _check_scale_exp(scale_exp)
     codes, scale = turbo_scale(x, bits, norm_correction, clip)
-    scale8 = scale8_encode(scale, scale_exp)
-    if bits in RECODED_BITS:
-        codes = recode_turbo(x, codes, scale8, bits, scale_exp)
-    return codes, scale8
+    if bits == 8:
+        scale8 = scale8_encode_up(scale, scale_exp)
+        return recode_8(x, scale8_decode(scale8, scale_exp)), scale8
+    return codes, scale8_encode(scale, scale_exp)
 
 
 def dequantize_turbo(codes: np.ndarray, scale8: np.ndarray, bits: int,
@@ -901,7 +914,7 @@ __all__ = [
     "EncodedKV", "LayerQuantizer", "LayerTables", "PagedPool",
     "codebook", "codebook_boundaries", "codebook_int8", "dequantize_turbo", "dequantize_uniform",
     "codebook_mse", "gaussian_mse", "hadamard", "lloyd_max_codebook", "ordered_sum", "pack_codes", "pack_tile",
-    "quantize_turbo", "quantize_uniform", "read_tile_slot", "recode_turbo", "RECODED_BITS", "scale8_decode", "scale8_encode",
+    "quantize_turbo", "quantize_uniform", "read_tile_slot", "recode_8", "scale8_encode_up", "TURBO8_TOP", "scale8_decode", "scale8_encode",
     "scale8_tables", "scale_exp_for_max", "turbo_scale", "DEFAULT_SCALE_EXP", "SCALE8_STEPS", "SCALE_EXP_MAX",
     "SCALE_EXP_MIN", "reference_attention", "rotate",
     "rotation_signs", "rsqrt_d", "tile_bytes", "tile_position", "unpack_codes", "unpack_tile",

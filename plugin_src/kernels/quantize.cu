@@ -295,6 +295,12 @@ __device__ __forceinline__ void putTileWord(uint8_t* tile, int32_t off, uint32_t
     }
 }
 
+// max(a, b) that keeps a NaN of either operand (fmaxf drops it)
+__device__ __forceinline__ float nanMax(float a, float b)
+{
+    return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b);
+}
+
 struct SlotDest
 {
     int64_t blk;      // physical block
@@ -305,61 +311,69 @@ struct SlotDest
 };
 
 // Quantizes the transformed vector x (lane holds channels lane*E .. +E-1) with B-bit codes and
-// writes codes and the one-byte scale (docs/format.md §3.1, §5); 8-bit codes are taken again
-// against the stored scale before they are written.
+// writes codes and the one-byte scale (docs/format.md §3.1, §5). 2-4 bits: norm-based scale, codes
+// written before the scale's second sum; 8 bits: the absmax scale rounded up, codes against it.
 template <int D, int B>
 __device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&x)[D / 32], bool isV, float gamma,
     float* sq, float* cq, uint32_t* codeWords, SlotDest const& dst, int lane)
 {
     constexpr int E = D / 32;
     int const c0 = lane * E;
-    float x2[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e)
-    {
-        x2[e] = __fmul_rn(x[e], x[e]);
-    }
-    storeF32<E>(sq + c0, x2);
-    __syncwarp();
-    float const n = __fsqrt_rn(orderedSum<D>(sq, lane));
-    float const f = n > 0.F ? __fdiv_rn(a.sqrt_d, __fmul_rn(gamma, n)) : 0.F;
     int code[E];
-    float c2[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e)
-    {
-        float cv;
-        code[e] = turboCode<B>(__fmul_rn(x[e], f), cv);
-        c2[e] = __fmul_rn(cv, cv);
-    }
-    storeF32<E>(cq + c0, c2);
-    // the scale from the first codes (norm correction: their squared sum in cq)
-    auto scaleOf = [&]() {
-        if (a.norm_correction)
-        {
-            // only the 8-bit codebook has a zero level: every code at it (a zero vector) gives scale 0
-            float const cn = __fsqrt_rn(orderedSum<D>(cq, lane));
-            return cn > 0.F ? __fdiv_rn(n, cn) : 0.F;
-        }
-        return __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
-    };
     uint8_t scale8 = 0;
+    float n = 0.F;
     if constexpr (B == 8)
     {
-        // 8-bit codes are taken again against the stored scale s = dec(scale8, E) where s > 0
-        // (docs/format.md §3.1), so the scale's rounding does not scale the whole vector
-        __syncwarp();
-        scale8 = tqScale8Encode(scaleOf(), dst.scaleExp, kDevScale8Mid);
-        float const s = tqScale8Decode(scale8, dst.scaleExp, kDevScale8Frac);
-        if (s > 0.F)
-        {
+        // 8 bits: the scale is max|x_i| / c[255] rounded up on the one-byte grid, and the codes are
+        // taken against the stored scale s = dec(scale8, E) (docs/format.md §3.1; a NaN anywhere
+        // gives scale8 0 and zero codes, as in the reference)
+        float m = 0.F;
 #pragma unroll
-            for (int e = 0; e < E; ++e)
-            {
-                float cv;
-                code[e] = turboCode<B>(__fdiv_rn(x[e], s), cv);
-            }
+        for (int e = 0; e < E; ++e)
+        {
+            m = nanMax(m, fabsf(x[e]));
         }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+        {
+            m = nanMax(m, __shfl_xor_sync(0xffffffffu, m, off));
+        }
+        float const scale = __fdiv_rn(m, 3.96875F);
+        uint32_t k = tqScale8Encode(scale, dst.scaleExp, kDevScale8Mid);
+        if (k > 0U && k < 255U && tqScale8Decode(k, dst.scaleExp, kDevScale8Frac) < scale)
+        {
+            ++k;
+        }
+        scale8 = static_cast<uint8_t>(k);
+        float const sv = tqScale8Decode(k, dst.scaleExp, kDevScale8Frac);
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            float cv;
+            code[e] = sv > 0.F ? turboCode<B>(__fdiv_rn(x[e], sv), cv) : 128;
+        }
+    }
+    else
+    {
+        float x2[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            x2[e] = __fmul_rn(x[e], x[e]);
+        }
+        storeF32<E>(sq + c0, x2);
+        __syncwarp();
+        n = __fsqrt_rn(orderedSum<D>(sq, lane));
+        float const f = n > 0.F ? __fdiv_rn(a.sqrt_d, __fmul_rn(gamma, n)) : 0.F;
+        float c2[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+        {
+            float cv;
+            code[e] = turboCode<B>(__fmul_rn(x[e], f), cv);
+            c2[e] = __fmul_rn(cv, cv);
+        }
+        storeF32<E>(cq + c0, c2);
     }
     uint8_t* cb = reinterpret_cast<uint8_t*>(codeWords);
     if (!isV)
@@ -424,7 +438,17 @@ __device__ __forceinline__ void quantizeStore(QuantArgs const& a, float const (&
 
     if constexpr (B != 8)
     {
-        scale8 = tqScale8Encode(scaleOf(), dst.scaleExp, kDevScale8Mid);
+        float scale;
+        if (a.norm_correction)
+        {
+            float const cn = __fsqrt_rn(orderedSum<D>(cq, lane));
+            scale = cn > 0.F ? __fdiv_rn(n, cn) : 0.F;
+        }
+        else
+        {
+            scale = __fdiv_rn(__fmul_rn(gamma, n), a.sqrt_d);
+        }
+        scale8 = tqScale8Encode(scale, dst.scaleExp, kDevScale8Mid);
     }
     if (lane == 0)
     {

@@ -19,7 +19,7 @@ import torch
 
 from ..format import DEFAULT_SCALE_EXP, SCALE8_STEPS, LayerFormat
 from ..reference import (
-    RECODED_BITS,
+    TURBO8_TOP,
     LayerTables,
     codebook,
     codebook_boundaries,
@@ -127,10 +127,14 @@ def scale8_round(scale: torch.Tensor, exp: int) -> torch.Tensor:
 def turbo_scale_torch(y: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0,
                       norm_correction: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """docs/format.md §3.1 up to the fp32 scale: y [..., d] -> (codebook values [..., d],
-    scale [...] before its one-byte rounding)."""
+    scale [...] before its one-byte rounding). At 8 bits the scale is max |y_i| / c[255] and the
+    codes are taken against it."""
     cb, beta = _codebook(bits)
     cb, beta = cb.to(y.device), beta.to(y.device)
     d = y.shape[-1]
+    if bits == 8:
+        scale = y.abs().amax(-1) / float(TURBO8_TOP)
+        return _codes_against(y, scale, cb, beta), scale
     n = torch.sqrt((y * y).sum(-1))
     f = torch.where(n > 0, math.sqrt(d) / (clip * n), torch.zeros_like(n))
     u = y * f[..., None]
@@ -147,14 +151,22 @@ def turbo_fake_quant(y: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.
                      norm_correction: bool = True,
                      scale_exp: int = DEFAULT_SCALE_EXP) -> torch.Tensor:
     """docs/format.md §3.1 on vectors y [..., d] (fp32): quantize (codes and the one-byte scale
-    with exponent ``scale_exp``, 8-bit codes taken again against the stored scale) and
-    dequantize."""
+    with exponent ``scale_exp``; at 8 bits the absmax scale rounded up and the codes against it)
+    and dequantize."""
     c, scale = turbo_scale_torch(y, bits, clip, norm_correction)
-    s = scale8_round(scale, scale_exp)
-    if bits in RECODED_BITS:
-        # the codes again, against the stored scale where it is positive (docs/format.md §3.1)
-        cb, beta = _codebook(bits)
-        pos = (s > 0)[..., None]
-        u = y / torch.where(pos, s[..., None], torch.ones_like(s[..., None]))
-        c = torch.where(pos, cb.to(y.device)[torch.bucketize(u, beta.to(y.device), right=False)], c)
-    return s[..., None] * c
+    if bits != 8:
+        return scale8_round(scale, scale_exp)[..., None] * c
+    # 8 bits: the scale rounded up on the grid, the codes again against it (docs/format.md §3.1)
+    vals = _scale8_values(int(scale_exp)).to(y.device)
+    k = scale8_encode_torch(scale, scale_exp)
+    k = torch.where((vals[k] < scale) & (k > 0) & (k < 255), k + 1, k)
+    s = vals[k]
+    cb, beta = _codebook(8)
+    return s[..., None] * _codes_against(y, s, cb.to(y.device), beta.to(y.device))
+
+
+def _codes_against(y: torch.Tensor, s: torch.Tensor, cb: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """8-bit codebook values of y against the scale s: s > 0 ? c[#{j : y_i / s > beta_j}] : 0."""
+    pos = (s > 0)[..., None]
+    u = y / torch.where(pos, s[..., None], torch.ones_like(s[..., None]))
+    return torch.where(pos, cb[torch.bucketize(u, beta, right=False)], torch.zeros_like(y))
