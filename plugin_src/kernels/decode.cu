@@ -1,4 +1,4 @@
-// Decode attention over the quantized paged KV pool (docs/format.md, version 4 (readers unchanged since version 3)): host side.
+// Decode attention over the quantized paged KV pool (docs/format.md, version 4; the read side is that of version 3): host side.
 //
 // decodeSplitKernel<D, KB, VB, NT> (decode_kernel.cuh): one warp per (sequence, KV head, split of
 // the key range), four splits per CTA sharing the query prologue. Both products run on int8 tensor
