@@ -41,7 +41,7 @@ from .model_loading import ModelIdentity
 from .scale_table import ScaleTable
 
 CLIP_GRID = (0.85, 0.9, 1.0, 1.1, 1.2, 1.3)
-CLIP_GRID_8 = (0.9, 1.0, 1.2)  # 8-bit: the uniform int8 grid spans ±4 (γ = 1) in steps of 1/32
+CLIP_GRID_8 = (1.0,)  # 8-bit codes do not use the clip (absmax scale, docs/format.md §3.1, version 4)
 
 
 class CalibrationError(ValueError):
