@@ -440,12 +440,12 @@ def turbo_scale(x: np.ndarray, bits: int, norm_correction: bool = True,
     max |x_i| / c[255] (clip and norm correction do not apply) and the codes are taken against it;
     quantize_turbo rounds it up on the one-byte grid and takes the codes again."""
     x = np.asarray(x, dtype=np.float32)
+    if bits == 8:
+        scale = turbo8_scale(x)
+        return recode_8(x, scale), scale
     d = x.shape[-1]
     beta = codebook_boundaries(bits)
     cb = codebook(bits)
-    if bits == 8:
-        scale = (np.abs(x).max(axis=-1) / TURBO8_TOP).astype(np.float32)
-        return recode_8(x, scale), np.asarray(scale, np.float32)
     n = np.sqrt(ordered_sum(x * x), dtype=np.float32)
     gamma = np.asarray(clip, dtype=np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -479,6 +479,11 @@ def scale_exp_for_max(max_scale: float) -> int:
     return int(min(max(e - SCALE_EXP_HEADROOM, SCALE_EXP_MIN), SCALE_EXP_MAX))
 
 
+def turbo8_scale(x: np.ndarray) -> np.ndarray:
+    """The 8-bit scale before its one-byte rounding: max |x_i| / c[255] (docs/format.md §3.1)."""
+    return np.asarray(np.abs(np.asarray(x, np.float32)).max(axis=-1) / TURBO8_TOP, np.float32)
+
+
 def recode_8(x: np.ndarray, s: np.ndarray) -> np.ndarray:
     """8-bit codes against the scale s (docs/format.md §3.1): s > 0 ? #{ j : x_i / s > beta[j] }
     (fp32 IEEE division) : 128 (the zero level)."""
@@ -507,10 +512,11 @@ def quantize_turbo(x: np.ndarray, bits: int, norm_correction: bool = True,
     the one-byte scale enc(scale, E) with E = ``scale_exp``; at 8 bits the scale max|x_i| / c[255]
     rounded up on the grid and the codes taken against it (docs/format.md §3.1)."""
     _check_scale_exp(scale_exp)
-    codes, scale = turbo_scale(x, bits, norm_correction, clip)
     if bits == 8:
-        scale8 = scale8_encode_up(scale, scale_exp)
+        # codes only against the stored scale (turbo_scale's would be taken against the unrounded one)
+        scale8 = scale8_encode_up(turbo8_scale(x), scale_exp)
         return recode_8(x, scale8_decode(scale8, scale_exp)), scale8
+    codes, scale = turbo_scale(x, bits, norm_correction, clip)
     return codes, scale8_encode(scale, scale_exp)
 
 
@@ -914,7 +920,7 @@ __all__ = [
     "EncodedKV", "LayerQuantizer", "LayerTables", "PagedPool",
     "codebook", "codebook_boundaries", "codebook_int8", "dequantize_turbo", "dequantize_uniform",
     "codebook_mse", "gaussian_mse", "hadamard", "lloyd_max_codebook", "ordered_sum", "pack_codes", "pack_tile",
-    "quantize_turbo", "quantize_uniform", "read_tile_slot", "recode_8", "scale8_encode_up", "TURBO8_TOP", "scale8_decode", "scale8_encode",
+    "quantize_turbo", "quantize_uniform", "read_tile_slot", "recode_8", "scale8_encode_up", "turbo8_scale", "TURBO8_TOP", "scale8_decode", "scale8_encode",
     "scale8_tables", "scale_exp_for_max", "turbo_scale", "DEFAULT_SCALE_EXP", "SCALE8_STEPS", "SCALE_EXP_MAX",
     "SCALE_EXP_MIN", "reference_attention", "rotate",
     "rotation_signs", "rsqrt_d", "tile_bytes", "tile_position", "unpack_codes", "unpack_tile",

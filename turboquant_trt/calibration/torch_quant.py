@@ -133,7 +133,7 @@ def turbo_scale_torch(y: torch.Tensor, bits: int, clip: float | torch.Tensor = 1
     cb, beta = cb.to(y.device), beta.to(y.device)
     d = y.shape[-1]
     if bits == 8:
-        scale = y.abs().amax(-1) / float(TURBO8_TOP)
+        scale = _turbo8_scale(y)
         return _codes_against(y, scale, cb, beta), scale
     n = torch.sqrt((y * y).sum(-1))
     f = torch.where(n > 0, math.sqrt(d) / (clip * n), torch.zeros_like(n))
@@ -153,16 +153,22 @@ def turbo_fake_quant(y: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.
     """docs/format.md §3.1 on vectors y [..., d] (fp32): quantize (codes and the one-byte scale
     with exponent ``scale_exp``; at 8 bits the absmax scale rounded up and the codes against it)
     and dequantize."""
-    c, scale = turbo_scale_torch(y, bits, clip, norm_correction)
     if bits != 8:
+        c, scale = turbo_scale_torch(y, bits, clip, norm_correction)
         return scale8_round(scale, scale_exp)[..., None] * c
-    # 8 bits: the scale rounded up on the grid, the codes again against it (docs/format.md §3.1)
+    # 8 bits: the absmax scale rounded up on the grid, the codes only against it (§3.1)
+    scale = _turbo8_scale(y)
     vals = _scale8_values(int(scale_exp)).to(y.device)
     k = scale8_encode_torch(scale, scale_exp)
     k = torch.where((vals[k] < scale) & (k > 0) & (k < 255), k + 1, k)
     s = vals[k]
     cb, beta = _codebook(8)
     return s[..., None] * _codes_against(y, s, cb.to(y.device), beta.to(y.device))
+
+
+def _turbo8_scale(y: torch.Tensor) -> torch.Tensor:
+    """max |y_i| / c[255], the 8-bit scale before its one-byte rounding (docs/format.md §3.1)."""
+    return y.abs().amax(-1) / float(TURBO8_TOP)
 
 
 def _codes_against(y: torch.Tensor, s: torch.Tensor, cb: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
