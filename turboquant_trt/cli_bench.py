@@ -118,8 +118,7 @@ def measure_read_bw(iters: int = 50) -> float:
     return READ_BW_BYTES / (best * 1e-3)
 
 
-def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20, recent=0,
-                read_bw=3.0e12):
+def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20, recent=0):
     import torch
     import torch.nn.functional as F
 
@@ -187,7 +186,8 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     # conservative figure), the fp16 window ring, q and out
     bytes_read = b * L * h * per_token_head + b * h * 2 * min(recent, L) * d * 2 + 2 * q.numel() * 2
     return Row(name, b, L, hq, h, d, f"k{k_bits}v{v_bits}" + (f"w{recent}" if recent else ""), t, splits, ours_ms, spread, sdpa_ms,
-               sdpa_ms / ours_ms, bytes_read, bytes_read / ours_ms / 1e6, bytes_read / ours_ms / 1e6 / (read_bw / 1e9),
+               sdpa_ms / ours_ms, bytes_read, bytes_read / ours_ms / 1e6,
+               0.0,  # frac_hbm: set by run_all, which needs every shape's SDPA rate first
                kv_bytes / sdpa_ms / 1e6, write_ms, write_ms / ours_ms)
 
 
@@ -254,7 +254,7 @@ def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=N
           f"({'measured: torch sum/max over 2 GiB' if measured else 'given with --read-bw'})", flush=True)
     rows = []
     for spec in shapes or DEFAULT_SHAPES:
-        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters, recent=recent, read_bw=probe))
+        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters, recent=recent))
         r = rows[-1]
         print(f"{r.shape:18s} ours {r.ours_ms:8.4f} ms  sdpa {r.sdpa_ms:8.4f} ms  x{r.speedup:5.2f}  "
               f"{r.ours_tbps:6.0f} GB/s (sdpa {r.sdpa_tbps:6.0f})  write {r.write_ms * 1000:6.1f} us "
