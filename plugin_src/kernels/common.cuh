@@ -126,6 +126,12 @@ __device__ __forceinline__ void cpAsync16(void* smem, void const* gmem)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
 
+// the same with the shared-memory address already in the shared window
+__device__ __forceinline__ void cpAsync16s(uint32_t smem, void const* gmem)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
+}
+
 __device__ __forceinline__ void cpAsyncCommit()
 {
     asm volatile("cp.async.commit_group;\n" ::);

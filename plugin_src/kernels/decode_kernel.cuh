@@ -158,6 +158,15 @@ __device__ __forceinline__ void expandUnit(uint32_t const* w, uint32_t (&r)[8], 
     }
 }
 
+// 2^x on the MUFU with results below 2^-126 flushed to zero (exp2f adds a denormal-range rescale
+// around the same instruction: five more instructions per call, measured in the tile loop's SASS)
+__device__ __forceinline__ float exp2Ftz(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ void mmaS8U8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
 {
     asm volatile(
@@ -347,39 +356,58 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     uint8_t* stageBase = smem + decodePrologueBytes<D>() + warp * STAGES * Stage::bytes;
     int const numTiles = (keQ - kb + kDecTile - 1) / kDecTile;
     int const blk0 = kb >> tShift;
-    int winBase = 0;
+    // The copy state of the next tile to issue: its block is entry wIdx of a 32-entry window of the
+    // block table (one entry per lane), it is tile tIn of that block (T / 32 tiles per block), and
+    // blk is that block's address plus this lane's 16-byte piece. Everything per tile is then 32-bit
+    // offsets from blk; a block's address is formed once per block (measured: the per-tile window
+    // shuffle and 64-bit address arithmetic were a fifth of the tile loop's instructions).
+    int const tilesPerBlock = T >> 5;
+    int tIn = (kb & (T - 1)) >> 5;
+    int wIdx = 0;
     int winVal = lane < a.kv.max_blocks_per_seq - blk0 ? __ldg(btab + blk0 + lane) : 0;
+    int winEnd = blk0 + 32; // block index just past the window
+    auto blockAddr = [&](int id) { return layerBase + static_cast<int64_t>(id) * a.kv.block_stride + 16 * lane; };
+    uint8_t const* blk = blockAddr(__shfl_sync(0xffffffffu, winVal, 0));
+    // this lane's piece of the metadata (lanes 0, 1: K scales; 2, 3: V scales), relative to blk
+    int const metaOff = (lane < 2 ? kmOff : vmOff) + 16 * (lane & 1) - 16 * lane;
+    uint32_t const stLane = static_cast<uint32_t>(__cvta_generic_to_shared(stageBase)) + 16 * lane;
     auto issue = [&](int i) {
         if (i < numTiles)
         {
-            int const pos0 = kb + i * kDecTile;
-            int const bi = (pos0 >> tShift) - blk0;
-            if (bi - winBase >= 32)
-            {
-                winBase = bi;
-                winVal = lane < a.kv.max_blocks_per_seq - blk0 - bi ? __ldg(btab + blk0 + bi + lane) : 0;
-            }
-            int const blockId = __shfl_sync(0xffffffffu, winVal, bi - winBase);
-            int const slot0 = pos0 & (T - 1);
-            uint8_t const* base = layerBase + static_cast<int64_t>(blockId) * a.kv.block_stride;
-            uint8_t* st = stageBase + (i % STAGES) * Stage::bytes;
             // the tile is a contiguous image: consecutive lanes copy consecutive 16-byte pieces
-            uint8_t const* ksrc = base + kOff + slot0 * KCB;
-            uint8_t const* vsrc = base + vOff + slot0 * VCB;
+            uint32_t const st = stLane + (i % STAGES) * Stage::bytes;
+            uint8_t const* ksrc = blk + (kOff + tIn * Stage::kTile);
+            uint8_t const* vsrc = blk + (vOff + tIn * Stage::vTile);
 #pragma unroll
-            for (int p = lane; p < Stage::kTile / 16; p += 32)
+            for (int p = 0; p < Stage::kTile / 16; p += 32)
             {
-                cpAsync16(st + 16 * p, ksrc + 16 * p);
+                if (Stage::kTile % 512 == 0 || p + lane < Stage::kTile / 16)
+                {
+                    cpAsync16s(st + 16 * p, ksrc + 16 * p);
+                }
             }
 #pragma unroll
-            for (int p = lane; p < Stage::vTile / 16; p += 32)
+            for (int p = 0; p < Stage::vTile / 16; p += 32)
             {
-                cpAsync16(st + Stage::kTile + 16 * p, vsrc + 16 * p);
+                if (Stage::vTile % 512 == 0 || p + lane < Stage::vTile / 16)
+                {
+                    cpAsync16s(st + Stage::kTile + 16 * p, vsrc + 16 * p);
+                }
             }
             if (lane < 4)
             {
-                int const mOff = lane < 2 ? kmOff : vmOff;
-                cpAsync16(st + Stage::kTile + Stage::vTile + 16 * lane, base + mOff + slot0 * kTurboMetaBytes + 16 * (lane & 1));
+                cpAsync16s(st + Stage::kTile + Stage::vTile, blk + (metaOff + tIn * 32 * kTurboMetaBytes));
+            }
+            if (++tIn == tilesPerBlock)
+            {
+                tIn = 0;
+                if (++wIdx == 32)
+                {
+                    wIdx = 0;
+                    winVal = lane < a.kv.max_blocks_per_seq - winEnd ? __ldg(btab + winEnd + lane) : 0;
+                    winEnd += 32;
+                }
+                blk = blockAddr(__shfl_sync(0xffffffffu, winVal, wIdx));
             }
         }
         cpAsyncCommit();
@@ -777,11 +805,11 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 
         uint16_t* pb = pbuf + buf * 8 * 32;
         // softmax on the 4 slots g + 8i of head 4nt + t held by this thread
-        // the one-byte scales dec(k, E) = 2^(E + (k - 1) / 16) (docs/format.md §3.1) through exp2f
+        // the one-byte scales dec(k, E) = 2^(E + (k - 1) / 16) (docs/format.md §3.1) through exp2Ftz
         // (the MUFU, within 2 ulp of the exact grid value; measured 1-3 % faster than the exact
         // grid value by shuffle, benchmarks/NOTES.md)
-        float const ksL = ksc == 0U ? 0.F : exp2f(fmaf(static_cast<float>(ksc), 0.0625F, kExpF));
-        float const vsL = lane >= lo && lane < hi && vsc != 0U ? exp2f(fmaf(static_cast<float>(vsc), 0.0625F, vExpF)) : 0.F;
+        float const ksL = ksc == 0U ? 0.F : exp2Ftz(fmaf(static_cast<float>(ksc), 0.0625F, kExpF));
+        float const vsL = lane >= lo && lane < hi && vsc != 0U ? exp2Ftz(fmaf(static_cast<float>(vsc), 0.0625F, vExpF)) : 0.F;
         float ksI[4];
         float vsI[4];
         bool okI[4];
@@ -825,7 +853,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 #pragma unroll
             for (int i = 0; i < 4; ++i)
             {
-                float const p = okI[i] ? exp2f(sc[i] - mRun[nt]) : 0.F;
+                float const p = okI[i] ? exp2Ftz(sc[i] - mRun[nt]) : 0.F;
                 lRun[nt] += p;
                 pv[i] = p * vsI[i];
                 pm = fmaxf(pm, pv[i]);
