@@ -752,19 +752,23 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         cpAsyncWait<STAGES - 2>();
         __syncwarp();
         uint8_t const* st = stageBase + (it % STAGES) * Stage::bytes;
-        // the V words are read after the softmax (below): not live across the K product and the
-        // softmax, which takes the 5-8-head kernels' spills away (GQA-8 measured 8 % faster)
-        uint32_t kwc[KW];
+        uint32_t kwc[KW], vwc[VW];
         loadWordsShared<KW>(kwc, st + lane * KCB);
+        // with eight heads (NT = 2) the V words are read after the softmax instead (below): not live
+        // across the K product and the softmax, which takes that kernel's spills away (GQA-8 measured
+        // 8 % faster; with four heads it measured the same or up to 1 % slower)
+        if constexpr (NT == 1)
+        {
+            loadWordsShared<VW>(vwc, st + Stage::kTile + lane * VCB);
+        }
         uint32_t const ksc = st[Stage::kTile + Stage::vTile + lane];
         uint32_t const vsc = st[Stage::kTile + Stage::vTile + 32 + lane];
         __syncwarp();
         issue(it + STAGES - 1);
 
-        // slots of this tile that count, [max(pos0, ns), keQ), as a bit mask over the 32 slots
+        // slots of this tile that count: [max(pos0, ns), keQ)
         int const lo = max(pos0, ns) - pos0;
-        int const hi = keQ - pos0; // > 0
-        uint32_t const okMask = (hi >= 32 ? 0xffffffffu : (1u << hi) - 1u) & (lo >= 32 ? 0u : 0xffffffffu << lo);
+        int const hi = keQ - pos0;
 
         // S^T = K Q^T: m-tile mt holds slots 16mt + g (rows) and 16mt + 8 + g
         int accS[2][NT][4];
@@ -811,18 +815,17 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         // (the MUFU, within 2 ulp of the exact grid value; measured 1-3 % faster than the exact
         // grid value by shuffle, benchmarks/NOTES.md)
         float const ksL = ksc == 0U ? 0.F : exp2Ftz(fmaf(static_cast<float>(ksc), 0.0625F, kExpF));
-        float const vsL = ((okMask >> lane) & 1u) != 0U && vsc != 0U ? exp2Ftz(fmaf(static_cast<float>(vsc), 0.0625F, vExpF)) : 0.F;
+        float const vsL = lane >= lo && lane < hi && vsc != 0U ? exp2Ftz(fmaf(static_cast<float>(vsc), 0.0625F, vExpF)) : 0.F;
         float ksI[4];
         float vsI[4];
         bool okI[4];
-        uint32_t const okG = okMask >> g;
 #pragma unroll
         for (int i = 0; i < 4; ++i)
         {
             int const slot = g + 8 * i;
             ksI[i] = __shfl_sync(0xffffffffu, ksL, slot);
             vsI[i] = __shfl_sync(0xffffffffu, vsL, slot);
-            okI[i] = (okG & (1u << (8 * i))) != 0U;
+            okI[i] = slot >= lo && slot < hi;
         }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
@@ -900,8 +903,10 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             pB[nt][1] = prmt(w1.x, w1.y, psel);
         }
         buf ^= 1;
-        uint32_t vwc[VW];
-        loadWordsShared<VW>(vwc, st + Stage::kTile + lane * VCB);
+        if constexpr (NT == 2)
+        {
+            loadWordsShared<VW>(vwc, st + Stage::kTile + lane * VCB);
+        }
 
         // O^T += V^T P^T: register rho = 4m + 2kh + rh of the V chunk; unit m/2
 #pragma unroll
