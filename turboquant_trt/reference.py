@@ -438,7 +438,7 @@ def turbo_scale(x: np.ndarray, bits: int, norm_correction: bool = True,
     """Codes and the fp32 scale before its one-byte rounding (docs/format.md §3.1):
     x [..., d] -> (codes uint8 [..., d], scale fp32 [...]). At 8 bits the scale is
     max |x_i| / c[255] (clip and norm correction do not apply) and the codes are taken against it;
-    quantize_turbo rounds it up on the one-byte grid and takes the codes again."""
+    quantize_turbo rounds it up on the one-byte grid and takes its codes against that instead."""
     x = np.asarray(x, dtype=np.float32)
     if bits == 8:
         scale = turbo8_scale(x)

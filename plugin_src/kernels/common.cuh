@@ -120,16 +120,15 @@ __device__ __forceinline__ void prefetchL1(void const* p)
     asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
 }
 
-__device__ __forceinline__ void cpAsync16(void* smem, void const* gmem)
-{
-    uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-
-// the same with the shared-memory address already in the shared window
+// 16 bytes global -> shared, asynchronously; smem is an address in the shared window
 __device__ __forceinline__ void cpAsync16s(uint32_t smem, void const* gmem)
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
+}
+
+__device__ __forceinline__ void cpAsync16(void* smem, void const* gmem)
+{
+    cpAsync16s(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), gmem);
 }
 
 __device__ __forceinline__ void cpAsyncCommit()
