@@ -306,7 +306,7 @@ def _decode_error(rng, fmt, tables, g, t, lens, num_sms) -> tuple[float, int]:
     want = np.concatenate([
         reference_attention(quant, q[b:b + 1].astype(np.float32), *ref.read(bt[b], n, slots[b]))
         for b, n in enumerate(lens)])
-    return _rel(out, want), K.library().tq_decode_num_splits(len(lens), h, max(lens), num_sms)
+    return _rel(out, want), K.library().tq_decode_num_splits(len(lens), h * g, h, d, max(lens), num_sms)
 
 
 @pytest.mark.parametrize("d,h,g,bits,t,ns,lens", DECODE_CASES)

@@ -154,7 +154,7 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
         K.decode_attention(layers[i], q, tables[i], lens, L, seq_slot=slot, out=out)
 
     ours_ms, spread = _time(ours, iters)
-    splits = K.library().tq_decode_num_splits(b, h, L, 0)
+    splits = K.library().tq_decode_num_splits(b, hq, h, d, L, 0)
 
     # write kernel: one new token per sequence (decode step)
     kn = torch.randn((b, h, d), dtype=torch.float16, device=dev, generator=gen)

@@ -113,7 +113,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tq_block_layout": (i32, [lp, vp, vp]),
         "tq_quantize_kv": (i32, [lp, vp, vp, i64, i64, vp, vp, i32, i32, i32, vp]),
         "tq_dequantize_kv": (i32, [lp, vp, i32, i32, vp, vp, vp]),
-        "tq_decode_num_splits": (i32, [i32, i32, i32, i32]),
+        "tq_decode_num_splits": (i32, [i32, i32, i32, i32, i32, i32]),
         "tq_decode_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32]),
         "tq_decode_attention": (i32, [lp, vp, i64, vp, i64, vp, i32, i32, i32, f32, i32, i32, vp, sz, vp]),
         "tq_context_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32, i32]),

@@ -235,9 +235,10 @@ int32_t tq_dequantize_kv(TqLayerC const* layer, int32_t const* seq_lens, int32_t
     return done(turboquant::launchDequantizeKv(p, static_cast<cudaStream_t>(stream)));
 }
 
-int32_t tq_decode_num_splits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t num_sms)
+int32_t tq_decode_num_splits(
+    int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms)
 {
-    return turboquant::decodeNumSplits(batch, num_kv_heads, max_seq_len, num_sms);
+    return turboquant::decodeNumSplits(batch, num_q_heads, num_kv_heads, head_dim, max_seq_len, num_sms);
 }
 
 size_t tq_decode_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,

@@ -18,7 +18,8 @@
 //     resolution); its two bytes are the u8 hi/lo columns of P^T (through a small per-warp shared
 //     buffer), and O^T += V^T P^T accumulates in int32 (s8 x u8 MMA); the int32 accumulator is
 //     folded into fp32 whenever the running maximum or the bound moves, and at the end of the split
-//     (splits are at most 32K keys, so it cannot overflow);
+//     (splits are at most 32K keys, so it cannot overflow); the fp32 O^T sits in shared memory, so
+//     the four-head d=128 kernel runs in 128 registers with four CTAs (16 warps) per SM;
 //   - each warp streams its tiles through 2-4 shared-memory stages filled by cp.async (consecutive
 //     lanes copy consecutive 16-byte pieces of the contiguous tile); the first copies are issued
 //     before the query prologue.
@@ -61,7 +62,6 @@ char const* checkCommon(KvLayerDesc const& layer, PagedKvPool const& kv, LayerTa
 namespace
 {
 
-constexpr int kDecCtasPerSm = kDecMinCtas; // __launch_bounds__ of the split kernel
 constexpr int kDecMinKeysPerSplit = 128;
 
 constexpr int kReduceWarps = 8; // (sequence, query head) rows per reduce CTA, one warp each
@@ -337,12 +337,28 @@ int hsubOf(int32_t num_q_heads, int32_t num_kv_heads)
     return (group + kDecHeadsPerCta - 1) / kDecHeadsPerCta;
 }
 
+// n-tiles of 4 query heads per CTA: the split kernel instance a GQA ratio launches
+int ntOf(int32_t num_q_heads, int32_t num_kv_heads)
+{
+    return num_q_heads / std::max(num_kv_heads, 1) > 4 ? 2 : 1;
+}
+
+// resident split CTAs per SM the plan counts on (__launch_bounds__ of that kernel)
+int ctasPerSmOf(int headDim, int nt)
+{
+    if (headDim == 64)
+    {
+        return nt == 2 ? kDecMinCtas<64, 2> : kDecMinCtas<64, 1>;
+    }
+    return nt == 2 ? kDecMinCtas<128, 2> : kDecMinCtas<128, 1>;
+}
+
 // Splits per (sequence, KV head, head subset): multiples of the four warps of a CTA; the fewest
 // waves of resident CTA slots that are >= 90% full, then as many CTAs as those waves hold; each
 // split at least kDecMinKeysPerSplit keys.
-void planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, int32_t& splits, int32_t& splitLen)
+void planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, int ctasPerSm, int32_t& splits, int32_t& splitLen)
 {
-    int64_t const slots = static_cast<int64_t>(sms) * kDecCtasPerSm;
+    int64_t const slots = static_cast<int64_t>(sms) * ctasPerSm;
     int32_t const keys = std::max<int32_t>(1, maxKeys);
     int32_t const maxUseful
         = std::max<int32_t>(1, std::min<int32_t>(kDecMaxSplits / kDecWarps, (keys + kDecWarps * kDecMinKeysPerSplit - 1) / (kDecWarps * kDecMinKeysPerSplit)));
@@ -394,21 +410,19 @@ char const* checkDecode(DecodeAttentionParams const& p)
 
 using namespace detail;
 
-int32_t decodeNumSplits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t num_sms)
+int32_t decodeNumSplits(
+    int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms)
 {
-    // the KV-head count alone does not fix the query-head subsets; callers that need the exact
-    // plan for a GQA ratio above 8 get it from decodeWorkspaceBytes, which is an upper bound
     int32_t splits = 1, len = 0;
-    planDecode(static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1), max_seq_len, resolveSms(num_sms), splits, len);
+    int64_t const pairs = static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
+    planDecode(pairs, max_seq_len, resolveSms(num_sms), ctasPerSmOf(head_dim, ntOf(num_q_heads, num_kv_heads)), splits, len);
     return splits;
 }
 
 size_t decodeWorkspaceBytes(
     int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms)
 {
-    int32_t splits = 1, len = 0;
-    int64_t const pairs = static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
-    planDecode(pairs, max_seq_len, resolveSms(num_sms), splits, len);
+    int32_t const splits = decodeNumSplits(batch, num_q_heads, num_kv_heads, head_dim, max_seq_len, num_sms);
     // one partial per (sequence, query head, CTA of four splits)
     size_t const rows = static_cast<size_t>(std::max(batch, 1)) * num_q_heads * ((splits + kDecWarps - 1) / kDecWarps);
     return alignWs(rows * 2 * sizeof(float)) + alignWs(rows * head_dim * sizeof(float));
@@ -443,7 +457,9 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     a.rsqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.layer.head_dim)));
     a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
     int32_t const sms = resolveSms(p.num_sms);
-    planDecode(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads * a.hsub, p.max_seq_len, sms, a.num_splits, a.split_len);
+    int const nt = ntOf(p.num_q_heads, p.layer.num_kv_heads);
+    planDecode(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads * a.hsub, p.max_seq_len, sms, ctasPerSmOf(p.layer.head_dim, nt),
+        a.num_splits, a.split_len);
     if (a.num_splits > kDecMaxSplits || a.split_len > kMaxSplitKeys)
     {
         return cudaErrorInvalidValue; // beyond 256 splits of 32K keys (8M tokens)
@@ -460,7 +476,6 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
 
     // one launch per (k_bits, v_bits) group of KV heads
     bool done[kMaxKvHeads] = {};
-    int const nt = a.group > 4 ? 2 : 1;
     for (int h0 = 0; h0 < p.layer.num_kv_heads; ++h0)
     {
         if (done[h0])

@@ -18,14 +18,20 @@ constexpr int kDecThreads = 32 * kDecWarps;
 constexpr int kDecTile = 32;                 // tokens per warp step (one pool tile)
 constexpr int kDecMaxSplits = 256;
 constexpr int kDecHeadsPerCta = 8;           // query heads of one CTA (two n-tiles of 4)
+#ifndef TQ_DEC_MIN_CTAS1
+#define TQ_DEC_MIN_CTAS1 4
+#endif
 #ifndef TQ_DEC_MIN_CTAS
 #define TQ_DEC_MIN_CTAS 3
 #endif
-constexpr int kDecMinCtas = TQ_DEC_MIN_CTAS;  // resident CTAs per SM the registers are budgeted for
-#ifndef TQ_DEC_STAGE_BUDGET
-#define TQ_DEC_STAGE_BUDGET 14336
-#endif
-constexpr int kDecStageBudget = TQ_DEC_STAGE_BUDGET; // shared-memory bytes of one warp's pipeline
+// resident CTAs per SM the registers (and the pipeline's shared memory) are budgeted for, and the
+// split plan counts on: the four-head d=128 kernels fit 128 registers (16 warps per SM; measured
+// 2-13 % faster than 12 on the H200); the eight-head kernels spill at 128 (GQA-8 12 % slower) and
+// SmolLM2's d=64 shape measured 3 % faster planned for 3 (longer splits)
+template <int D, int NT>
+constexpr int kDecMinCtas = D == 128 && NT == 1 ? TQ_DEC_MIN_CTAS1 : TQ_DEC_MIN_CTAS;
+constexpr int kDecSmemPerSm = 228 * 1024;    // shared memory of an sm_90 / sm_100 multiprocessor
+constexpr int kDecSmemPerCtaReserved = 1024; // taken by the system from each resident CTA
 #ifndef TQ_DEC_MAX_STAGES
 #define TQ_DEC_MAX_STAGES 4
 #endif
@@ -235,17 +241,25 @@ __device__ __forceinline__ void waitForSplitKernel()
 }
 
 // One pipeline stage of a warp: the K tile, the V tile, then 32 K scales and 32 V scales (scale8 bytes).
-template <int D, int KB, int VB>
+// PRO: the CTA's shared memory before the stages (decodePrologueBytes); CTAS: resident CTAs per SM.
+template <int D, int KB, int VB, int PRO, int CTAS>
 struct DecStage
 {
     static constexpr int kTile = 32 * D * KB / 8;
     static constexpr int vTile = 32 * D * VB / 8;
     static constexpr int bytes = kTile + vTile + 64;
-    // as many stages (2..kDecMaxStages) as fit in the per-warp budget
-    static constexpr int stages = bytes * kDecMaxStages <= kDecStageBudget ? kDecMaxStages
-        : bytes * 2 > kDecStageBudget                                      ? 2
-                                                                           : kDecStageBudget / bytes;
+    // a warp's share of what CTAS CTAs may use of an sm_90 multiprocessor
+    static constexpr int budget = (kDecSmemPerSm / CTAS - kDecSmemPerCtaReserved - PRO) / kDecWarps;
+    // as many stages (2..kDecMaxStages) as fit in that budget (at least 2: then fewer CTAs are resident)
+    static constexpr int stages = bytes * kDecMaxStages <= budget ? kDecMaxStages : bytes * 2 > budget ? 2 : budget / bytes;
 };
+
+// Four 32-bit words of shared memory at a 16-byte aligned address, loaded where the call stands
+// (volatile: not hoisted out of a loop into registers)
+__device__ __forceinline__ void ldsV4(uint32_t addr, uint32_t& x, uint32_t& y, uint32_t& z, uint32_t& w)
+{
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(x), "=r"(y), "=r"(z), "=r"(w) : "r"(addr));
+}
 
 // Loads N 32-bit words of shared memory from a 16-byte (N % 4 == 0) or 8-byte aligned address.
 template <int N>
@@ -276,23 +290,30 @@ __device__ __forceinline__ void loadWordsShared(uint32_t (&w)[N], uint8_t const*
 }
 
 template <int D>
-__host__ __device__ constexpr int decodePrologueBytes()
+__host__ __device__ constexpr int decodeQueryBytes()
 {
     // q (fp32) [8][D], q hi/lo bytes [2][8][D], per-head multipliers, per-warp P buffers [2][8][32] u16
     return kDecHeadsPerCta * D * 4 + 2 * kDecHeadsPerCta * D + 2 * kDecHeadsPerCta * 4 + kDecWarps * 2 * 8 * 32 * 2;
 }
 
-template <int D, int KB, int VB>
+// the query part, then each warp's fp32 O^T (D/16 m-tiles x NT n-tiles x 2 registers x 32 lanes)
+template <int D, int NT>
+__host__ __device__ constexpr int decodePrologueBytes()
+{
+    return decodeQueryBytes<D>() + kDecWarps * (D / 16) * NT * 2 * 32 * 4;
+}
+
+template <int D, int KB, int VB, int NT>
 __host__ __device__ constexpr int decodeSmemBytes()
 {
-    using S = DecStage<D, KB, VB>;
-    return decodePrologueBytes<D>() + kDecWarps * S::stages * S::bytes;
+    using S = DecStage<D, KB, VB, decodePrologueBytes<D, NT>(), kDecMinCtas<D, NT>>;
+    return decodePrologueBytes<D, NT>() + kDecWarps * S::stages * S::bytes;
 }
 
 // One warp per (sequence, KV head, split); a CTA holds four consecutive splits of one (sequence,
 // KV head, query-head subset) and shares the query prologue. NT n-tiles of 4 query heads.
 template <int D, int KB, int VB, int NT>
-__global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__grid_constant__ DecodeArgs const a)
+__global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKernel(__grid_constant__ DecodeArgs const a)
 {
     constexpr int KCB = D * KB / 8; // bytes of one lane chunk (= one token row) of the K tile
     constexpr int VCB = D * VB / 8;
@@ -307,12 +328,18 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 
     extern __shared__ __align__(16) uint8_t smem[];
     float* qf = reinterpret_cast<float*>(smem);                                   // [8][D]
-    int8_t* qh = reinterpret_cast<int8_t*>(qf + kDecHeadsPerCta * D);             // [8][D] hi bytes
-    int8_t* ql = qh + kDecHeadsPerCta * D;                                         // [8][D] lo bytes
-    float* qmulS = reinterpret_cast<float*>(ql + kDecHeadsPerCta * D);            // [8]
+    // the B fragments of Q^T (below) in the order the lanes read them: [nt][lane][KS][2] words
+    uint8_t* qBs = reinterpret_cast<uint8_t*>(qf + kDecHeadsPerCta * D);
+    float* qmulS = reinterpret_cast<float*>(qBs + 2 * kDecHeadsPerCta * D);       // [8]
     // [8] words after qmulS: [0..3] the PRMT table words of K and V (expandUnit), then unused
     uint32_t* lutS = reinterpret_cast<uint32_t*>(qmulS + kDecHeadsPerCta);
     uint16_t* pbufAll = reinterpret_cast<uint16_t*>(qmulS + 2 * kDecHeadsPerCta);  // [warps][2][8][32]
+    // this warp's O^T in fp32, [m][nt][r][lane]: channel 16m + 8r + g of head 4nt + t (lane = 4g + t).
+    // Kept in shared memory, not registers: the tile loop only folds its int32 accumulators into it
+    // (when a head's maximum or bound moves, and at the end), and its 16 * NT registers are what
+    // keeps the loop within 128 registers, so four CTAs (16 warps) are resident per SM.
+    float* const oS = reinterpret_cast<float*>(smem + decodeQueryBytes<D>()) + (threadIdx.x >> 5) * MT * NT * 2 * 32 + (threadIdx.x & 31);
+    auto oAt = [&](int m, int nt, int r) -> float& { return oS[((m * NT + nt) * 2 + r) * 32]; };
 
     KvLayerDesc const& L = a.layer;
     int const head = a.heads[blockIdx.y];
@@ -336,6 +363,29 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     int const wb = max(ns, seqLen - L.recent_tokens);
     int const keQ = max(kb, min(ke, wb)); // quantized keys of this split: [max(kb, ns), keQ)
 
+    // ---- the query's loads go first (behind the tile copies they would wait as long as the copies);
+    // lane: channels PER*lane .. PER*lane + PER-1 of query heads warp + 4j (j < NT), raw 16-bit values
+    constexpr int PER = D / 32;
+    uint16_t qRaw[NT][PER];
+    uint16_t smRaw[PER];
+    uint16_t sgRaw[PER];
+    {
+        uint16_t const* qp = static_cast<uint16_t const*>(a.q) + static_cast<int64_t>(b) * a.q_stride
+            + static_cast<int64_t>(hq0 + warp) * D + PER * lane;
+        uint16_t const* smp = a.k_smooth != nullptr ? a.k_smooth + static_cast<int64_t>(head) * D + PER * lane : nullptr;
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+            {
+                qRaw[j][e] = warp + 4 * j < nh ? __ldg(qp + 4 * j * D + e) : 0;
+            }
+            smRaw[e] = smp != nullptr ? __ldg(smp + e) : 0x3C00; // fp16 1.0 without smoothing
+            sgRaw[e] = __ldg(a.signs + PER * lane + e);
+        }
+    }
+
     // ---- the first tiles' copies start before the query prologue, which hides behind them ---------
     uint8_t const* layerBase = a.kv.pool + a.kv.layer_offset;
     int32_t const* btab = a.kv.block_table + static_cast<int64_t>(b) * a.kv.max_blocks_per_seq;
@@ -351,10 +401,9 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     // as one contiguous image, then every lane reads its own chunk); tile i + STAGES - 1 is issued
     // while tile i is computed. Block ids come from a 32-entry window of the block table, one
     // entry per lane.
-    using Stage = DecStage<D, KB, VB>;
+    using Stage = DecStage<D, KB, VB, decodePrologueBytes<D, NT>(), kDecMinCtas<D, NT>>;
     constexpr int STAGES = Stage::stages;
-    uint8_t* stageBase = smem + decodePrologueBytes<D>() + warp * STAGES * Stage::bytes;
-    int const numTiles = (keQ - kb + kDecTile - 1) / kDecTile;
+    uint8_t* stageBase = smem + decodePrologueBytes<D, NT>() + warp * STAGES * Stage::bytes;
     int const blk0 = kb >> tShift;
     // The copy state of the next tile to issue: its block is entry wIdx of a 32-entry window of the
     // block table (one entry per lane), it is tile tIn of that block (T / 32 tiles per block), and
@@ -371,11 +420,13 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     // this lane's piece of the metadata (lanes 0, 1: K scales; 2, 3: V scales), relative to blk
     int const metaOff = (lane < 2 ? kmOff : vmOff) + 16 * (lane & 1) - 16 * lane;
     uint32_t const stLane = static_cast<uint32_t>(__cvta_generic_to_shared(stageBase)) + 16 * lane;
-    auto issue = [&](int i) {
-        if (i < numTiles)
+    // rem: quantized keys of the split from the tile's first slot on (none left: no copy); stOff:
+    // the byte offset of its stage
+    auto issue = [&](int rem, uint32_t stOff) {
+        if (rem > 0)
         {
             // the tile is a contiguous image: consecutive lanes copy consecutive 16-byte pieces
-            uint32_t const st = stLane + (i % STAGES) * Stage::bytes;
+            uint32_t const st = stLane + stOff;
             uint8_t const* ksrc = blk + (kOff + tIn * Stage::kTile);
             uint8_t const* vsrc = blk + (vOff + tIn * Stage::vTile);
 #pragma unroll
@@ -415,7 +466,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i)
     {
-        issue(i);
+        issue(keQ - kb - kDecTile * i, i * Stage::bytes);
     }
 
     // ---- sink and recent-window rows of this split (fp16, read by the exact path below) ------------
@@ -457,20 +508,19 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         prefetchRows(winBeg, ke, ringRowOf, ringRow);
     }
 
-    // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes); warp w: heads w, w+4 --
+    // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes); warp w: heads w + 4j --
+    // (the four-head kernel has no heads 4..7; heads from nh on are zeros)
     {
-        constexpr int PER = D / 32; // channels per lane: PER*lane .. PER*lane + PER-1
-#pragma unroll 1
-        for (int r = warp; r < kDecHeadsPerCta; r += kDecWarps)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
         {
+            int const r = warp + 4 * j;
             float x[PER];
 #pragma unroll
             for (int e = 0; e < PER; ++e)
             {
-                int const c = PER * lane + e;
-                x[e] = r < nh ? loadAct(a.q, static_cast<int64_t>(b) * a.q_stride + static_cast<int64_t>(hq0 + r) * D + c, bf16)
-                        * tableOr(a.k_smooth, static_cast<int64_t>(head) * D + c, 1.F) * h2f(a.signs[c])
-                              : 0.F;
+                float const qv = bf16 ? __uint_as_float(static_cast<uint32_t>(qRaw[j][e]) << 16) : h2f(qRaw[j][e]);
+                x[e] = qv * h2f(smRaw[e]) * h2f(sgRaw[e]);
             }
             warpWht<PER>(x, lane);
             float mx = 0.F;
@@ -492,8 +542,11 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
                 int const c = PER * lane + e;
                 int const v = __float2int_rn(x[e] * fq);
                 qf[r * D + c] = x[e];
-                qh[r * D + c] = static_cast<int8_t>(v >> 7);
-                ql[r * D + c] = static_cast<int8_t>(v & 127);
+                // column g = 2 (r % 4) + part of n-tile r / 4; channel c is byte c % 4 of word
+                // (c % 32) / 16 of k-step c / 32 of lane 4g + (c % 16) / 4
+                int const at = (((r >> 2) * 32 + 8 * (r & 3) + ((c & 15) >> 2)) * KS + (c >> 5)) * 8 + ((c >> 4) & 1) * 4 + (c & 3);
+                qBs[at] = static_cast<uint8_t>(v >> 7);        // hi: part 0
+                qBs[at + 4 * 4 * KS * 2] = static_cast<uint8_t>(v & 127); // lo: part 1, lane + 4
             }
             if (lane == 0)
             {
@@ -510,51 +563,31 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     }
     __syncthreads();
     uint32_t const lutK[2] = {lutS[0], lutS[1]};
-    uint32_t const lutV[2] = {lutS[2], lutS[3]};
+    uint32_t const lutV[2] = {lutS[KB == VB ? 0 : 2], lutS[KB == VB ? 1 : 3]}; // the same registers when KB == VB
 
     int const g = lane >> 2;
     int const t = lane & 3;
 
     // A warp without keys (split beyond num_splits, or beyond this sequence's length) runs no tile
-    // (numTiles <= 0) and contributes (max -inf, sum 0, O 0) to the CTA's combine below.
+    // (keQ <= kb) and contributes (max -inf, sum 0, O 0) to the CTA's combine below.
 
-    // B fragments of Q^T: column g = (head 4nt + g/2, part g%2: 0 = hi, 1 = lo); rows = channels
-    uint32_t qB[KS][NT][2];
     float qmul[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
     {
-        int const hh = 4 * nt + (g >> 1);
-        int8_t const* src = (g & 1) ? ql : qh;
-#pragma unroll
-        for (int s = 0; s < KS; ++s)
-        {
-            qB[s][nt][0] = *reinterpret_cast<uint32_t const*>(src + hh * D + 32 * s + 4 * t);
-            qB[s][nt][1] = *reinterpret_cast<uint32_t const*>(src + hh * D + 32 * s + 16 + 4 * t);
-        }
         qmul[nt] = qmulS[4 * nt + t];
     }
+    // this lane's B fragments of Q^T (column g = head 4nt + g/2, part g%2: 0 = hi, 1 = lo; rows =
+    // channels), read again for every tile (8 * NT registers fewer across the loop)
+    uint32_t const qBLane = static_cast<uint32_t>(__cvta_generic_to_shared(qBs)) + lane * KS * 8;
 
     float mRun[NT];
     float lRun[NT];
-    float oF[MT][NT][2]; // O^T in fp32: channels 16m + g (0) and 16m + 8 + g (1) of head 4nt + t
-    int accO[MT][NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
     {
         mRun[nt] = kNegInf;
         lRun[nt] = 0.F;
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-        {
-            oF[m][nt][0] = 0.F;
-            oF[m][nt][1] = 0.F;
-#pragma unroll
-            for (int k = 0; k < 4; ++k)
-            {
-                accO[m][nt][k] = 0;
-            }
-        }
     }
 
     // ---- sink tokens and the recent-token window (fp16, transformed domain): exact fp32 path ------
@@ -564,6 +597,19 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     // per chunk; the probabilities go through shared memory (this warp's pbuf, idle before the
     // tiles); then every lane adds p * V to its own O^T channels key by key. rowOf(p) is key p's K
     // row; its V row is vStride halves further.
+    // O^T lives in registers here (oF[m][nt][r] is oAt(m, nt, r)) and goes to shared memory after.
+    {
+    float oF[MT][NT][2];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+    {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+        {
+            oF[m][nt][0] = 0.F;
+            oF[m][nt][1] = 0.F;
+        }
+    }
     float* const pw = reinterpret_cast<float*>(pbufAll + warp * 2 * 8 * 32); // [4 NT heads][32 keys]
     static_assert(4 * NT * 32 * 4 <= 2 * 8 * 32 * 2, "exact-path probabilities must fit in pbuf");
     // head nt's running maximum moves up to mNew: O and the sum follow
@@ -712,8 +758,33 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
     {
         exactRows(winBeg, ke, ringRowOf, ringRow);
     }
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+    {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+        {
+            oAt(m, nt, 0) = oF[m][nt][0];
+            oAt(m, nt, 1) = oF[m][nt][1];
+        }
+    }
+    }
 
     // ---- the quantized tiles ---------------------------------------------------------------------
+    int accO[MT][NT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+    {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+        {
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+            {
+                accO[m][nt][k] = 0;
+            }
+        }
+    }
     uint16_t* pbuf = pbufAll + warp * 2 * 8 * 32;
 
     // per head (this lane's head of each n-tile): p' = p * vs * pfH <= 65535 against a bound pvB on
@@ -734,8 +805,8 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 #pragma unroll
         for (int m = 0; m < MT; ++m)
         {
-            oF[m][nt][0] += (static_cast<float>(accO[m][nt][0]) * 256.F + static_cast<float>(accO[m][nt][1])) * os;
-            oF[m][nt][1] += (static_cast<float>(accO[m][nt][2]) * 256.F + static_cast<float>(accO[m][nt][3])) * os;
+            oAt(m, nt, 0) += (static_cast<float>(accO[m][nt][0]) * 256.F + static_cast<float>(accO[m][nt][1])) * os;
+            oAt(m, nt, 1) += (static_cast<float>(accO[m][nt][2]) * 256.F + static_cast<float>(accO[m][nt][3])) * os;
 #pragma unroll
             for (int k = 0; k < 4; ++k)
             {
@@ -744,33 +815,41 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
         }
     };
 
-    int buf = 0;
+    // per tile: rem = keQ - (its first slot), nsRel = ns - (its first slot), rdOff = its stage's offset
+    int nsRel = ns - kb;
+    uint32_t rdOff = 0;
 #pragma unroll 1
-    for (int it = 0; it < numTiles; ++it)
+    for (int rem = keQ - kb; rem > 0; rem -= kDecTile, nsRel -= kDecTile)
     {
-        int const pos0 = kb + it * kDecTile;
         cpAsyncWait<STAGES - 2>();
         __syncwarp();
-        uint8_t const* st = stageBase + (it % STAGES) * Stage::bytes;
+        uint8_t const* st = stageBase + rdOff;
         uint32_t kwc[KW], vwc[VW];
         loadWordsShared<KW>(kwc, st + lane * KCB);
-        // with eight heads (NT = 2) the V words are read after the softmax instead (below): not live
-        // across the K product and the softmax, which takes that kernel's spills away (GQA-8 measured
-        // 8 % faster; with four heads it measured the same or up to 1 % slower)
-        if constexpr (NT == 1)
-        {
-            loadWordsShared<VW>(vwc, st + Stage::kTile + lane * VCB);
-        }
+        // the V words are read after the softmax (below): not live across the K product and the
+        // softmax (without that the loop does not fit in 128 registers)
         uint32_t const ksc = st[Stage::kTile + Stage::vTile + lane];
         uint32_t const vsc = st[Stage::kTile + Stage::vTile + 32 + lane];
         __syncwarp();
-        issue(it + STAGES - 1);
+        // tile it + STAGES - 1 into the stage that tile it - 1 used
+        issue(rem - kDecTile * (STAGES - 1), rdOff == 0 ? (STAGES - 1) * Stage::bytes : rdOff - Stage::bytes);
+        rdOff = rdOff == (STAGES - 1) * Stage::bytes ? 0 : rdOff + Stage::bytes;
 
-        // slots of this tile that count: [max(pos0, ns), keQ)
-        int const lo = max(pos0, ns) - pos0;
-        int const hi = keQ - pos0;
+        // slots of this tile that count: [max(pos0, ns), keQ) - pos0
+        int const lo = max(nsRel, 0);
+        int const hi = rem;
 
         // S^T = K Q^T: m-tile mt holds slots 16mt + g (rows) and 16mt + 8 + g
+        uint32_t qB[KS][NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+        {
+#pragma unroll
+            for (int s = 0; s < KS; s += 2)
+            {
+                ldsV4(qBLane + nt * 32 * KS * 8 + s * 8, qB[s][nt][0], qB[s][nt][1], qB[s + 1][nt][0], qB[s + 1][nt][1]);
+            }
+        }
         int accS[2][NT][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
@@ -809,7 +888,9 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             }
         }
 
-        uint16_t* pb = pbuf + buf * 8 * 32;
+        // one buffer serves every tile: the __syncwarp at the top of the next iteration orders this
+        // tile's reads of it before the next tile's writes
+        uint16_t* const pb = pbuf;
         // softmax on the 4 slots g + 8i of head 4nt + t held by this thread
         // the one-byte scales dec(k, E) = 2^(E + (k - 1) / 16) (docs/format.md §3.1) through exp2Ftz
         // (the MUFU, within 2 ulp of the exact grid value; measured 1-3 % faster than the exact
@@ -851,7 +932,15 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             if (grow && gm > mRun[nt] + kMaxSlack)
             {
                 flush(nt);
-                rescaleHead(nt, gm);
+                float const alpha = exp2f(mRun[nt] - gm);
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+                {
+                    oAt(m, nt, 0) *= alpha;
+                    oAt(m, nt, 1) *= alpha;
+                }
+                lRun[nt] *= alpha;
+                mRun[nt] = gm;
             }
             bool const headOk = 4 * nt + t < nh;
             float pv[4];
@@ -902,11 +991,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
             pB[nt][0] = prmt(w0.x, w0.y, psel);
             pB[nt][1] = prmt(w1.x, w1.y, psel);
         }
-        buf ^= 1;
-        if constexpr (NT == 2)
-        {
-            loadWordsShared<VW>(vwc, st + Stage::kTile + lane * VCB);
-        }
+        loadWordsShared<VW>(vwc, st + Stage::kTile + lane * VCB);
 
         // O^T += V^T P^T: register rho = 4m + 2kh + rh of the V chunk; unit m/2
 #pragma unroll
@@ -947,8 +1032,8 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 #pragma unroll
         for (int m = 0; m < MT; ++m)
         {
-            o[16 * m + g] = oF[m][nt][0];
-            o[16 * m + 8 + g] = oF[m][nt][1];
+            o[16 * m + g] = oAt(m, nt, 0);
+            o[16 * m + 8 + g] = oAt(m, nt, 1);
         }
         if (g == 0)
         {
@@ -967,7 +1052,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 #pragma unroll
         for (int w = 0; w < kDecWarps; ++w)
         {
-            float const* cwW = reinterpret_cast<float const*>(smem + decodePrologueBytes<D>() + w * STAGES * Stage::bytes);
+            float const* cwW = reinterpret_cast<float const*>(smem + decodePrologueBytes<D, NT>() + w * STAGES * Stage::bytes);
             mw[w] = cwW[4 * NT * kRow + 2 * hh];
             mx = fmaxf(mx, mw[w]);
         }
@@ -976,7 +1061,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas) decodeSplitKernel(__
 #pragma unroll
         for (int w = 0; w < kDecWarps; ++w)
         {
-            float const* cwW = reinterpret_cast<float const*>(smem + decodePrologueBytes<D>() + w * STAGES * Stage::bytes);
+            float const* cwW = reinterpret_cast<float const*>(smem + decodePrologueBytes<D, NT>() + w * STAGES * Stage::bytes);
             float const sc = mw[w] == kNegInf ? 0.F : exp2f(mw[w] - mx);
             o += sc * cwW[hh * kRow + c];
             l += sc * cwW[4 * NT * kRow + 2 * hh + 1];
@@ -995,7 +1080,7 @@ template <int D, int KB, int VB, int NT>
 cudaError_t launchDecodeSplit(DecodeArgs const& a, cudaStream_t stream)
 {
     auto kern = decodeSplitKernel<D, KB, VB, NT>;
-    constexpr int smemBytes = decodeSmemBytes<D, KB, VB>();
+    constexpr int smemBytes = decodeSmemBytes<D, KB, VB, NT>();
     if (smemBytes > 48 * 1024)
     {
         cudaError_t const e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smemBytes);

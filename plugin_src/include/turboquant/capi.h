@@ -62,7 +62,8 @@ int32_t tq_quantize_kv(TqLayerC const* layer, void const* k, void const* v, int6
 int32_t tq_dequantize_kv(TqLayerC const* layer, int32_t const* seq_lens, int32_t batch, int32_t max_seq_len,
     void* k_out, void* v_out, void* stream);
 
-int32_t tq_decode_num_splits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t num_sms);
+int32_t tq_decode_num_splits(
+    int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms);
 size_t tq_decode_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
     int32_t max_seq_len, int32_t num_sms);
 int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_token_stride, void* out,

@@ -83,8 +83,10 @@ struct DecodeAttentionParams
     void* workspace;            // decodeWorkspaceBytes(...) bytes, 16-byte aligned
     size_t workspace_bytes;
 };
-// Splits of the key range per (sequence, KV head): a function of the shape only.
-int32_t decodeNumSplits(int32_t batch, int32_t num_kv_heads, int32_t max_seq_len, int32_t num_sms);
+// Splits of the key range per (sequence, KV head, query-head subset of up to 8): a function of the
+// shape only.
+int32_t decodeNumSplits(
+    int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms);
 size_t decodeWorkspaceBytes(
     int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms);
 cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t stream);
