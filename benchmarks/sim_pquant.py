@@ -9,11 +9,12 @@ replays that arithmetic per tile of 32 keys on random scores (normal, sigma in l
 3-bit codes, and compares with the exact weighted sum, for two bounds:
 - 'grow': the kernel up to 2026-11-28 (451d9ec): 8x the largest V scale seen so far (x1.25), only
   growing; it loses resolution over long splits with diffuse attention;
-- `--shrink F`: the kernel since 543662c (F = 64): per head, 1.25x the largest p * v_scale of the
-  tile that set it, set again when a tile exceeds it or falls F times below it.
+- `--shrink F`: the kernel since 543662c (F = 64): per head, 1.25x (`--headroom`) the largest
+  p * v_scale of the tile that set it, set again when a tile exceeds it or falls F times below it.
 Only the probability quantization is modelled (scores, scales and codes are exact).
 
     python benchmarks/sim_pquant.py [--sigma 1 2 4 6.5] [--keys 32768] [--split 1376 128] [--shrink 16 64]
+        [--headroom 1.25 2]
 """
 import argparse
 
@@ -24,7 +25,7 @@ SLACK = 3.0
 PMAX = 65535.0
 
 
-def simulate(scores, vs, codes, split_len, shrink=None, tile=32):
+def simulate(scores, vs, codes, split_len, shrink=None, tile=32, headroom=1.25):
     """Returns (kernel-model output, exact output, folds per tile), outputs in code units."""
     parts, folds, tiles = [], 0, 0
     for s0 in range(0, len(scores), split_len):
@@ -54,7 +55,7 @@ def simulate(scores, vs, codes, split_len, shrink=None, tile=32):
             else:
                 pv = (p * vt).max()
                 new = pv > bound or pv < bound / shrink
-                nb = pv * 1.25
+                nb = pv * headroom
             if new:
                 o_f += acc / pf if pf > 0 else 0.0
                 acc[:] = 0
@@ -78,12 +79,14 @@ def main():
     ap.add_argument("--keys", type=int, default=32768)
     ap.add_argument("--split", type=int, nargs="+", default=[1376, 128], help="keys per split")
     ap.add_argument("--shrink", type=float, nargs="*", default=[16.0, 64.0])
+    ap.add_argument("--headroom", type=float, nargs="+", default=[1.25],
+                    help="a new bound is the tile's largest p * v_scale times this")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
-    modes = [None] + list(a.shrink)
+    modes = [None] + [(f, h) for f in a.shrink for h in a.headroom]
     print("relative error (mean of trials) and folds per tile; 'shrink 64x' = the kernel today")
     for sigma in a.sigma:
         for split in a.split:
@@ -93,9 +96,10 @@ def main():
                 vs = np.abs(rng.normal(1.0, 0.3, a.keys)) + 0.05
                 codes = E3[rng.integers(0, 8, (a.keys, a.head_dim))]
                 for mode in modes:
-                    o, ex, f = simulate(scores, vs, codes, split, shrink=mode)
+                    o, ex, f = (simulate(scores, vs, codes, split) if mode is None
+                                else simulate(scores, vs, codes, split, shrink=mode[0], headroom=mode[1]))
                     res[mode].append((np.linalg.norm(o - ex) / np.linalg.norm(ex), f))
-            cells = [f"{'grow' if mode is None else f'shrink {mode:g}x'}: "
+            cells = [f"{'grow' if mode is None else f'shrink {mode[0]:g}x h{mode[1]:g}'}: "
                      f"{np.mean([r[0] for r in res[mode]]):.1e} ({np.mean([r[1] for r in res[mode]]):.2f})"
                      for mode in modes]
             print(f"sigma {sigma:>4g}  split {split:>5d}:  " + "  ".join(cells), flush=True)
