@@ -1,9 +1,9 @@
 // Decode attention over the quantized paged KV pool (docs/format.md, version 4; the read side is that of version 3): host side.
 //
-// decodeSplitKernel<D, KB, VB, NT> (decode_kernel.cuh): one warp per (sequence, KV head, split of
-// the key range), four splits per CTA sharing the query prologue. Both products run on int8 tensor
-// cores (mma.sync m16n8k32 s8.s8.s32) so that a code becomes its codebook value with one PRMT per
-// four codes and nothing else:
+// decodeSplitKernel<D, KB, VB, NT, W> (decode_kernel.cuh): one warp per (sequence, KV head, split
+// of the key range), W = 4, 8 or 16 splits per CTA sharing the query prologue (planDecodeShape).
+// Both products run on int8 tensor cores (mma.sync m16n8k32 s8.s8.s32) so that a code becomes its
+// codebook value with one PRMT per four codes and nothing else:
 //   - the query is smoothed, rotated and turned into 14-bit integers q = 128*hi + lo per head
 //     (hi in [-128, 127], lo in [0, 127]); hi and lo are two columns of the B operand, so one MMA
 //     gives both partial dot products of 4 query heads;
@@ -28,7 +28,7 @@
 // them, from rows prefetched into L1 when the split starts: with up to 4 query heads per CTA up to
 // 32 keys at a time (one key per lane for the scores, one maximum update per chunk, then P * V key by
 // key); with 5-8 (NT = 2) one key at a time, which keeps the tile loop's registers.
-// At the end the four warps of a CTA merge their splits in shared memory, so the workspace holds one
+// At the end the warps of a CTA merge their splits in shared memory, so the workspace holds one
 // partial per (sequence, query head, CTA). decodeReduceKernel, a programmatic dependent launch of
 // the split kernel on sm_90+ (its CTAs are scheduled while the last split CTAs finish and wait for
 // them), combines those partials (one warp per (sequence, query head) for up to 16 partials, else one
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceBlockKernel(Redu
 {
     constexpr int kThreads = D * kReduceParts;
     constexpr int kWarpsR = kThreads / 32;
-    constexpr int kMaxParts = kDecMaxSplits / kDecWarps;
+    constexpr int kMaxParts = kDecMaxSplits / kDecWarpsMin;
     constexpr int kPer = kMaxParts / kReduceParts; // partials per thread
     constexpr int PER = D / 32;
     static_assert(kMaxParts <= kThreads, "one thread per partial for the (max, sum) pass");
@@ -343,31 +343,31 @@ int ntOf(int32_t num_q_heads, int32_t num_kv_heads)
     return num_q_heads / std::max(num_kv_heads, 1) > 4 ? 2 : 1;
 }
 
-// resident split CTAs per SM the plan counts on (__launch_bounds__ of that kernel)
-int ctasPerSmOf(int headDim, int nt)
+// A split kernel's CTA shape: warps per CTA and the resident CTAs per SM the plan counts on (its
+// __launch_bounds__)
+struct DecKernelShape
 {
-    if (headDim == 64)
-    {
-        return nt == 2 ? kDecMinCtas<64, 2> : kDecMinCtas<64, 1>;
-    }
-    return nt == 2 ? kDecMinCtas<128, 2> : kDecMinCtas<128, 1>;
-}
+    int warps;
+    int ctasPerSm;
+};
 
-// Splits per (sequence, KV head, head subset): multiples of the four warps of a CTA; the fewest
+// Splits per (sequence, KV head, head subset): multiples of the W warps of a CTA; the fewest
 // waves of resident CTA slots that are >= 90% full, then as many CTAs as those waves hold; each
 // split at least kDecMinKeysPerSplit keys.
-void planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, int ctasPerSm, int32_t& splits, int32_t& splitLen)
+// returns true when the plan is one wave of CTAs at least 90 % full
+bool planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, DecKernelShape ks, int32_t& splits, int32_t& splitLen)
 {
-    int64_t const slots = static_cast<int64_t>(sms) * ctasPerSm;
+    int64_t const slots = static_cast<int64_t>(sms) * ks.ctasPerSm;
+    int32_t const W = ks.warps;
     int32_t const keys = std::max<int32_t>(1, maxKeys);
     int32_t const maxUseful
-        = std::max<int32_t>(1, std::min<int32_t>(kDecMaxSplits / kDecWarps, (keys + kDecWarps * kDecMinKeysPerSplit - 1) / (kDecWarps * kDecMinKeysPerSplit)));
+        = std::max<int32_t>(1, std::min<int32_t>(kDecMaxSplits / W, (keys + W * kDecMinKeysPerSplit - 1) / (W * kDecMinKeysPerSplit)));
     // at least enough splits that none exceeds kMaxSplitKeys; then the fewest CTAs per pair whose
     // waves are >= 90% full (one full wave beats two: fewer splits to combine, no tail)
-    int32_t const minC = (keys + kDecWarps * kMaxSplitKeys - 1) / (kDecWarps * kMaxSplitKeys);
+    int32_t const minC = (keys + W * kMaxSplitKeys - 1) / (W * kMaxSplitKeys);
     int32_t best = minC;
     double bestEff = -1.0;
-    for (int32_t c = minC; c <= std::max(minC, maxUseful); ++c) // c CTAs (4c splits) per pair
+    for (int32_t c = minC; c <= std::max(minC, maxUseful); ++c) // c CTAs (W c splits) per pair
     {
         int64_t const ctas = pairs * c;
         int64_t const waves = (ctas + slots - 1) / slots;
@@ -387,9 +387,33 @@ void planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, int ctasPerSm, int3
     // 396 slots per wave, 3.45x -> 3.53-3.59x): idle slots would stay idle through the whole kernel
     int64_t const waves = (pairs * best + slots - 1) / slots;
     best = static_cast<int32_t>(std::max<int64_t>(best, std::min<int64_t>(std::max(minC, maxUseful), waves * slots / pairs)));
-    int32_t const want = best * kDecWarps;
+    int32_t const want = best * W;
     splitLen = ((keys + want - 1) / want + kDecTile - 1) / kDecTile * kDecTile;
     splits = (keys + splitLen - 1) / splitLen;
+    int64_t const ctas = pairs * ((splits + W - 1) / W);
+    return ctas <= slots && static_cast<double>(ctas) >= 0.9 * static_cast<double>(slots);
+}
+
+// The plan of a shape (pairs = sequences x KV heads x query-head subsets): the four-head d=128
+// kernels come in CTAs of 16 and 8 warps; the wider one when it fills one wave (B=8, L=32K: 9 %
+// faster than CTAs of 4), else 8 (B=32, L=8K: CTAs of 16 would need two waves). Others: 4 warps.
+DecKernelShape planDecodeShape(int64_t pairs, int32_t maxKeys, int32_t sms, int headDim, int nt, int32_t& splits, int32_t& splitLen)
+{
+    if (headDim == 128 && nt == 1)
+    {
+        DecKernelShape const wide{16, kDecMinCtas<128, 1, 16>};
+        if (planDecode(pairs, maxKeys, sms, wide, splits, splitLen))
+        {
+            return wide;
+        }
+        DecKernelShape const mid{8, kDecMinCtas<128, 1, 8>};
+        planDecode(pairs, maxKeys, sms, mid, splits, splitLen);
+        return mid;
+    }
+    static_assert(kDecMinCtas<64, 1, 4> == kDecMinCtas<128, 2, 4> && kDecMinCtas<64, 2, 4> == kDecMinCtas<128, 2, 4>, "one narrow shape");
+    DecKernelShape const narrow{4, kDecMinCtas<128, 2, 4>};
+    planDecode(pairs, maxKeys, sms, narrow, splits, splitLen);
+    return narrow;
 }
 
 char const* checkDecode(DecodeAttentionParams const& p)
@@ -415,16 +439,19 @@ int32_t decodeNumSplits(
 {
     int32_t splits = 1, len = 0;
     int64_t const pairs = static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
-    planDecode(pairs, max_seq_len, resolveSms(num_sms), ctasPerSmOf(head_dim, ntOf(num_q_heads, num_kv_heads)), splits, len);
+    planDecodeShape(pairs, max_seq_len, resolveSms(num_sms), head_dim, ntOf(num_q_heads, num_kv_heads), splits, len);
     return splits;
 }
 
 size_t decodeWorkspaceBytes(
     int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms)
 {
-    int32_t const splits = decodeNumSplits(batch, num_q_heads, num_kv_heads, head_dim, max_seq_len, num_sms);
-    // one partial per (sequence, query head, CTA of four splits)
-    size_t const rows = static_cast<size_t>(std::max(batch, 1)) * num_q_heads * ((splits + kDecWarps - 1) / kDecWarps);
+    int32_t splits = 1, len = 0;
+    int64_t const pairs = static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
+    int32_t const W
+        = planDecodeShape(pairs, max_seq_len, resolveSms(num_sms), head_dim, ntOf(num_q_heads, num_kv_heads), splits, len).warps;
+    // one partial per (sequence, query head, CTA of W splits)
+    size_t const rows = static_cast<size_t>(std::max(batch, 1)) * num_q_heads * ((splits + W - 1) / W);
     return alignWs(rows * 2 * sizeof(float)) + alignWs(rows * head_dim * sizeof(float));
 }
 
@@ -458,8 +485,8 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     a.bf16 = p.act == ActType::kBf16 ? 1 : 0;
     int32_t const sms = resolveSms(p.num_sms);
     int const nt = ntOf(p.num_q_heads, p.layer.num_kv_heads);
-    planDecode(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads * a.hsub, p.max_seq_len, sms, ctasPerSmOf(p.layer.head_dim, nt),
-        a.num_splits, a.split_len);
+    DecKernelShape const ks
+        = planDecodeShape(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads * a.hsub, p.max_seq_len, sms, p.layer.head_dim, nt, a.num_splits, a.split_len);
     if (a.num_splits > kDecMaxSplits || a.split_len > kMaxSplitKeys)
     {
         return cudaErrorInvalidValue; // beyond 256 splits of 32K keys (8M tokens)
@@ -469,7 +496,7 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     {
         return cudaErrorInvalidValue;
     }
-    int32_t const parts = (a.num_splits + kDecWarps - 1) / kDecWarps; // CTAs per (sequence, KV head, head subset)
+    int32_t const parts = (a.num_splits + ks.warps - 1) / ks.warps; // CTAs per (sequence, KV head, head subset)
     size_t const rows = static_cast<size_t>(p.batch) * p.num_q_heads * parts;
     a.ws_ml = static_cast<float*>(p.workspace);
     a.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + alignWs(rows * 2 * sizeof(float)));
@@ -495,7 +522,7 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
             constexpr int D = decltype(d)::value;
             constexpr int KB = decltype(kb)::value;
             constexpr int VB = decltype(vb)::value;
-            return nt == 2 ? launchDecodeSplit<D, KB, VB, 2>(a, stream) : launchDecodeSplit<D, KB, VB, 1>(a, stream);
+            return nt == 2 ? launchDecodeSplit<D, KB, VB, 2>(a, ks.warps, stream) : launchDecodeSplit<D, KB, VB, 1>(a, ks.warps, stream);
         });
         if (err != cudaSuccess)
         {

@@ -13,23 +13,23 @@ namespace turboquant
 namespace detail
 {
 
-constexpr int kDecWarps = 4;                 // warps per CTA, one split each
-constexpr int kDecThreads = 32 * kDecWarps;
 constexpr int kDecTile = 32;                 // tokens per warp step (one pool tile)
 constexpr int kDecMaxSplits = 256;
 constexpr int kDecHeadsPerCta = 8;           // query heads of one CTA (two n-tiles of 4)
-#ifndef TQ_DEC_MIN_CTAS1
-#define TQ_DEC_MIN_CTAS1 4
-#endif
-#ifndef TQ_DEC_MIN_CTAS
-#define TQ_DEC_MIN_CTAS 3
-#endif
-// resident CTAs per SM the registers (and the pipeline's shared memory) are budgeted for, and the
-// split plan counts on: the four-head d=128 kernels fit 128 registers (16 warps per SM; measured
-// 2-13 % faster than 12 on the H200); the eight-head kernels spill at 128 (GQA-8 12 % slower) and
-// SmolLM2's d=64 shape measured 3 % faster planned for 3 (longer splits)
+// W, warps per CTA (one split each; the CTA shares the query prologue and merges its splits), and
+// the resident warps per SM that the registers (and the pipeline's shared memory) are budgeted for
+// and the split plan counts on, by kernel (measured on the H200, benchmarks/NOTES.md):
+//   - four-head d=128 kernels: 128 registers, 16 warps per SM (2-13 % faster than 12), in CTAs of
+//     16 or 8, whichever plans into one full wave (B=8: 16 is 9 % faster than CTAs of 4, 5 % faster
+//     than 8; B=32: 8 is 4 % faster than 16, which needs two waves): fewer query prologues and
+//     fewer partials;
+//   - eight-head kernels: they spill at 128 registers (GQA-8 12 % slower), 12 warps in CTAs of 4;
+//   - d=64 (SmolLM2's shape): 12 warps in CTAs of 4 (3 % faster than 16: longer splits).
 template <int D, int NT>
-constexpr int kDecMinCtas = D == 128 && NT == 1 ? TQ_DEC_MIN_CTAS1 : TQ_DEC_MIN_CTAS;
+constexpr int kDecWarpsPerSm = D == 128 && NT == 1 ? 16 : 12; // kDecWide<D, NT> below
+template <int D, int NT, int W>
+constexpr int kDecMinCtas = kDecWarpsPerSm<D, NT> / W;
+constexpr int kDecWarpsMin = 4; // the fewest warps per CTA of any kernel
 constexpr int kDecSmemPerSm = 228 * 1024;    // shared memory of an sm_90 / sm_100 multiprocessor
 constexpr int kDecSmemPerCtaReserved = 1024; // taken by the system from each resident CTA
 #ifndef TQ_DEC_MAX_STAGES
@@ -241,15 +241,16 @@ __device__ __forceinline__ void waitForSplitKernel()
 }
 
 // One pipeline stage of a warp: the K tile, the V tile, then 32 K scales and 32 V scales (scale8 bytes).
-// PRO: the CTA's shared memory before the stages (decodePrologueBytes); CTAS: resident CTAs per SM.
-template <int D, int KB, int VB, int PRO, int CTAS>
+// PRO: the CTA's shared memory before the stages (decodePrologueBytes); CTAS: resident CTAs per SM;
+// W: warps per CTA.
+template <int D, int KB, int VB, int PRO, int CTAS, int W>
 struct DecStage
 {
     static constexpr int kTile = 32 * D * KB / 8;
     static constexpr int vTile = 32 * D * VB / 8;
     static constexpr int bytes = kTile + vTile + 64;
     // a warp's share of what CTAS CTAs may use of an sm_90 multiprocessor
-    static constexpr int budget = (kDecSmemPerSm / CTAS - kDecSmemPerCtaReserved - PRO) / kDecWarps;
+    static constexpr int budget = (kDecSmemPerSm / CTAS - kDecSmemPerCtaReserved - PRO) / W;
     // as many stages (2..kDecMaxStages) as fit in that budget (at least 2: then fewer CTAs are resident)
     static constexpr int stages = bytes * kDecMaxStages <= budget ? kDecMaxStages : bytes * 2 > budget ? 2 : budget / bytes;
 };
@@ -289,31 +290,34 @@ __device__ __forceinline__ void loadWordsShared(uint32_t (&w)[N], uint8_t const*
     }
 }
 
-template <int D>
+template <int D, int W>
 __host__ __device__ constexpr int decodeQueryBytes()
 {
     // q (fp32) [8][D], q hi/lo bytes [2][8][D], per-head multipliers, per-warp P buffers [2][8][32] u16
-    return kDecHeadsPerCta * D * 4 + 2 * kDecHeadsPerCta * D + 2 * kDecHeadsPerCta * 4 + kDecWarps * 2 * 8 * 32 * 2;
+    return kDecHeadsPerCta * D * 4 + 2 * kDecHeadsPerCta * D + 2 * kDecHeadsPerCta * 4 + W * 2 * 8 * 32 * 2;
 }
 
 // the query part, then each warp's fp32 O^T (D/16 m-tiles x NT n-tiles x 2 registers x 32 lanes)
-template <int D, int NT>
+template <int D, int NT, int W>
 __host__ __device__ constexpr int decodePrologueBytes()
 {
-    return decodeQueryBytes<D>() + kDecWarps * (D / 16) * NT * 2 * 32 * 4;
+    return decodeQueryBytes<D, W>() + W * (D / 16) * NT * 2 * 32 * 4;
 }
 
-template <int D, int KB, int VB, int NT>
+template <int D, int KB, int VB, int NT, int W>
+using DecStageOf = DecStage<D, KB, VB, decodePrologueBytes<D, NT, W>(), kDecMinCtas<D, NT, W>, W>;
+
+template <int D, int KB, int VB, int NT, int W>
 __host__ __device__ constexpr int decodeSmemBytes()
 {
-    using S = DecStage<D, KB, VB, decodePrologueBytes<D, NT>(), kDecMinCtas<D, NT>>;
-    return decodePrologueBytes<D, NT>() + kDecWarps * S::stages * S::bytes;
+    using S = DecStageOf<D, KB, VB, NT, W>;
+    return decodePrologueBytes<D, NT, W>() + W * S::stages * S::bytes;
 }
 
-// One warp per (sequence, KV head, split); a CTA holds four consecutive splits of one (sequence,
+// One warp per (sequence, KV head, split); a CTA holds W consecutive splits of one (sequence,
 // KV head, query-head subset) and shares the query prologue. NT n-tiles of 4 query heads.
-template <int D, int KB, int VB, int NT>
-__global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKernel(__grid_constant__ DecodeArgs const a)
+template <int D, int KB, int VB, int NT, int W>
+__global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKernel(__grid_constant__ DecodeArgs const a)
 {
     constexpr int KCB = D * KB / 8; // bytes of one lane chunk (= one token row) of the K tile
     constexpr int VCB = D * VB / 8;
@@ -338,7 +342,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKe
     // Kept in shared memory, not registers: the tile loop only folds its int32 accumulators into it
     // (when a head's maximum or bound moves, and at the end), and its 16 * NT registers are what
     // keeps the loop within 128 registers, so four CTAs (16 warps) are resident per SM.
-    float* const oS = reinterpret_cast<float*>(smem + decodeQueryBytes<D>()) + (threadIdx.x >> 5) * MT * NT * 2 * 32 + (threadIdx.x & 31);
+    float* const oS = reinterpret_cast<float*>(smem + decodeQueryBytes<D, W>()) + (threadIdx.x >> 5) * MT * NT * 2 * 32 + (threadIdx.x & 31);
     auto oAt = [&](int m, int nt, int r) -> float& { return oS[((m * NT + nt) * 2 + r) * 32]; };
 
     KvLayerDesc const& L = a.layer;
@@ -356,7 +360,7 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKe
 
     int const lane = threadIdx.x & 31;
     int const warp = threadIdx.x >> 5;
-    int const split = blockIdx.x * kDecWarps + warp;
+    int const split = blockIdx.x * W + warp;
     int const kb = split * a.split_len;
     int const ke = min(kb + a.split_len, seqLen);
     // the recent-token window [wb, seqLen) is read from the fp16 ring, not from the tiles
@@ -364,9 +368,10 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKe
     int const keQ = max(kb, min(ke, wb)); // quantized keys of this split: [max(kb, ns), keQ)
 
     // ---- the query's loads go first (behind the tile copies they would wait as long as the copies);
-    // lane: channels PER*lane .. PER*lane + PER-1 of query heads warp + 4j (j < NT), raw 16-bit values
+    // lane: channels PER*lane .. PER*lane + PER-1 of query heads warp + W j (< 4 NT), raw 16-bit values
     constexpr int PER = D / 32;
-    uint16_t qRaw[NT][PER];
+    constexpr int QR = (4 * NT + W - 1) / W; // query heads of each warp: warp + W j
+    uint16_t qRaw[QR][PER];
     uint16_t smRaw[PER];
     uint16_t sgRaw[PER];
     {
@@ -377,9 +382,9 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKe
         for (int e = 0; e < PER; ++e)
         {
 #pragma unroll
-            for (int j = 0; j < NT; ++j)
+            for (int j = 0; j < QR; ++j)
             {
-                qRaw[j][e] = warp + 4 * j < nh ? __ldg(qp + 4 * j * D + e) : 0;
+                qRaw[j][e] = warp + W * j < nh ? __ldg(qp + W * j * D + e) : 0;
             }
             smRaw[e] = smp != nullptr ? __ldg(smp + e) : 0x3C00; // fp16 1.0 without smoothing
             sgRaw[e] = __ldg(a.signs + PER * lane + e);
@@ -401,9 +406,9 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKe
     // as one contiguous image, then every lane reads its own chunk); tile i + STAGES - 1 is issued
     // while tile i is computed. Block ids come from a 32-entry window of the block table, one
     // entry per lane.
-    using Stage = DecStage<D, KB, VB, decodePrologueBytes<D, NT>(), kDecMinCtas<D, NT>>;
+    using Stage = DecStageOf<D, KB, VB, NT, W>;
     constexpr int STAGES = Stage::stages;
-    uint8_t* stageBase = smem + decodePrologueBytes<D, NT>() + warp * STAGES * Stage::bytes;
+    uint8_t* stageBase = smem + decodePrologueBytes<D, NT, W>() + warp * STAGES * Stage::bytes;
     int const blk0 = kb >> tShift;
     // The copy state of the next tile to issue: its block is entry wIdx of a 32-entry window of the
     // block table (one entry per lane), it is tile tIn of that block (T / 32 tiles per block), and
@@ -508,13 +513,17 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKe
         prefetchRows(winBeg, ke, ringRowOf, ringRow);
     }
 
-    // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes); warp w: heads w + 4j --
+    // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes); warp w: heads w + W j -
     // (the four-head kernel has no heads 4..7; heads from nh on are zeros)
     {
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < QR; ++j)
         {
-            int const r = warp + 4 * j;
+            int const r = warp + W * j;
+            if (r >= 4 * NT)
+            {
+                break; // the four-head kernel has no heads 4..7
+            }
             float x[PER];
 #pragma unroll
             for (int e = 0; e < PER; ++e)
@@ -1012,9 +1021,9 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKe
         }
     }
 
-    // ---- the CTA combines its four splits; one partial per (sequence, query head, CTA) --------------
-    // Each warp puts (max, sum, O) of its heads into its own (now idle) pipeline stages, then the 128
-    // threads merge the four warps: the reduce kernel reads a quarter of the partials.
+    // ---- the CTA combines its W splits; one partial per (sequence, query head, CTA) -----------------
+    // Each warp puts (max, sum, O) of its heads into its own (now idle) pipeline stages, then the
+    // CTA's threads merge the W warps: the reduce kernel reads 1/W of the partials.
     cpAsyncWait<0>();
     constexpr int kRow = D + 4; // floats per head row: lanes (g, t) of one store hit distinct banks
     static_assert((4 * NT * kRow + 8 * NT) * 4 <= STAGES * Stage::bytes, "combine buffer must fit in a warp's stages");
@@ -1043,25 +1052,25 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKe
     }
     __syncthreads();
     int64_t const parts = gridDim.x;
-    for (int idx = threadIdx.x; idx < nh * D; idx += kDecThreads)
+    for (int idx = threadIdx.x; idx < nh * D; idx += 32 * W)
     {
         int const hh = idx / D;
         int const c = idx - hh * D;
-        float mw[kDecWarps];
+        float mw[W];
         float mx = kNegInf;
 #pragma unroll
-        for (int w = 0; w < kDecWarps; ++w)
+        for (int w = 0; w < W; ++w)
         {
-            float const* cwW = reinterpret_cast<float const*>(smem + decodePrologueBytes<D, NT>() + w * STAGES * Stage::bytes);
+            float const* cwW = reinterpret_cast<float const*>(smem + decodePrologueBytes<D, NT, W>() + w * STAGES * Stage::bytes);
             mw[w] = cwW[4 * NT * kRow + 2 * hh];
             mx = fmaxf(mx, mw[w]);
         }
         float o = 0.F;
         float l = 0.F;
 #pragma unroll
-        for (int w = 0; w < kDecWarps; ++w)
+        for (int w = 0; w < W; ++w)
         {
-            float const* cwW = reinterpret_cast<float const*>(smem + decodePrologueBytes<D, NT>() + w * STAGES * Stage::bytes);
+            float const* cwW = reinterpret_cast<float const*>(smem + decodePrologueBytes<D, NT, W>() + w * STAGES * Stage::bytes);
             float const sc = mw[w] == kNegInf ? 0.F : exp2f(mw[w] - mx);
             o += sc * cwW[hh * kRow + c];
             l += sc * cwW[4 * NT * kRow + 2 * hh + 1];
@@ -1076,11 +1085,11 @@ __global__ void __launch_bounds__(kDecThreads, kDecMinCtas<D, NT>) decodeSplitKe
     }
 }
 
-template <int D, int KB, int VB, int NT>
-cudaError_t launchDecodeSplit(DecodeArgs const& a, cudaStream_t stream)
+template <int D, int KB, int VB, int NT, int W>
+cudaError_t launchDecodeSplitW(DecodeArgs const& a, cudaStream_t stream)
 {
-    auto kern = decodeSplitKernel<D, KB, VB, NT>;
-    constexpr int smemBytes = decodeSmemBytes<D, KB, VB, NT>();
+    auto kern = decodeSplitKernel<D, KB, VB, NT, W>;
+    constexpr int smemBytes = decodeSmemBytes<D, KB, VB, NT, W>();
     if (smemBytes > 48 * 1024)
     {
         cudaError_t const e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smemBytes);
@@ -1089,30 +1098,48 @@ cudaError_t launchDecodeSplit(DecodeArgs const& a, cudaStream_t stream)
             return e;
         }
     }
-    dim3 const grid((a.num_splits + kDecWarps - 1) / kDecWarps, a.num_launch_heads, a.batch * a.hsub);
-    kern<<<grid, kDecThreads, smemBytes, stream>>>(a);
+    dim3 const grid((a.num_splits + W - 1) / W, a.num_launch_heads, a.batch * a.hsub);
+    kern<<<grid, 32 * W, smemBytes, stream>>>(a);
     return cudaGetLastError();
 }
 
-#define TQ_INSTANTIATE_DECODE(D, KB)                                                                       \
-    template cudaError_t launchDecodeSplit<D, KB, 2, 1>(DecodeArgs const&, cudaStream_t);                  \
-    template cudaError_t launchDecodeSplit<D, KB, 3, 1>(DecodeArgs const&, cudaStream_t);                  \
-    template cudaError_t launchDecodeSplit<D, KB, 4, 1>(DecodeArgs const&, cudaStream_t);                  \
-    template cudaError_t launchDecodeSplit<D, KB, 8, 1>(DecodeArgs const&, cudaStream_t);                  \
-    template cudaError_t launchDecodeSplit<D, KB, 2, 2>(DecodeArgs const&, cudaStream_t);                  \
-    template cudaError_t launchDecodeSplit<D, KB, 3, 2>(DecodeArgs const&, cudaStream_t);                  \
-    template cudaError_t launchDecodeSplit<D, KB, 4, 2>(DecodeArgs const&, cudaStream_t);                  \
-    template cudaError_t launchDecodeSplit<D, KB, 8, 2>(DecodeArgs const&, cudaStream_t);
+// The CTA widths a kernel comes in (decode.cu plans with them): 16 and 8 warps for the four-head
+// d=128 kernels, 4 for the others.
+template <int D, int NT>
+constexpr bool kDecWide = D == 128 && NT == 1;
 
-#define TQ_EXTERN_DECODE(D, KB)                                                                            \
-    extern template cudaError_t launchDecodeSplit<D, KB, 2, 1>(DecodeArgs const&, cudaStream_t);           \
-    extern template cudaError_t launchDecodeSplit<D, KB, 3, 1>(DecodeArgs const&, cudaStream_t);           \
-    extern template cudaError_t launchDecodeSplit<D, KB, 4, 1>(DecodeArgs const&, cudaStream_t);           \
-    extern template cudaError_t launchDecodeSplit<D, KB, 8, 1>(DecodeArgs const&, cudaStream_t);           \
-    extern template cudaError_t launchDecodeSplit<D, KB, 2, 2>(DecodeArgs const&, cudaStream_t);           \
-    extern template cudaError_t launchDecodeSplit<D, KB, 3, 2>(DecodeArgs const&, cudaStream_t);           \
-    extern template cudaError_t launchDecodeSplit<D, KB, 4, 2>(DecodeArgs const&, cudaStream_t);           \
-    extern template cudaError_t launchDecodeSplit<D, KB, 8, 2>(DecodeArgs const&, cudaStream_t);
+template <int D, int KB, int VB, int NT>
+cudaError_t launchDecodeSplit(DecodeArgs const& a, int warps, cudaStream_t stream)
+{
+    if constexpr (kDecWide<D, NT>)
+    {
+        return warps == 16 ? launchDecodeSplitW<D, KB, VB, NT, 16>(a, stream) : launchDecodeSplitW<D, KB, VB, NT, 8>(a, stream);
+    }
+    else
+    {
+        return launchDecodeSplitW<D, KB, VB, NT, 4>(a, stream);
+    }
+}
+
+#define TQ_INSTANTIATE_DECODE(D, KB)                                                                           \
+    template cudaError_t launchDecodeSplit<D, KB, 2, 1>(DecodeArgs const&, int, cudaStream_t);                 \
+    template cudaError_t launchDecodeSplit<D, KB, 3, 1>(DecodeArgs const&, int, cudaStream_t);                 \
+    template cudaError_t launchDecodeSplit<D, KB, 4, 1>(DecodeArgs const&, int, cudaStream_t);                 \
+    template cudaError_t launchDecodeSplit<D, KB, 8, 1>(DecodeArgs const&, int, cudaStream_t);                 \
+    template cudaError_t launchDecodeSplit<D, KB, 2, 2>(DecodeArgs const&, int, cudaStream_t);                 \
+    template cudaError_t launchDecodeSplit<D, KB, 3, 2>(DecodeArgs const&, int, cudaStream_t);                 \
+    template cudaError_t launchDecodeSplit<D, KB, 4, 2>(DecodeArgs const&, int, cudaStream_t);                 \
+    template cudaError_t launchDecodeSplit<D, KB, 8, 2>(DecodeArgs const&, int, cudaStream_t);
+
+#define TQ_EXTERN_DECODE(D, KB)                                                                                \
+    extern template cudaError_t launchDecodeSplit<D, KB, 2, 1>(DecodeArgs const&, int, cudaStream_t);          \
+    extern template cudaError_t launchDecodeSplit<D, KB, 3, 1>(DecodeArgs const&, int, cudaStream_t);          \
+    extern template cudaError_t launchDecodeSplit<D, KB, 4, 1>(DecodeArgs const&, int, cudaStream_t);          \
+    extern template cudaError_t launchDecodeSplit<D, KB, 8, 1>(DecodeArgs const&, int, cudaStream_t);          \
+    extern template cudaError_t launchDecodeSplit<D, KB, 2, 2>(DecodeArgs const&, int, cudaStream_t);          \
+    extern template cudaError_t launchDecodeSplit<D, KB, 3, 2>(DecodeArgs const&, int, cudaStream_t);          \
+    extern template cudaError_t launchDecodeSplit<D, KB, 4, 2>(DecodeArgs const&, int, cudaStream_t);          \
+    extern template cudaError_t launchDecodeSplit<D, KB, 8, 2>(DecodeArgs const&, int, cudaStream_t);
 
 } // namespace detail
 } // namespace turboquant
