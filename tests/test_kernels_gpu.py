@@ -321,6 +321,20 @@ def test_decode_matches_float64_reference(d, h, g, bits, t, ns, lens, num_sms):
     assert err <= REL_TOL
 
 
+@pytest.mark.parametrize("bits", [(3, 3), (8, 8), (8, 3), (2, 4)])
+def test_decode_cta_width_follows_shared_memory(bits):
+    """With num_sms = 1 one (sequence, KV head) fills the device, so the four-head d=128 kernel
+    plans one CTA of 16 warps where its 16 pipelines fit in shared memory (3-bit codes: 16 splits)
+    and must fall back to CTAs of 4 where they do not (8-bit codes): the launch has to pick a width
+    whose shared memory the device allows, and the result is checked either way."""
+    rng = _rng()
+    fmt = _exps(LayerFormat(128, (bits[0],), (bits[1],), sink_tokens=0, norm_correction=True), rng)
+    tables = _tables(1, 128, rng)
+    err, splits = _decode_error(rng, fmt, tables, 4, 64, [3001], 1)
+    print(f"decode CTA width d=128 H=1 g=4 bits={bits} L=3001 num_sms=1 (splits {splits} if 16 warps fit): rel err {err:.2e}")
+    assert err <= REL_TOL
+
+
 RECENT_CASES = [
     # d, H, g, bits (k, v), T, sinks, w, lens
     (128, 2, 4, (3, 3), 64, 0, 16, [1, 15, 16, 17, 333, 1501]),

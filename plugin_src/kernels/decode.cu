@@ -1,7 +1,7 @@
 // Decode attention over the quantized paged KV pool (docs/format.md, version 4; the read side is that of version 3): host side.
 //
 // decodeSplitKernel<D, KB, VB, NT, W> (decode_kernel.cuh): one warp per (sequence, KV head, split
-// of the key range), W = 4, 8 or 16 splits per CTA sharing the query prologue (planDecodeShape).
+// of the key range), W = 4 or 16 splits per CTA sharing the query prologue (planDecodeShape).
 // Both products run on int8 tensor cores (mma.sync m16n8k32 s8.s8.s32) so that a code becomes its
 // codebook value with one PRMT per four codes and nothing else:
 //   - the query is smoothed, rotated and turned into 14-bit integers q = 128*hi + lo per head
@@ -395,25 +395,72 @@ bool planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, DecKernelShape ks, 
 }
 
 // The plan of a shape (pairs = sequences x KV heads x query-head subsets): the four-head d=128
-// kernels come in CTAs of 16 and 8 warps; the wider one when it fills one wave (B=8, L=32K: 9 %
-// faster than CTAs of 4), else 8 (B=32, L=8K: CTAs of 16 would need two waves). Others: 4 warps.
-DecKernelShape planDecodeShape(int64_t pairs, int32_t maxKeys, int32_t sms, int headDim, int nt, int32_t& splits, int32_t& splitLen)
+// kernels run in CTAs of 16 warps when `wideOk` (their shared memory fits the device) and that
+// plan fills one wave (B=8, L=32K: 9 % faster than CTAs of 4), else in CTAs of 4 (B=32, L=8K:
+// CTAs of 16 would need two waves). The other kernels: CTAs of 4.
+DecKernelShape planDecodeShape(
+    int64_t pairs, int32_t maxKeys, int32_t sms, int headDim, int nt, bool wideOk, int32_t& splits, int32_t& splitLen)
 {
     if (headDim == 128 && nt == 1)
     {
-        DecKernelShape const wide{16, kDecMinCtas<128, 1, 16>};
-        if (planDecode(pairs, maxKeys, sms, wide, splits, splitLen))
+        DecKernelShape const wide{kDecWideWarps, kDecMinCtas<128, 1, kDecWideWarps>};
+        if (wideOk && planDecode(pairs, maxKeys, sms, wide, splits, splitLen))
         {
             return wide;
         }
-        DecKernelShape const mid{8, kDecMinCtas<128, 1, 8>};
-        planDecode(pairs, maxKeys, sms, mid, splits, splitLen);
-        return mid;
+        DecKernelShape const narrow{4, kDecMinCtas<128, 1, 4>};
+        planDecode(pairs, maxKeys, sms, narrow, splits, splitLen);
+        return narrow;
     }
     static_assert(kDecMinCtas<64, 1, 4> == kDecMinCtas<128, 2, 4> && kDecMinCtas<64, 2, 4> == kDecMinCtas<128, 2, 4>, "one narrow shape");
     DecKernelShape const narrow{4, kDecMinCtas<128, 2, 4>};
     planDecode(pairs, maxKeys, sms, narrow, splits, splitLen);
     return narrow;
+}
+
+// Shared memory one CTA may opt in to on the current device (227 KB on sm_90 and sm_100, 163 KB on
+// sm_80, 99 KB on sm_86 and sm_89); 0 when it cannot be read.
+int smemOptinOfDevice()
+{
+    constexpr int kDevices = 64;
+    static int known[kDevices] = {}; // 0 unknown
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices)
+    {
+        (void) cudaGetLastError();
+        return 0;
+    }
+    if (known[dev] == 0)
+    {
+        int v = 0;
+        if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || v <= 0)
+        {
+            (void) cudaGetLastError();
+            return 0;
+        }
+        known[dev] = v;
+    }
+    return known[dev];
+}
+
+// Whether the 16-warp CTA of the four-head d=128 kernel fits the device's shared memory for every
+// (k_bits, v_bits) of the layer (with 8-bit codes it does not: 16 warps x 2 stages of 8 KB)
+bool wideFits(KvLayerDesc const& layer)
+{
+    int const optin = smemOptinOfDevice();
+    for (int h = 0; h < layer.num_kv_heads; ++h)
+    {
+        int bytes = 0;
+        (void) dispatchAttention(128, layer.k_bits[h], layer.v_bits[h], [&](auto, auto kb, auto vb) {
+            bytes = decodeSmemBytes<128, decltype(kb)::value, decltype(vb)::value, 1, kDecWideWarps>();
+            return cudaSuccess;
+        });
+        if (bytes <= 0 || bytes > optin)
+        {
+            return false;
+        }
+    }
+    return true;
 }
 
 char const* checkDecode(DecodeAttentionParams const& p)
@@ -439,19 +486,24 @@ int32_t decodeNumSplits(
 {
     int32_t splits = 1, len = 0;
     int64_t const pairs = static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
-    planDecodeShape(pairs, max_seq_len, resolveSms(num_sms), head_dim, ntOf(num_q_heads, num_kv_heads), splits, len);
+    planDecodeShape(pairs, max_seq_len, resolveSms(num_sms), head_dim, ntOf(num_q_heads, num_kv_heads), true, splits, len);
     return splits;
 }
 
 size_t decodeWorkspaceBytes(
     int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms)
 {
-    int32_t splits = 1, len = 0;
+    // one partial per (sequence, query head, CTA of W splits), for whichever CTA width the launch
+    // takes (it depends on the layer's formats and the device's shared memory)
     int64_t const pairs = static_cast<int64_t>(std::max(batch, 1)) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
-    int32_t const W
-        = planDecodeShape(pairs, max_seq_len, resolveSms(num_sms), head_dim, ntOf(num_q_heads, num_kv_heads), splits, len).warps;
-    // one partial per (sequence, query head, CTA of W splits)
-    size_t const rows = static_cast<size_t>(std::max(batch, 1)) * num_q_heads * ((splits + W - 1) / W);
+    size_t rows = 0;
+    for (bool const wideOk : {true, false})
+    {
+        int32_t splits = 1, len = 0;
+        int32_t const W
+            = planDecodeShape(pairs, max_seq_len, resolveSms(num_sms), head_dim, ntOf(num_q_heads, num_kv_heads), wideOk, splits, len).warps;
+        rows = std::max(rows, static_cast<size_t>(std::max(batch, 1)) * num_q_heads * ((splits + W - 1) / W));
+    }
     return alignWs(rows * 2 * sizeof(float)) + alignWs(rows * head_dim * sizeof(float));
 }
 
@@ -486,7 +538,8 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     int32_t const sms = resolveSms(p.num_sms);
     int const nt = ntOf(p.num_q_heads, p.layer.num_kv_heads);
     DecKernelShape const ks
-        = planDecodeShape(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads * a.hsub, p.max_seq_len, sms, p.layer.head_dim, nt, a.num_splits, a.split_len);
+        = planDecodeShape(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads * a.hsub, p.max_seq_len, sms, p.layer.head_dim, nt,
+            p.layer.head_dim == 128 && nt == 1 && wideFits(p.layer), a.num_splits, a.split_len);
     if (a.num_splits > kDecMaxSplits || a.split_len > kMaxSplitKeys)
     {
         return cudaErrorInvalidValue; // beyond 256 splits of 32K keys (8M tokens)

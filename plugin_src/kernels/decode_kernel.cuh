@@ -19,14 +19,18 @@ constexpr int kDecHeadsPerCta = 8;           // query heads of one CTA (two n-ti
 // W, warps per CTA (one split each; the CTA shares the query prologue and merges its splits), and
 // the resident warps per SM that the registers (and the pipeline's shared memory) are budgeted for
 // and the split plan counts on, by kernel (measured on the H200, benchmarks/NOTES.md):
-//   - four-head d=128 kernels: 128 registers, 16 warps per SM (2-13 % faster than 12), in CTAs of
-//     16 or 8, whichever plans into one full wave (B=8: 16 is 9 % faster than CTAs of 4, 5 % faster
-//     than 8; B=32: 8 is 4 % faster than 16, which needs two waves): fewer query prologues and
-//     fewer partials;
+//   - four-head d=128 kernels (kDecWide): 128 registers, 16 warps per SM (2-13 % faster than 12),
+//     in one CTA of 16 when that plans into one full wave and its shared memory fits the device
+//     (B=8: 9 % faster than CTAs of 4: a quarter of the query prologues and partials), else in
+//     CTAs of 4 (B=32, whose CTAs of 16 would need two waves; 8-bit formats, whose 16 pipelines do
+//     not fit in 227 KB; devices with less shared memory per block);
 //   - eight-head kernels: they spill at 128 registers (GQA-8 12 % slower), 12 warps in CTAs of 4;
 //   - d=64 (SmolLM2's shape): 12 warps in CTAs of 4 (3 % faster than 16: longer splits).
 template <int D, int NT>
-constexpr int kDecWarpsPerSm = D == 128 && NT == 1 ? 16 : 12; // kDecWide<D, NT> below
+constexpr bool kDecWide = D == 128 && NT == 1;
+constexpr int kDecWideWarps = 16;
+template <int D, int NT>
+constexpr int kDecWarpsPerSm = kDecWide<D, NT> ? 16 : 12;
 template <int D, int NT, int W>
 constexpr int kDecMinCtas = kDecWarpsPerSm<D, NT> / W;
 constexpr int kDecWarpsMin = 4; // the fewest warps per CTA of any kernel
@@ -340,8 +344,8 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     uint16_t* pbufAll = reinterpret_cast<uint16_t*>(qmulS + 2 * kDecHeadsPerCta);  // [warps][2][8][32]
     // this warp's O^T in fp32, [m][nt][r][lane]: channel 16m + 8r + g of head 4nt + t (lane = 4g + t).
     // Kept in shared memory, not registers: the tile loop only folds its int32 accumulators into it
-    // (when a head's maximum or bound moves, and at the end), and its 16 * NT registers are what
-    // keeps the loop within 128 registers, so four CTAs (16 warps) are resident per SM.
+    // (when a head's maximum or bound moves, and at the end), and its 16 * NT registers are part of
+    // what keeps the four-head loop within 128 registers, so 16 warps are resident per SM.
     float* const oS = reinterpret_cast<float*>(smem + decodeQueryBytes<D, W>()) + (threadIdx.x >> 5) * MT * NT * 2 * 32 + (threadIdx.x & 31);
     auto oAt = [&](int m, int nt, int r) -> float& { return oS[((m * NT + nt) * 2 + r) * 32]; };
 
@@ -608,175 +612,175 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     // row; its V row is vStride halves further.
     // O^T lives in registers here (oF[m][nt][r] is oAt(m, nt, r)) and goes to shared memory after.
     {
-    float oF[MT][NT][2];
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-    {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-        {
-            oF[m][nt][0] = 0.F;
-            oF[m][nt][1] = 0.F;
-        }
-    }
-    float* const pw = reinterpret_cast<float*>(pbufAll + warp * 2 * 8 * 32); // [4 NT heads][32 keys]
-    static_assert(4 * NT * 32 * 4 <= 2 * 8 * 32 * 2, "exact-path probabilities must fit in pbuf");
-    // head nt's running maximum moves up to mNew: O and the sum follow
-    auto rescaleHead = [&](int nt, float mNew) {
-        float const alpha = exp2f(mRun[nt] - mNew);
+        float oF[MT][NT][2];
 #pragma unroll
         for (int m = 0; m < MT; ++m)
         {
-            oF[m][nt][0] *= alpha;
-            oF[m][nt][1] *= alpha;
-        }
-        lRun[nt] *= alpha;
-        mRun[nt] = mNew;
-    };
-    // one key of weight p (relative to mRun) with fp16 V row vrow, for head nt
-    auto addKey = [&](int nt, float p, uint16_t const* vrow) {
-        if (g == 0)
-        {
-            lRun[nt] += p; // one lane per head counts the key (lanes of a head are summed at the end)
-        }
 #pragma unroll
-        for (int m = 0; m < MT; ++m)
-        {
-            oF[m][nt][0] += p * h2f(vrow[16 * m + g]);
-            oF[m][nt][1] += p * h2f(vrow[16 * m + 8 + g]);
+            for (int nt = 0; nt < NT; ++nt)
+            {
+                oF[m][nt][0] = 0.F;
+                oF[m][nt][1] = 0.F;
+            }
         }
-    };
-    // one key at a time (NT = 2, below): krow, vrow are its K and V rows (d fp16 values each)
-    auto exactKey = [&](uint16_t const* krow, uint16_t const* vrow) {
+        float* const pw = reinterpret_cast<float*>(pbufAll + warp * 2 * 8 * 32); // [4 NT heads][32 keys]
+        static_assert(4 * NT * 32 * 4 <= 2 * 8 * 32 * 2, "exact-path probabilities must fit in pbuf");
+        // head nt's running maximum moves up to mNew: O and the sum follow
+        auto rescaleHead = [&](int nt, float mNew) {
+            float const alpha = exp2f(mRun[nt] - mNew);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-        {
-            int const hh = 4 * nt + t;
-            float part = 0.F;
-            for (int c = g; c < D; c += 8)
+            for (int m = 0; m < MT; ++m)
             {
-                part += qf[hh * D + c] * h2f(krow[c]);
+                oF[m][nt][0] *= alpha;
+                oF[m][nt][1] *= alpha;
             }
-            part += __shfl_xor_sync(0xffffffffu, part, 4);
-            part += __shfl_xor_sync(0xffffffffu, part, 8);
-            part += __shfl_xor_sync(0xffffffffu, part, 16);
-            float const s = hh < nh ? part * a.q_scale : kNegInf;
-            if (s > mRun[nt])
+            lRun[nt] *= alpha;
+            mRun[nt] = mNew;
+        };
+        // one key of weight p (relative to mRun) with fp16 V row vrow, for head nt
+        auto addKey = [&](int nt, float p, uint16_t const* vrow) {
+            if (g == 0)
             {
-                rescaleHead(nt, s);
+                lRun[nt] += p; // one lane per head counts the key (lanes of a head are summed at the end)
             }
-            addKey(nt, exp2f(s - mRun[nt]), vrow);
-        }
-    };
-    auto exactRows = [&](int p0, int p1, auto rowOf, int64_t vStride) {
-        if constexpr (NT == 2)
-        {
-            // eight heads per CTA: the chunked path's per-lane scores of all eight heads cost the
-            // tile loop registers (spills; GQA-8 decode measured 8-9 % slower at w = 0)
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+            {
+                oF[m][nt][0] += p * h2f(vrow[16 * m + g]);
+                oF[m][nt][1] += p * h2f(vrow[16 * m + 8 + g]);
+            }
+        };
+        // one key at a time (NT = 2, below): krow, vrow are its K and V rows (d fp16 values each)
+        auto exactKey = [&](uint16_t const* krow, uint16_t const* vrow) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+            {
+                int const hh = 4 * nt + t;
+                float part = 0.F;
+                for (int c = g; c < D; c += 8)
+                {
+                    part += qf[hh * D + c] * h2f(krow[c]);
+                }
+                part += __shfl_xor_sync(0xffffffffu, part, 4);
+                part += __shfl_xor_sync(0xffffffffu, part, 8);
+                part += __shfl_xor_sync(0xffffffffu, part, 16);
+                float const s = hh < nh ? part * a.q_scale : kNegInf;
+                if (s > mRun[nt])
+                {
+                    rescaleHead(nt, s);
+                }
+                addKey(nt, exp2f(s - mRun[nt]), vrow);
+            }
+        };
+        auto exactRows = [&](int p0, int p1, auto rowOf, int64_t vStride) {
+            if constexpr (NT == 2)
+            {
+                // eight heads per CTA: the chunked path's per-lane scores of all eight heads cost the
+                // tile loop registers (spills; GQA-8 decode measured 8-9 % slower at w = 0)
 #pragma unroll 1
-            for (int p = p0; p < p1; ++p)
-            {
-                uint16_t const* krow = rowOf(p);
-                exactKey(krow, krow + vStride);
+                for (int p = p0; p < p1; ++p)
+                {
+                    uint16_t const* krow = rowOf(p);
+                    exactKey(krow, krow + vStride);
+                }
             }
-        }
-        else
-        {
-#pragma unroll 1
-            for (int c0 = p0; c0 < p1; c0 += 32)
+            else
             {
-                int const cnt = min(32, p1 - c0);
-                float s[4 * NT];
-#pragma unroll
-                for (int h = 0; h < 4 * NT; ++h)
+#pragma unroll 1
+                for (int c0 = p0; c0 < p1; c0 += 32)
                 {
-                    s[h] = 0.F;
-                }
-                if (lane < cnt)
-                {
-                    uint4 const* krow = reinterpret_cast<uint4 const*>(rowOf(c0 + lane));
+                    int const cnt = min(32, p1 - c0);
+                    float s[4 * NT];
 #pragma unroll
-                    for (int c8 = 0; c8 < D / 8; ++c8)
+                    for (int h = 0; h < 4 * NT; ++h)
                     {
-                        uint4 const raw = krow[c8];
-                        uint32_t const wds[4] = {raw.x, raw.y, raw.z, raw.w};
-                        float kf[8];
+                        s[h] = 0.F;
+                    }
+                    if (lane < cnt)
+                    {
+                        uint4 const* krow = reinterpret_cast<uint4 const*>(rowOf(c0 + lane));
 #pragma unroll
-                        for (int e = 0; e < 4; ++e)
+                        for (int c8 = 0; c8 < D / 8; ++c8)
                         {
-                            kf[2 * e] = h2f(static_cast<uint16_t>(wds[e] & 0xffffu));
-                            kf[2 * e + 1] = h2f(static_cast<uint16_t>(wds[e] >> 16));
-                        }
+                            uint4 const raw = krow[c8];
+                            uint32_t const wds[4] = {raw.x, raw.y, raw.z, raw.w};
+                            float kf[8];
 #pragma unroll
-                        for (int h = 0; h < 4 * NT; ++h)
+                            for (int e = 0; e < 4; ++e)
+                            {
+                                kf[2 * e] = h2f(static_cast<uint16_t>(wds[e] & 0xffffu));
+                                kf[2 * e + 1] = h2f(static_cast<uint16_t>(wds[e] >> 16));
+                            }
+#pragma unroll
+                            for (int h = 0; h < 4 * NT; ++h)
+                            {
+                                float4 const q0 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8);
+                                float4 const q1 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8 + 4);
+                                s[h] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4]
+                                    + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+                            }
+                        }
+                    }
+                    float own[NT]; // the maximum after this chunk of this lane's head of each n-tile
+#pragma unroll
+                    for (int h = 0; h < 4 * NT; ++h)
+                    {
+                        float const sh = lane < cnt && h < nh ? s[h] * a.q_scale : kNegInf;
+                        float mx = sh;
+#pragma unroll
+                        for (int o = 16; o > 0; o >>= 1)
                         {
-                            float4 const q0 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8);
-                            float4 const q1 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8 + 4);
-                            s[h] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4]
-                                + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+                            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+                        }
+                        // lane h % 4 (g = 0, t = h % 4) holds head h's running maximum in mRun[h / 4]
+                        float const mN = fmaxf(__shfl_sync(0xffffffffu, mRun[h / 4], h % 4), mx);
+                        pw[h * 32 + lane] = sh == kNegInf ? 0.F : exp2f(sh - mN);
+                        if (h % 4 == 0 || h % 4 == t)
+                        {
+                            own[h / 4] = mN;
                         }
                     }
-                }
-                float own[NT]; // the maximum after this chunk of this lane's head of each n-tile
-#pragma unroll
-                for (int h = 0; h < 4 * NT; ++h)
-                {
-                    float const sh = lane < cnt && h < nh ? s[h] * a.q_scale : kNegInf;
-                    float mx = sh;
-#pragma unroll
-                    for (int o = 16; o > 0; o >>= 1)
-                    {
-                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-                    }
-                    // lane h % 4 (g = 0, t = h % 4) holds head h's running maximum in mRun[h / 4]
-                    float const mN = fmaxf(__shfl_sync(0xffffffffu, mRun[h / 4], h % 4), mx);
-                    pw[h * 32 + lane] = sh == kNegInf ? 0.F : exp2f(sh - mN);
-                    if (h % 4 == 0 || h % 4 == t)
-                    {
-                        own[h / 4] = mN;
-                    }
-                }
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-                {
-                    if (own[nt] > mRun[nt])
-                    {
-                        rescaleHead(nt, own[nt]);
-                    }
-                }
-                __syncwarp();
-#pragma unroll 4
-                for (int j = 0; j < cnt; ++j)
-                {
-                    uint16_t const* vrow = rowOf(c0 + j) + vStride;
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
                     {
-                        addKey(nt, pw[(4 * nt + t) * 32 + j], vrow);
+                        if (own[nt] > mRun[nt])
+                        {
+                            rescaleHead(nt, own[nt]);
+                        }
                     }
+                    __syncwarp();
+#pragma unroll 4
+                    for (int j = 0; j < cnt; ++j)
+                    {
+                        uint16_t const* vrow = rowOf(c0 + j) + vStride;
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt)
+                        {
+                            addKey(nt, pw[(4 * nt + t) * 32 + j], vrow);
+                        }
+                    }
+                    __syncwarp(); // pw is written again by the next chunk, and is the tiles' pbuf afterwards
                 }
-                __syncwarp(); // pw is written again by the next chunk, and is the tiles' pbuf afterwards
+            }
+        };
+        if (sinkEnd > kb)
+        {
+            exactRows(kb, sinkEnd, sinkRowOf, sinkRow);
+        }
+        if (ke > winBeg)
+        {
+            exactRows(winBeg, ke, ringRowOf, ringRow);
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+            {
+                oAt(m, nt, 0) = oF[m][nt][0];
+                oAt(m, nt, 1) = oF[m][nt][1];
             }
         }
-    };
-    if (sinkEnd > kb)
-    {
-        exactRows(kb, sinkEnd, sinkRowOf, sinkRow);
-    }
-    if (ke > winBeg)
-    {
-        exactRows(winBeg, ke, ringRowOf, ringRow);
-    }
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-    {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-        {
-            oAt(m, nt, 0) = oF[m][nt][0];
-            oAt(m, nt, 1) = oF[m][nt][1];
-        }
-    }
     }
 
     // ---- the quantized tiles ---------------------------------------------------------------------
@@ -1103,22 +1107,19 @@ cudaError_t launchDecodeSplitW(DecodeArgs const& a, cudaStream_t stream)
     return cudaGetLastError();
 }
 
-// The CTA widths a kernel comes in (decode.cu plans with them): 16 and 8 warps for the four-head
-// d=128 kernels, 4 for the others.
-template <int D, int NT>
-constexpr bool kDecWide = D == 128 && NT == 1;
-
+// The CTA widths a kernel comes in (decode.cu plans with them): kDecWideWarps or 4 warps for the
+// four-head d=128 kernels, 4 for the others.
 template <int D, int KB, int VB, int NT>
 cudaError_t launchDecodeSplit(DecodeArgs const& a, int warps, cudaStream_t stream)
 {
     if constexpr (kDecWide<D, NT>)
     {
-        return warps == 16 ? launchDecodeSplitW<D, KB, VB, NT, 16>(a, stream) : launchDecodeSplitW<D, KB, VB, NT, 8>(a, stream);
+        if (warps == kDecWideWarps)
+        {
+            return launchDecodeSplitW<D, KB, VB, NT, kDecWideWarps>(a, stream);
+        }
     }
-    else
-    {
-        return launchDecodeSplitW<D, KB, VB, NT, 4>(a, stream);
-    }
+    return launchDecodeSplitW<D, KB, VB, NT, 4>(a, stream);
 }
 
 #define TQ_INSTANTIATE_DECODE(D, KB)                                                                           \

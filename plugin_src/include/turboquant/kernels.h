@@ -83,8 +83,9 @@ struct DecodeAttentionParams
     void* workspace;            // decodeWorkspaceBytes(...) bytes, 16-byte aligned
     size_t workspace_bytes;
 };
-// Splits of the key range per (sequence, KV head, query-head subset of up to 8): a function of the
-// shape only.
+// Splits of the key range per (sequence, KV head, query-head subset of up to 8) for a shape, with
+// formats of up to 4 bits (8-bit codes may plan CTAs of 4 warps instead of 16, with other splits;
+// decodeWorkspaceBytes covers both).
 int32_t decodeNumSplits(
     int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms);
 size_t decodeWorkspaceBytes(
