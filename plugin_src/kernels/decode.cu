@@ -19,7 +19,7 @@
 //     buffer), and O^T += V^T P^T accumulates in int32 (s8 x u8 MMA); the int32 accumulator is
 //     folded into fp32 whenever the running maximum or the bound moves, and at the end of the split
 //     (splits are at most 32K keys, so it cannot overflow); the fp32 O^T sits in shared memory, so
-//     the four-head d=128 kernel runs in 128 registers with four CTAs (16 warps) per SM;
+//     the four-head d=128 kernel runs in 128 registers with 16 warps per SM;
 //   - each warp streams its tiles through 2-4 shared-memory stages filled by cp.async (consecutive
 //     lanes copy consecutive 16-byte pieces of the contiguous tile); the first copies are issued
 //     before the query prologue.
@@ -353,8 +353,7 @@ struct DecKernelShape
 
 // Splits per (sequence, KV head, head subset): multiples of the W warps of a CTA; the fewest
 // waves of resident CTA slots that are >= 90% full, then as many CTAs as those waves hold; each
-// split at least kDecMinKeysPerSplit keys.
-// returns true when the plan is one wave of CTAs at least 90 % full
+// split at least kDecMinKeysPerSplit keys. Returns whether the plan is one wave at least 90 % full.
 bool planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, DecKernelShape ks, int32_t& splits, int32_t& splitLen)
 {
     int64_t const slots = static_cast<int64_t>(sms) * ks.ctasPerSm;
