@@ -343,6 +343,14 @@ int ntOf(int32_t num_q_heads, int32_t num_kv_heads)
     return num_q_heads / std::max(num_kv_heads, 1) > 4 ? 2 : 1;
 }
 
+// Whether a shape launches the four-head d=128 kernel, the one that comes in two CTA widths
+// (kDecWide in decode_kernel.cuh)
+bool wideKernel(int headDim, int nt)
+{
+    static_assert(kDecWide<128, 1> && !kDecWide<128, 2> && !kDecWide<64, 1> && !kDecWide<64, 2>, "the wide kernel");
+    return headDim == 128 && nt == 1;
+}
+
 // A split kernel's CTA shape: warps per CTA and the resident CTAs per SM the plan counts on (its
 // __launch_bounds__)
 struct DecKernelShape
@@ -400,7 +408,7 @@ bool planDecode(int64_t pairs, int32_t maxKeys, int32_t sms, DecKernelShape ks, 
 DecKernelShape planDecodeShape(
     int64_t pairs, int32_t maxKeys, int32_t sms, int headDim, int nt, bool wideOk, int32_t& splits, int32_t& splitLen)
 {
-    if (headDim == 128 && nt == 1)
+    if (wideKernel(headDim, nt))
     {
         DecKernelShape const wide{kDecWideWarps, kDecMinCtas<128, 1, kDecWideWarps>};
         if (wideOk && planDecode(pairs, maxKeys, sms, wide, splits, splitLen))
@@ -538,7 +546,7 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     int const nt = ntOf(p.num_q_heads, p.layer.num_kv_heads);
     DecKernelShape const ks
         = planDecodeShape(static_cast<int64_t>(p.batch) * p.layer.num_kv_heads * a.hsub, p.max_seq_len, sms, p.layer.head_dim, nt,
-            p.layer.head_dim == 128 && nt == 1 && wideFits(p.layer), a.num_splits, a.split_len);
+            wideKernel(p.layer.head_dim, nt) && wideFits(p.layer), a.num_splits, a.split_len);
     if (a.num_splits > kDecMaxSplits || a.split_len > kMaxSplitKeys)
     {
         return cudaErrorInvalidValue; // beyond 256 splits of 32K keys (8M tokens)
