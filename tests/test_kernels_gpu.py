@@ -395,6 +395,62 @@ def test_decode_mixed_bits_per_head_and_bf16():
     assert _rel(outb, wantb) <= 6e-3
 
 
+@pytest.mark.parametrize("w", [0, 16])
+def test_decode_right_behind_the_write_reads_the_new_token(w):
+    """A decode step as the plugin runs it: the write kernel stores each sequence's new token and
+    decode attention follows on the same stream with no host wait in between (on sm_90+ the split
+    kernel is a programmatic dependent launch that may start while the write kernel runs, and must
+    wait for it before it reads the cache). Each new key lies along its KV head's queries and is
+    long, so the new token carries most of the attention: a decode that read its slot (random
+    bytes; with w = 16 the ring entry) before the write landed is far off, as the same decode run
+    before the write shows."""
+    rng = _rng()
+    d, h, g, t = 128, 8, 4, 64
+    fmt = _exps(LayerFormat(d, (3,) * h, (3,) * h, sink_tokens=2, norm_correction=True, recent_tokens=w), rng)
+    tables = _tables(h, d, rng)
+    lens = [int(x) for x in rng.integers(700, 2500, 8)]
+    bt, num_blocks = _block_tables(lens, t, rng)
+    quant = LayerQuantizer(fmt, tables)
+    ref = _reused_pool(quant, num_blocks, t, len(lens), rng)
+    slots = np.arange(len(lens), dtype=np.int32)
+    q = rng.normal(0, 1, (len(lens), h * g, d)).astype(np.float16)
+    ks, vs = [], []
+    for b, n in enumerate(lens):
+        k, v = _kv(n, h, d, rng), _kv(n, h, d, rng)
+        for kh in range(h):
+            along = q[b, kh * g:(kh + 1) * g].astype(np.float32).sum(0)
+            k[-1, kh] = (along / np.linalg.norm(along) * 40).astype(np.float16)
+        ref.write(k[:-1].astype(np.float32), v[:-1].astype(np.float32), np.arange(n - 1), bt,
+                  np.full(n - 1, b), slots)
+        ks.append(k)
+        vs.append(v)
+    layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
+    layer.pool.copy_(_to_gpu(ref.pool))
+    layer.sink_pool.copy_(_to_gpu(ref.sinks))
+    layer.recent_pool.copy_(_to_gpu(ref.recent))
+    # every input on the GPU first: no copy may sit between the two kernels on the stream
+    bt_g, lens_g, slot_g, q_g = _to_gpu(bt), _to_gpu(np.array(lens, np.int32)), _to_gpu(slots), _to_gpu(q)
+    kd = _to_gpu(np.stack([k[-1] for k in ks]))
+    vd = _to_gpu(np.stack([v[-1] for v in vs]))
+    stale = torch.full((len(lens), h * g, d), float("nan"), dtype=torch.float16, device="cuda")
+    out = torch.full_like(stale, float("nan"))
+    K.decode_attention(layer, q_g, bt_g, lens_g, max(lens), seq_slot=slot_g, out=stale)
+    torch.cuda.synchronize()
+    K.quantize_kv(layer, kd, vd, bt_g, lens_g, seq_slot=slot_g)
+    K.decode_attention(layer, q_g, bt_g, lens_g, max(lens), seq_slot=slot_g, out=out)
+    torch.cuda.synchronize()
+    for b, n in enumerate(lens):
+        ref.write(ks[b][-1:].astype(np.float32), vs[b][-1:].astype(np.float32), np.array([n - 1]), bt,
+                  np.array([b]), slots)
+    want = np.concatenate([
+        reference_attention(quant, q[b:b + 1].astype(np.float32), *ref.read(bt[b], n, slots[b]))
+        for b, n in enumerate(lens)])
+    err, err_stale = _rel(out, want), _rel(stale, want)
+    print(f"decode right behind the write w={w}: rel err {err:.2e} (before the write: {err_stale:.2e})")
+    assert err_stale > 0.1, "the new token should dominate: this test could not see a stale read"
+    assert err <= REL_TOL
+
+
 # ---------------------------------------------------------------------------------------------
 # context (chunked prefill) attention: writes the new K/V, then causal attention over all of it
 # ---------------------------------------------------------------------------------------------

@@ -120,6 +120,30 @@ __device__ __forceinline__ void prefetchL1(void const* p)
     asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
 }
 
+#ifndef TQ_PDL
+#define TQ_PDL 1 // programmatic dependent launches between the kernels of a step (sm_90+)
+#endif
+
+// Programmatic dependent launch (PDL; sm_90+ code only, the host enables it only for such code).
+// launchDependents: the next kernel on the stream, when launched as a programmatic dependent, may be
+// scheduled once every CTA of this grid has executed it (or exited). gridDependencyWait: returns
+// once the kernel before this one on the stream is complete and its memory visible; a kernel
+// launched as a programmatic dependent reads nothing that kernel may write before it. Both are
+// no-ops without such a launch.
+__device__ __forceinline__ void launchDependents()
+{
+#if TQ_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+__device__ __forceinline__ void gridDependencyWait()
+{
+#if TQ_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // 16 bytes global -> shared, asynchronously; smem is an address in the shared window
 __device__ __forceinline__ void cpAsync16s(uint32_t smem, void const* gmem)
 {

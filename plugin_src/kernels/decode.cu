@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(32 * kReduceWarps) decodeReduceKernel(ReduceAr
     int const n = a.num_splits; // <= kReduceBatch (the host chooses this kernel so)
     ReduceRowOut<D> fin;
     fin.load(a, hq / a.group, lane);
-    waitForSplitKernel();
+    gridDependencyWait(); // the split kernel is complete and its partials visible
     int64_t const base = static_cast<int64_t>(row) * n;
     float const* wo = a.ws_o + base * D + PER * lane;
     float2 const m = lane < n ? reinterpret_cast<float2 const*>(a.ws_ml)[base + lane] : make_float2(-INFINITY, 0.F);
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceBlockKernel(Redu
     {
         fin.load(a, hq / a.group, lane);
     }
-    waitForSplitKernel();
+    gridDependencyWait(); // the split kernel is complete and its partials visible
     int64_t const base = (static_cast<int64_t>(b) * a.num_q_heads + hq) * n;
     float2 const v = tid < n ? reinterpret_cast<float2 const*>(a.ws_ml)[base + tid] : make_float2(-INFINITY, 0.F);
     float mk[kPer];
@@ -289,46 +289,6 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceBlockKernel(Redu
         x[e] = acc * inv;
     }
     fin.store(a, x, b, hq, lane);
-}
-
-// Compute capability major of the current device (programmatic dependent launch needs 9.0+).
-int computeMajor()
-{
-    int dev = 0;
-    int major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    {
-        return 0;
-    }
-    return major;
-}
-
-// Whether `kern` may be a programmatic dependent launch on the current device: the device is sm_90+
-// and the code it runs was compiled for sm_90+, so it contains the griddepcontrol.wait (a library
-// built only for sm_80/sm_89 runs on a Hopper GPU through PTX compiled for sm_80, without it).
-// Checked once per kernel and device.
-template <auto Kern>
-bool pdlCapable()
-{
-    constexpr int kDevices = 64;
-    static signed char known[kDevices] = {}; // 0 unknown, 1 yes, -1 no
-    int dev = 0;
-    if (!TQ_DEC_PDL || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices)
-    {
-        return false;
-    }
-    if (known[dev] == 0)
-    {
-        cudaFuncAttributes fa{};
-        cudaError_t const e = computeMajor() >= 9 ? cudaFuncGetAttributes(&fa, Kern) : cudaErrorNotSupported;
-        if (e != cudaSuccess && e != cudaErrorNotSupported)
-        {
-            (void) cudaGetLastError(); // our failed query is not the caller's error
-        }
-        bool const ok = e == cudaSuccess && fa.ptxVersion >= 90;
-        known[dev] = ok ? 1 : -1;
-    }
-    return known[dev] == 1;
 }
 
 int hsubOf(int32_t num_q_heads, int32_t num_kv_heads)

@@ -44,9 +44,6 @@ constexpr int kQMax = 16383;                 // |q| is a 14-bit integer: hi = q 
 constexpr float kPMax = 65535.F;             // p' is a 16-bit unsigned integer: hi, lo = its two bytes (u8)
 constexpr float kMaxSlack = 3.F;             // the running maximum moves only when a score exceeds it
                                              // by 3 (log2 units), so p <= 8
-#ifndef TQ_DEC_PDL
-#define TQ_DEC_PDL 1 // the reduce kernel is a programmatic dependent launch of the split kernel (sm_90+)
-#endif
 constexpr int kMaxSplitKeys = 32768;         // int32 accumulators of O cannot overflow within a split
 constexpr float kPBoundShrink = 64.F;   // a head's tile this far below its p * v_scale bound re-bounds
 constexpr float kPBoundHeadroom = 1.25F; // a new bound is the tile's largest p * v_scale times this
@@ -227,21 +224,44 @@ __device__ __forceinline__ void warpWht(float (&x)[PER], int lane)
     }
 }
 
-// Programmatic dependent launch (sm_90+ code only; the host enables it only for such code): the
-// split kernel lets the reduce kernel be scheduled once every split CTA has started, and the reduce
-// waits for the whole split grid (its memory included) before it reads the partials.
-__device__ __forceinline__ void allowReduceLaunch()
+// Compute capability major of the current device (programmatic dependent launch needs 9.0+).
+inline int computeMajor()
 {
-#if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
+    int dev = 0;
+    int major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    {
+        return 0;
+    }
+    return major;
 }
 
-__device__ __forceinline__ void waitForSplitKernel()
+// Whether `kern` may be a programmatic dependent launch on the current device: the device is sm_90+
+// and the code it runs was compiled for sm_90+, so it contains the griddepcontrol.wait (a library
+// built only for sm_80/sm_89 runs on a Hopper GPU through PTX compiled for sm_80, without it).
+// Checked once per kernel and device.
+template <auto Kern>
+inline bool pdlCapable()
 {
-#if TQ_DEC_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+    constexpr int kDevices = 64;
+    static signed char known[kDevices] = {}; // 0 unknown, 1 yes, -1 no
+    int dev = 0;
+    if (!TQ_PDL || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices)
+    {
+        return false;
+    }
+    if (known[dev] == 0)
+    {
+        cudaFuncAttributes fa{};
+        cudaError_t const e = computeMajor() >= 9 ? cudaFuncGetAttributes(&fa, Kern) : cudaErrorNotSupported;
+        if (e != cudaSuccess && e != cudaErrorNotSupported)
+        {
+            (void) cudaGetLastError(); // our failed query is not the caller's error
+        }
+        bool const ok = e == cudaSuccess && fa.ptxVersion >= 90;
+        known[dev] = ok ? 1 : -1;
+    }
+    return known[dev] == 1;
 }
 
 // One pipeline stage of a warp: the K tile, the V tile, then 32 K scales and 32 V scales (scale8 bytes).
@@ -355,7 +375,11 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     int const hs = blockIdx.z % a.hsub;
     int const hq0 = head * a.group + hs * kDecHeadsPerCta;
     int const nh = min(kDecHeadsPerCta, a.group - hs * kDecHeadsPerCta); // query heads of this CTA
-    allowReduceLaunch();
+    // a programmatic dependent launch (sm_90+): this CTA may run while the kernel before it on the
+    // stream finishes (in the plugin, the write kernel that stores the new tokens), so it reads
+    // nothing before that kernel is complete; the reduce kernel may be scheduled from here on
+    launchDependents();
+    gridDependencyWait();
     int const seqLen = a.seq_lens[b];
     int const T = L.tokens_per_block;
     int const tShift = __ffs(T) - 1; // T is a power of two
@@ -1102,9 +1126,17 @@ cudaError_t launchDecodeSplitW(DecodeArgs const& a, cudaStream_t stream)
             return e;
         }
     }
-    dim3 const grid((a.num_splits + W - 1) / W, a.num_launch_heads, a.batch * a.hsub);
-    kern<<<grid, 32 * W, smemBytes, stream>>>(a);
-    return cudaGetLastError();
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((a.num_splits + W - 1) / W, a.num_launch_heads, a.batch * a.hsub);
+    cfg.blockDim = dim3(32 * W);
+    cfg.dynamicSmemBytes = smemBytes;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdlCapable<decodeSplitKernel<D, KB, VB, NT, W>>() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kern, a);
 }
 
 // The CTA widths a kernel comes in (decode.cu plans with them): kDecWideWarps or 4 warps for the

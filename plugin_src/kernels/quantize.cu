@@ -465,6 +465,9 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
     __shared__ __align__(16) float cq[kQuantWarps][D];
     __shared__ __align__(16) uint32_t codeWords[kQuantWarps][D / 4];
 
+    // the decode kernel launched next on the stream (a programmatic dependent launch on sm_90+) may be
+    // scheduled now; it waits for this grid to complete before it reads the cache
+    launchDependents();
     int const H = a.num_kv_heads;
     int const warp = threadIdx.x >> 5;
     int const lane = threadIdx.x & 31;
