@@ -2,7 +2,8 @@
 """Decode attention over the quantized cache vs torch fp16 SDPA (same process, same shapes).
 
 Prints ms, bytes read per second, the fraction of the card's read bandwidth (measured at the start
-of the run), the speedup, and the write kernel's share of a decode step. Same as `turboquant bench kernels`.
+of the run), the speedup, the write kernel's time against decode, and what the write adds to a
+write + decode step (as the plugin runs one). Same as `turboquant bench kernels`.
 
     python benchmarks/bench_decode.py [--iters 50] [--json out.json]
 """
