@@ -9,14 +9,14 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import click
+
+from .provenance import source_commit
 
 READ_BW_BYTES = 2 << 30  # the tensor the read-bandwidth probe reduces: 40x the H100's/H200's L2
 
@@ -247,17 +247,6 @@ def bench_context(b, prefix, q_len, hq, h, d, t=64, iters=20):
             "ours_ms": ours_ms, "sdpa_ms": sdpa_ms, "ratio_sdpa_over_ours": sdpa_ms / ours_ms}
 
 
-def _commit() -> str:
-    """TURBOQUANT_COMMIT when set (a copied tree whose git metadata may be stale), else git's HEAD."""
-    if os.environ.get("TURBOQUANT_COMMIT"):
-        return os.environ["TURBOQUANT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None, recent=0, read_bw=None):
     import torch
     measured = read_bw is None
@@ -284,7 +273,7 @@ def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=N
             print(f"context B={c['batch']} prefix={c['prefix']} q_len={c['q_len']} Hq={c['q_heads']} d={c['head_dim']}: "
                   f"ours {c['ours_ms']:.3f} ms  sdpa {c['sdpa_ms']:.3f} ms", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(), "torch": torch.__version__, "tokens_per_block": tokens_per_block,
+            "commit": source_commit(), "torch": torch.__version__, "tokens_per_block": tokens_per_block,
             "recent_tokens": recent, "read_bw_probe_bytes_per_s": probe, "read_bw_bytes_per_s": ref,
             "read_bw_measured": measured}
     result = {"meta": meta, "decode": [asdict(r) for r in rows], "context": ctx}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import click
 
+from .provenance import source_commit
 from .table import print_table
 
 DEFAULT_BUDGETS = "3.2"
@@ -84,16 +84,6 @@ def _text_ids(lm, path: str):
         return tokenize(lm.tokenizer, read_text(path))
     except DataError as e:
         _fail(str(e))
-
-
-def _git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------
@@ -251,7 +241,7 @@ def calibrate_cmd(model_spec, data, skip_tokens, n_windows, ctx, bits_text, sink
     except CalibrationError as e:
         _fail(str(e))
     info = {"data": source, "model_nll": round(res0.nll, 5),
-            "date": datetime.date.today().isoformat(), "commit": _git_commit()}
+            "date": datetime.date.today().isoformat(), "commit": source_commit()}
     rows = []
     seconds = res0.seconds
     by_window = {first: res0}
@@ -420,7 +410,7 @@ def eval_cmd(model_spec, data, tokens, ctx, tables, presets, baselines, backend,
     setup = {"model": ident.to_dict(), "data": os.path.basename(data), "tokens": tokens,
              "ctx": ctx, "windows": win.shape[0], "backend": backend,
              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "commit": _git_commit(), "device": device}
+             "commit": source_commit(), "device": device}
     disp = [{**r, "delta_%": f"{r['delta_pct']:+.2f} ±{r['delta_se_pct']:.2f}"} for r in rows]
     print_table(disp, ["method", "bits_per_element", "compression", "ppl", "delta_%"],
                 title=f"{ident.name}: {os.path.basename(data)}, {tokens} tokens, {ctx}-token "
