@@ -315,6 +315,9 @@ def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: s
                 read_bw: float | None) -> None:
     """Decode attention over the 3-bit cache vs torch fp16 SDPA, same shapes, same process.
 
+    Also times the write kernel alone and a write + decode step as the plugin runs one (CUDA graphs
+    of 20 calls each); the step column is what the write adds to decode there.
+
     \b
     Examples:
       turboquant bench kernels --iters 100 --json bench.json
