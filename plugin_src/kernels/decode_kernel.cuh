@@ -174,6 +174,26 @@ __device__ __forceinline__ float exp2Ftz(float x)
     return y;
 }
 
+// D += A B on fp16 tensor cores, fp32 accumulation (m16n8k16; A 16x16 row-major, B 16x8 column-major)
+__device__ __forceinline__ void mmaF16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// x0, x1 as fp16 pairs hi + lo: hi = fp16(x), lo = fp16(x - hi) (about 22 bits of x together)
+__device__ __forceinline__ void splitHalf2(float x0, float x1, uint32_t& hi, uint32_t& lo)
+{
+    __half const h0 = __float2half_rn(x0);
+    __half const h1 = __float2half_rn(x1);
+    __half const l0 = __float2half_rn(x0 - __half2float(h0));
+    __half const l1 = __float2half_rn(x1 - __half2float(h1));
+    hi = static_cast<uint32_t>(__half_as_ushort(h0)) | (static_cast<uint32_t>(__half_as_ushort(h1)) << 16);
+    lo = static_cast<uint32_t>(__half_as_ushort(l0)) | (static_cast<uint32_t>(__half_as_ushort(l1)) << 16);
+}
+
 __device__ __forceinline__ void mmaS8U8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
 {
     asm volatile(
@@ -627,15 +647,29 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
         lRun[nt] = 0.F;
     }
 
-    // ---- sink tokens and the recent-token window (fp16, transformed domain): exact fp32 path ------
-    // Keys [p0, p1) go in chunks of up to 32, one key per lane: lane j takes the fp32 dot products
-    // of key p0 + j's fp16 row with every query head of the CTA (no dependence between keys, so the
-    // row loads of all lanes are in flight together); the warp agrees on each head's maximum once
-    // per chunk; the probabilities go through shared memory (this warp's pbuf, idle before the
-    // tiles); then every lane adds p * V to its own O^T channels key by key. rowOf(p) is key p's K
-    // row; its V row is vStride halves further.
-    // O^T lives in registers here (oF[m][nt][r] is oAt(m, nt, r)) and goes to shared memory after.
+    // ---- sink tokens and the recent-token window (fp16, transformed domain): exact path ------------
+    // Keys [p0, p1) go in chunks of 16 on fp16 tensor cores (m16n8k16, fp32 accumulation); the
+    // exactness comes from splitting the fp32 operands into fp16 hi + lo parts:
+    //   S = K Q^T: rows = the chunk's keys, columns = the CTA's query heads (n = 8: heads 0..7,
+    //     zero for heads the CTA lacks). Q is scaled per head by fq (the prologue's 14-bit scale, so
+    //     that it fits fp16) and split into hi and lo (two products). Within k-step s, lane t's
+    //     k-indices 2t, 2t+1, 2t+8, 2t+9 stand for channels 16s + 4t .. 16s + 4t + 3 (a permutation of
+    //     the channels, the same for K and Q), so each A fragment row is one 8-byte load.
+    //   O^T += V^T P^T: rows = channels (16 per m-tile), columns = (head 4nt + j/2, part j%2) as in the
+    //     tile loop, part 0 the fp16 value of p and part 1 its remainder; the lane's accumulator is
+    //     then channel 16m + g (+ 8) of head 4nt + t, exactly oAt(m, nt, r).
+    // The running maximum and sum of this pass are kept per lane for heads 2t and 2t + 1 (the S
+    // layout); P, the rescale factors and at the end the maximum and sum go to the loop's layout
+    // (head 4nt + t) through this warp's pbuf (idle before the tiles). rowOf(p) is key p's K row; its
+    // V row is vStride halves further.
+    if (sinkEnd > kb || ke > winBeg)
     {
+        constexpr int KS16 = D / 16;   // k-steps of S = K Q^T
+        float* const pw = reinterpret_cast<float*>(pbufAll + warp * 2 * 8 * 32); // [8 heads][16 keys], then [8] x 3
+        float* const pAlpha = pw + 128;
+        float* const pMax = pw + 136;
+        float* const pSum = pw + 144;
+        static_assert((128 + 24) * 4 <= 2 * 8 * 32 * 2, "exact-path buffers must fit in pbuf");
         float oF[MT][NT][2];
 #pragma unroll
         for (int m = 0; m < MT; ++m)
@@ -647,144 +681,135 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
                 oF[m][nt][1] = 0.F;
             }
         }
-        float* const pw = reinterpret_cast<float*>(pbufAll + warp * 2 * 8 * 32); // [4 NT heads][32 keys]
-        static_assert(4 * NT * 32 * 4 <= 2 * 8 * 32 * 2, "exact-path probabilities must fit in pbuf");
-        // head nt's running maximum moves up to mNew: O and the sum follow
-        auto rescaleHead = [&](int nt, float mNew) {
-            float const alpha = exp2f(mRun[nt] - mNew);
+        // per head: fq (q * fq fits fp16) and the score factor q_scale / fq; this lane's B column is
+        // head g, its S columns heads 2t and 2t + 1
+        float const qsc = a.q_scale * kInvLambdaK;
+        bool const qOk = g < 4 * NT;
+        float const fqB = qOk ? qsc / qmulS[g] : 0.F;
+        float sMul[2];
+        bool hOk[2];
+        float mE[2];
+        float lE[2];
 #pragma unroll
-            for (int m = 0; m < MT; ++m)
-            {
-                oF[m][nt][0] *= alpha;
-                oF[m][nt][1] *= alpha;
-            }
-            lRun[nt] *= alpha;
-            mRun[nt] = mNew;
-        };
-        // one key of weight p (relative to mRun) with fp16 V row vrow, for head nt
-        auto addKey = [&](int nt, float p, uint16_t const* vrow) {
-            if (g == 0)
-            {
-                lRun[nt] += p; // one lane per head counts the key (lanes of a head are summed at the end)
-            }
-#pragma unroll
-            for (int m = 0; m < MT; ++m)
-            {
-                oF[m][nt][0] += p * h2f(vrow[16 * m + g]);
-                oF[m][nt][1] += p * h2f(vrow[16 * m + 8 + g]);
-            }
-        };
-        // one key at a time (NT = 2, below): krow, vrow are its K and V rows (d fp16 values each)
-        auto exactKey = [&](uint16_t const* krow, uint16_t const* vrow) {
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-            {
-                int const hh = 4 * nt + t;
-                float part = 0.F;
-                for (int c = g; c < D; c += 8)
-                {
-                    part += qf[hh * D + c] * h2f(krow[c]);
-                }
-                part += __shfl_xor_sync(0xffffffffu, part, 4);
-                part += __shfl_xor_sync(0xffffffffu, part, 8);
-                part += __shfl_xor_sync(0xffffffffu, part, 16);
-                float const s = hh < nh ? part * a.q_scale : kNegInf;
-                if (s > mRun[nt])
-                {
-                    rescaleHead(nt, s);
-                }
-                addKey(nt, exp2f(s - mRun[nt]), vrow);
-            }
-        };
+        for (int e = 0; e < 2; ++e)
+        {
+            int const h = 2 * t + e;
+            hOk[e] = h < 4 * NT && h < nh;
+            sMul[e] = hOk[e] ? a.q_scale / (qsc / qmulS[h]) : 0.F;
+            mE[e] = kNegInf;
+            lE[e] = 0.F;
+        }
         auto exactRows = [&](int p0, int p1, auto rowOf, int64_t vStride) {
-            if constexpr (NT == 2)
-            {
-                // eight heads per CTA: the chunked path's per-lane scores of all eight heads cost the
-                // tile loop registers (spills; GQA-8 decode measured 8-9 % slower at w = 0)
 #pragma unroll 1
-                for (int p = p0; p < p1; ++p)
+            for (int c0 = p0; c0 < p1; c0 += 16)
+            {
+                // S = K Q^T for keys c0 + g and c0 + g + 8 (zero rows beyond p1)
+                bool const in0 = c0 + g < p1;
+                bool const in1 = c0 + g + 8 < p1;
+                uint16_t const* k0 = rowOf(in0 ? c0 + g : p0) + 4 * t;
+                uint16_t const* k1 = rowOf(in1 ? c0 + g + 8 : p0) + 4 * t;
+                float sc[4] = {0.F, 0.F, 0.F, 0.F};
+#pragma unroll
+                for (int s = 0; s < KS16; ++s)
                 {
-                    uint16_t const* krow = rowOf(p);
-                    exactKey(krow, krow + vStride);
+                    uint2 const w0 = in0 ? *reinterpret_cast<uint2 const*>(k0 + 16 * s) : make_uint2(0U, 0U);
+                    uint2 const w1 = in1 ? *reinterpret_cast<uint2 const*>(k1 + 16 * s) : make_uint2(0U, 0U);
+                    uint32_t bh[2] = {0U, 0U};
+                    uint32_t bl[2] = {0U, 0U};
+                    if (qOk)
+                    {
+                        float4 const qv = *reinterpret_cast<float4 const*>(qf + g * D + 16 * s + 4 * t);
+                        splitHalf2(qv.x * fqB, qv.y * fqB, bh[0], bl[0]);
+                        splitHalf2(qv.z * fqB, qv.w * fqB, bh[1], bl[1]);
+                    }
+                    mmaF16(sc, w0.x, w1.x, w0.y, w1.y, bh[0], bh[1]);
+                    mmaF16(sc, w0.x, w1.x, w0.y, w1.y, bl[0], bl[1]);
                 }
-            }
-            else
-            {
-#pragma unroll 1
-                for (int c0 = p0; c0 < p1; c0 += 32)
+                // softmax over the chunk, per head (the 8 lanes of one t hold its 16 keys)
+                float pv[2][2]; // [head e][key g, g + 8]
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
                 {
-                    int const cnt = min(32, p1 - c0);
-                    float s[4 * NT];
-#pragma unroll
-                    for (int h = 0; h < 4 * NT; ++h)
+                    float const s0 = hOk[e] && in0 ? sc[e] * sMul[e] : kNegInf;
+                    float const s1 = hOk[e] && in1 ? sc[2 + e] * sMul[e] : kNegInf;
+                    float cm = fmaxf(s0, s1);
+                    cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 4));
+                    cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 8));
+                    cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 16));
+                    float const mN = fmaxf(mE[e], cm);
+                    float const alpha = mN == kNegInf ? 1.F : exp2f(mE[e] - mN);
+                    pv[e][0] = s0 == kNegInf ? 0.F : exp2f(s0 - mN);
+                    pv[e][1] = s1 == kNegInf ? 0.F : exp2f(s1 - mN);
+                    float cs = pv[e][0] + pv[e][1];
+                    cs += __shfl_xor_sync(0xffffffffu, cs, 4);
+                    cs += __shfl_xor_sync(0xffffffffu, cs, 8);
+                    cs += __shfl_xor_sync(0xffffffffu, cs, 16);
+                    lE[e] = lE[e] * alpha + cs;
+                    mE[e] = mN;
+                    int const h = 2 * t + e;
+                    pw[h * 16 + g] = pv[e][0];
+                    pw[h * 16 + g + 8] = pv[e][1];
+                    if (g == 0)
                     {
-                        s[h] = 0.F;
+                        pAlpha[h] = alpha;
                     }
-                    if (lane < cnt)
+                }
+                __syncwarp();
+                // O^T = O^T * alpha + V^T P^T; B column g of n-tile nt: head 4nt + g/2, part g % 2
+                uint32_t pB[NT][2];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                {
+                    float const* row = pw + (4 * nt + (g >> 1)) * 16;
+                    float2 const pa = *reinterpret_cast<float2 const*>(row + 2 * t);
+                    float2 const pb = *reinterpret_cast<float2 const*>(row + 2 * t + 8);
+                    uint32_t hi, lo;
+                    splitHalf2(pa.x, pa.y, hi, lo);
+                    pB[nt][0] = (g & 1) ? lo : hi;
+                    splitHalf2(pb.x, pb.y, hi, lo);
+                    pB[nt][1] = (g & 1) ? lo : hi;
+                    float const al = pAlpha[4 * nt + t];
+#pragma unroll
+                    for (int m = 0; m < MT; ++m)
                     {
-                        uint4 const* krow = reinterpret_cast<uint4 const*>(rowOf(c0 + lane));
-#pragma unroll
-                        for (int c8 = 0; c8 < D / 8; ++c8)
-                        {
-                            uint4 const raw = krow[c8];
-                            uint32_t const wds[4] = {raw.x, raw.y, raw.z, raw.w};
-                            float kf[8];
-#pragma unroll
-                            for (int e = 0; e < 4; ++e)
-                            {
-                                kf[2 * e] = h2f(static_cast<uint16_t>(wds[e] & 0xffffu));
-                                kf[2 * e + 1] = h2f(static_cast<uint16_t>(wds[e] >> 16));
-                            }
-#pragma unroll
-                            for (int h = 0; h < 4 * NT; ++h)
-                            {
-                                float4 const q0 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8);
-                                float4 const q1 = *reinterpret_cast<float4 const*>(qf + h * D + 8 * c8 + 4);
-                                s[h] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4]
-                                    + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
-                            }
-                        }
+                        oF[m][nt][0] *= al;
+                        oF[m][nt][1] *= al;
                     }
-                    float own[NT]; // the maximum after this chunk of this lane's head of each n-tile
+                }
+                // V^T fragments: channel 16m + g (+ 8) of keys c0 + 2t, 2t + 1, 2t + 8, 2t + 9 (zero beyond p1)
+                uint16_t const* vr[4];
+                bool vin[4];
 #pragma unroll
-                    for (int h = 0; h < 4 * NT; ++h)
+                for (int j = 0; j < 4; ++j)
+                {
+                    int const key = c0 + 2 * t + (j & 1) + 8 * (j >> 1);
+                    vin[j] = key < p1;
+                    vr[j] = rowOf(vin[j] ? key : p0) + vStride + g;
+                }
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+                {
+                    uint32_t v16[4][2]; // [key j][row g, g + 8]
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
                     {
-                        float const sh = lane < cnt && h < nh ? s[h] * a.q_scale : kNegInf;
-                        float mx = sh;
-#pragma unroll
-                        for (int o = 16; o > 0; o >>= 1)
-                        {
-                            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-                        }
-                        // lane h % 4 (g = 0, t = h % 4) holds head h's running maximum in mRun[h / 4]
-                        float const mN = fmaxf(__shfl_sync(0xffffffffu, mRun[h / 4], h % 4), mx);
-                        pw[h * 32 + lane] = sh == kNegInf ? 0.F : exp2f(sh - mN);
-                        if (h % 4 == 0 || h % 4 == t)
-                        {
-                            own[h / 4] = mN;
-                        }
+                        v16[j][0] = vin[j] ? vr[j][16 * m] : 0U;
+                        v16[j][1] = vin[j] ? vr[j][16 * m + 8] : 0U;
                     }
+                    uint32_t const a0 = v16[0][0] | (v16[1][0] << 16);
+                    uint32_t const a1 = v16[0][1] | (v16[1][1] << 16);
+                    uint32_t const a2 = v16[2][0] | (v16[3][0] << 16);
+                    uint32_t const a3 = v16[2][1] | (v16[3][1] << 16);
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
                     {
-                        if (own[nt] > mRun[nt])
-                        {
-                            rescaleHead(nt, own[nt]);
-                        }
+                        float acc[4] = {0.F, 0.F, 0.F, 0.F};
+                        mmaF16(acc, a0, a1, a2, a3, pB[nt][0], pB[nt][1]);
+                        oF[m][nt][0] += acc[0] + acc[1];
+                        oF[m][nt][1] += acc[2] + acc[3];
                     }
-                    __syncwarp();
-#pragma unroll 4
-                    for (int j = 0; j < cnt; ++j)
-                    {
-                        uint16_t const* vrow = rowOf(c0 + j) + vStride;
-#pragma unroll
-                        for (int nt = 0; nt < NT; ++nt)
-                        {
-                            addKey(nt, pw[(4 * nt + t) * 32 + j], vrow);
-                        }
-                    }
-                    __syncwarp(); // pw is written again by the next chunk, and is the tiles' pbuf afterwards
                 }
+                __syncwarp(); // pw is written again by the next chunk
             }
         };
         if (sinkEnd > kb)
@@ -795,14 +820,39 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
         {
             exactRows(winBeg, ke, ringRowOf, ringRow);
         }
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
+        // the pass's maximum and sum to the loop's layout: head 4nt + t, the sum counted once (g = 0)
+        if (g == 0)
         {
+            pMax[2 * t] = mE[0];
+            pMax[2 * t + 1] = mE[1];
+            pSum[2 * t] = lE[0];
+            pSum[2 * t + 1] = lE[1];
+        }
+        __syncwarp();
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
+        {
+            mRun[nt] = pMax[4 * nt + t];
+            lRun[nt] = g == 0 ? pSum[4 * nt + t] : 0.F;
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
             {
                 oAt(m, nt, 0) = oF[m][nt][0];
                 oAt(m, nt, 1) = oF[m][nt][1];
+            }
+        }
+        __syncwarp(); // pbuf is the tiles' P buffer from here on
+    }
+    else
+    {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+        {
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+            {
+                oAt(m, nt, 0) = 0.F;
+                oAt(m, nt, 1) = 0.F;
             }
         }
     }
