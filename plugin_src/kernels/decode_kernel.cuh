@@ -708,7 +708,8 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
                 bool const in1 = c0 + g + 8 < p1;
                 uint16_t const* k0 = rowOf(in0 ? c0 + g : p0) + 4 * t;
                 uint16_t const* k1 = rowOf(in1 ? c0 + g + 8 : p0) + 4 * t;
-                float sc[4] = {0.F, 0.F, 0.F, 0.F};
+                float sc[4] = {0.F, 0.F, 0.F, 0.F}; // the hi and lo products in two independent chains
+                float sl[4] = {0.F, 0.F, 0.F, 0.F};
 #pragma unroll
                 for (int s = 0; s < KS16; ++s)
                 {
@@ -723,7 +724,12 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
                         splitHalf2(qv.z * fqB, qv.w * fqB, bh[1], bl[1]);
                     }
                     mmaF16(sc, w0.x, w1.x, w0.y, w1.y, bh[0], bh[1]);
-                    mmaF16(sc, w0.x, w1.x, w0.y, w1.y, bl[0], bl[1]);
+                    mmaF16(sl, w0.x, w1.x, w0.y, w1.y, bl[0], bl[1]);
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                {
+                    sc[i] += sl[i];
                 }
                 // softmax over the chunk, per head (the 8 lanes of one t hold its 16 keys)
                 float pv[2][2]; // [head e][key g, g + 8]
