@@ -403,7 +403,9 @@ def test_decode_right_behind_the_write_reads_the_new_token(w):
     wait for it before it reads the cache). Each new key lies along its KV head's queries and is
     long, so the new token carries most of the attention: a decode that read its slot (random
     bytes; with w = 16 the ring entry) before the write landed is far off, as the same decode run
-    before the write shows."""
+    before the write shows. What it checks is the step's result: on the H200 (2026-11-28) a scratch
+    build whose split kernel never waited for the write passed too, because the write lands before
+    the split kernel reaches the newest position, so a missing wait need not fail here."""
     rng = _rng()
     d, h, g, t = 128, 8, 4, 64
     fmt = _exps(LayerFormat(d, (3,) * h, (3,) * h, sink_tokens=2, norm_correction=True, recent_tokens=w), rng)
