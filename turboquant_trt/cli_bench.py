@@ -120,7 +120,7 @@ def measure_read_bw(iters: int = 50) -> float:
     return READ_BW_BYTES / (best * 1e-3)
 
 
-def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20, recent=0):
+def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20, recent=0, sinks=0):
     import torch
     import torch.nn.functional as F
 
@@ -130,7 +130,7 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     dev = "cuda"
     gen = torch.Generator(device=dev)
     gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
-    fmt = LayerFormat(d, (k_bits,) * h, (v_bits,) * h, recent_tokens=recent)
+    fmt = LayerFormat(d, (k_bits,) * h, (v_bits,) * h, sink_tokens=sinks, recent_tokens=recent)
     blocks_per_seq = math.ceil(L / t)
     num_blocks = b * blocks_per_seq
     per_token_head = fmt.head_bytes(0)
@@ -142,6 +142,7 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
         lay = K.KernelLayer.allocate(fmt, num_blocks, t, b)
         _random_pool(lay, fmt, t, num_blocks, gen)
         lay.recent_pool.normal_(0.0, 0.5, generator=gen)  # finite fp16 window values (unused if w = 0)
+        lay.sink_pool.normal_(0.0, 0.5, generator=gen)  # and sink rows (unused without sinks)
         layers.append(lay)
         bt = torch.randperm(num_blocks, device=dev, generator=gen).to(torch.int32).reshape(b, blocks_per_seq)
         tables.append(bt)
@@ -194,10 +195,12 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     sdpa_ms, _ = _time(sdpa, iters)
     del kvs
     torch.cuda.empty_cache()
-    # codes + scales of every position (window positions' codes are not read; counted anyway, a
-    # conservative figure), the fp16 window ring, q and out
-    bytes_read = b * L * h * per_token_head + b * h * 2 * min(recent, L) * d * 2 + 2 * q.numel() * 2
-    return Row(name, b, L, hq, h, d, f"k{k_bits}v{v_bits}" + (f"w{recent}" if recent else ""), t, splits, ours_ms, spread, sdpa_ms,
+    # codes + scales of every position (window and sink positions' codes are not read; counted
+    # anyway, a conservative figure), the fp16 window ring and sink rows, q and out
+    bytes_read = (b * L * h * per_token_head + b * h * 2 * (min(recent, L) + min(sinks, L)) * d * 2
+                  + 2 * q.numel() * 2)
+    label = f"k{k_bits}v{v_bits}" + (f"s{sinks}" if sinks else "") + (f"w{recent}" if recent else "")
+    return Row(name, b, L, hq, h, d, label, t, splits, ours_ms, spread, sdpa_ms,
                sdpa_ms / ours_ms, bytes_read, bytes_read / ours_ms / 1e6,
                0.0,  # frac_hbm: set by run_all, which needs every shape's SDPA rate first
                kv_bytes / sdpa_ms / 1e6, write_ms, write_ms / ours_ms, step_ms, step_ms - ours_ms)
@@ -247,7 +250,8 @@ def bench_context(b, prefix, q_len, hq, h, d, t=64, iters=20):
             "ours_ms": ours_ms, "sdpa_ms": sdpa_ms, "ratio_sdpa_over_ours": sdpa_ms / ours_ms}
 
 
-def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None, recent=0, read_bw=None):
+def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None, recent=0, read_bw=None,
+            sinks=0):
     import torch
     measured = read_bw is None
     probe = measure_read_bw() if measured else read_bw
@@ -255,7 +259,7 @@ def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=N
           f"({'measured: torch sum/max over 2 GiB' if measured else 'given with --read-bw'})", flush=True)
     rows = []
     for spec in shapes or DEFAULT_SHAPES:
-        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters, recent=recent))
+        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters, recent=recent, sinks=sinks))
         r = rows[-1]
         print(f"{r.shape:18s} ours {r.ours_ms:8.4f} ms  sdpa {r.sdpa_ms:8.4f} ms  x{r.speedup:5.2f}  "
               f"{r.ours_tbps:6.0f} GB/s (sdpa {r.sdpa_tbps:6.0f})  write {r.write_ms * 1000:6.1f} us "
@@ -274,7 +278,7 @@ def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=N
                   f"ours {c['ours_ms']:.3f} ms  sdpa {c['sdpa_ms']:.3f} ms", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "commit": source_commit(), "torch": torch.__version__, "tokens_per_block": tokens_per_block,
-            "recent_tokens": recent, "read_bw_probe_bytes_per_s": probe, "read_bw_bytes_per_s": ref,
+            "recent_tokens": recent, "sink_tokens": sinks, "read_bw_probe_bytes_per_s": probe, "read_bw_bytes_per_s": ref,
             "read_bw_measured": measured}
     result = {"meta": meta, "decode": [asdict(r) for r in rows], "context": ctx}
     print()
@@ -308,11 +312,14 @@ def bench() -> None:
 @click.option("--recent", default=0, show_default=True, type=click.IntRange(0, 64),
               help="recent-token window of the format: each sequence's last W positions read from the fp16 "
                    "ring instead of their codes (the calibration's default is 16)")
+@click.option("--sinks", default=0, show_default=True, type=click.IntRange(0, 16),
+              help="sink tokens of the format: each sequence's first N positions read from their fp16 "
+                   "copies instead of their codes (the calibration's default is 1)")
 @click.option("--read-bw", type=click.FloatRange(min=1.0, min_open=False), default=None,
               help="the card's HBM read bandwidth in GB/s for the '% of bandwidth' column "
                    "[default: the fastest read measured in the run: a 2 GiB torch reduction or fp16 SDPA]")
 def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: str | None, recent: int,
-                read_bw: float | None) -> None:
+                sinks: int, read_bw: float | None) -> None:
     """Decode attention over the 3-bit cache vs torch fp16 SDPA, same shapes, same process.
 
     Also times the write kernel alone and a write + decode step as the plugin runs one (CUDA graphs
@@ -322,6 +329,7 @@ def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: s
     Examples:
       turboquant bench kernels --iters 100 --json bench.json
       turboquant bench kernels --recent 16 --no-context    # with the default 16-token window
+      turboquant bench kernels --sinks 1 --recent 16 --no-context   # the calibration's defaults
     """
     try:
         import torch
@@ -335,7 +343,7 @@ def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: s
     except KernelError as e:
         raise click.ClickException(str(e)) from None
     run_all(iters=iters, tokens_per_block=tokens_per_block, context=not no_context, out_json=out_json,
-            recent=recent, read_bw=None if read_bw is None else read_bw * 1e9)
+            recent=recent, read_bw=None if read_bw is None else read_bw * 1e9, sinks=sinks)
 
 
 if __name__ == "__main__":
