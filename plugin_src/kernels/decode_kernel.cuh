@@ -648,11 +648,13 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     }
 
     // ---- sink tokens and the recent-token window (fp16, transformed domain): exact path ------------
-    // Keys [p0, p1) go in chunks of 16 on fp16 tensor cores (m16n8k16, fp32 accumulation); the
-    // exactness comes from splitting the fp32 operands into fp16 hi + lo parts:
+    // Keys [p0, p1) go in chunks of 16 on fp16 tensor cores (m16n8k16, fp32 accumulation). K and V
+    // are fp16 already; the fp32 operands Q and P are split into fp16 hi + lo parts (about 22
+    // significant bits together), so these rows keep their fp16 values, not their codes:
     //   S = K Q^T: rows = the chunk's keys, columns = the CTA's query heads (n = 8: heads 0..7,
     //     zero for heads the CTA lacks). Q is scaled per head by fq (the prologue's 14-bit scale, so
-    //     that it fits fp16) and split into hi and lo (two products). Within k-step s, lane t's
+    //     that it fits fp16) and split into hi and lo (two products, accumulated in two independent
+    //     chains and added at the end). Within k-step s, lane t's
     //     k-indices 2t, 2t+1, 2t+8, 2t+9 stand for channels 16s + 4t .. 16s + 4t + 3 (a permutation of
     //     the channels, the same for K and Q), so each A fragment row is one 8-byte load.
     //   O^T += V^T P^T: rows = channels (16 per m-tile), columns = (head 4nt + j/2, part j%2) as in the
