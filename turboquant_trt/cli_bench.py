@@ -250,6 +250,11 @@ def bench_context(b, prefix, q_len, hq, h, d, t=64, iters=20):
             "ours_ms": ours_ms, "sdpa_ms": sdpa_ms, "ratio_sdpa_over_ours": sdpa_ms / ours_ms}
 
 
+def select_shapes(names):
+    """The DEFAULT_SHAPES named in `names`, in their table order (each once); all of them when empty."""
+    return [s for s in DEFAULT_SHAPES if s[0] in set(names)] if names else list(DEFAULT_SHAPES)
+
+
 def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None, recent=0, read_bw=None,
             sinks=0):
     import torch
@@ -315,11 +320,13 @@ def bench() -> None:
 @click.option("--sinks", default=0, show_default=True, type=click.IntRange(0, 16),
               help="sink tokens of the format: each sequence's first N positions read from their fp16 "
                    "copies instead of their codes (the calibration's default is 1)")
+@click.option("--shape", "shape_names", multiple=True, type=click.Choice([s[0] for s in DEFAULT_SHAPES]),
+              help="time only this decode shape (repeatable) [default: all of them]")
 @click.option("--read-bw", type=click.FloatRange(min=1.0, min_open=False), default=None,
               help="the card's HBM read bandwidth in GB/s for the '% of bandwidth' column "
                    "[default: the fastest read measured in the run: a 2 GiB torch reduction or fp16 SDPA]")
 def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: str | None, recent: int,
-                sinks: int, read_bw: float | None) -> None:
+                sinks: int, shape_names: tuple[str, ...], read_bw: float | None) -> None:
     """Decode attention over the 3-bit cache vs torch fp16 SDPA, same shapes, same process.
 
     Also times the write kernel alone and a write + decode step as the plugin runs one (CUDA graphs
@@ -330,6 +337,7 @@ def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: s
       turboquant bench kernels --iters 100 --json bench.json
       turboquant bench kernels --recent 16 --no-context    # with the default 16-token window
       turboquant bench kernels --sinks 1 --recent 16 --no-context   # the calibration's defaults
+      turboquant bench kernels --shape B8-L32K --shape SmolLM2-B16-L8K --no-context
     """
     try:
         import torch
@@ -342,8 +350,9 @@ def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: s
         library()
     except KernelError as e:
         raise click.ClickException(str(e)) from None
-    run_all(iters=iters, tokens_per_block=tokens_per_block, context=not no_context, out_json=out_json,
-            recent=recent, read_bw=None if read_bw is None else read_bw * 1e9, sinks=sinks)
+    shapes = select_shapes(shape_names)
+    run_all(shapes=shapes, iters=iters, tokens_per_block=tokens_per_block, context=not no_context,
+            out_json=out_json, recent=recent, read_bw=None if read_bw is None else read_bw * 1e9, sinks=sinks)
 
 
 if __name__ == "__main__":
