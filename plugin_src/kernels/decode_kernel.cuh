@@ -401,6 +401,9 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     launchDependents();
     gridDependencyWait();
     int const seqLen = a.seq_lens[b];
+    // the sequence's slot of its sink and window rows, read beside seq_lens: read after it, as the
+    // rows' prefetch below needs it, it would be one more dependent load before the exact path
+    int const seqSlot = L.sink_tokens > 0 || L.recent_tokens > 0 ? a.kv.seq_slot[b] : 0;
     int const T = L.tokens_per_block;
     int const tShift = __ffs(T) - 1; // T is a power of two
     int const ns = L.sink_tokens;
@@ -533,7 +536,7 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     uint16_t const* ring = nullptr;
     if (sinkEnd > kb || ke > winBeg)
     {
-        int64_t const sh = static_cast<int64_t>(a.kv.seq_slot[b]) * L.num_kv_heads + head;
+        int64_t const sh = static_cast<int64_t>(seqSlot) * L.num_kv_heads + head;
         sinkBase = sinkEnd > kb ? a.kv.sink_pool + sh * 2 * sinkRow : nullptr;
         ring = ke > winBeg ? a.kv.recent_pool + sh * 2 * ringRow : nullptr;
     }
