@@ -174,24 +174,11 @@ __device__ __forceinline__ float exp2Ftz(float x)
     return y;
 }
 
-// D += A B on fp16 tensor cores, fp32 accumulation (m16n8k16; A 16x16 row-major, B 16x8 column-major)
-__device__ __forceinline__ void mmaF16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
-{
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // x0, x1 as fp16 pairs hi + lo: hi = fp16(x), lo = fp16(x - hi) (about 22 bits of x together)
 __device__ __forceinline__ void splitHalf2(float x0, float x1, uint32_t& hi, uint32_t& lo)
 {
-    __half const h0 = __float2half_rn(x0);
-    __half const h1 = __float2half_rn(x1);
-    __half const l0 = __float2half_rn(x0 - __half2float(h0));
-    __half const l1 = __float2half_rn(x1 - __half2float(h1));
-    hi = static_cast<uint32_t>(__half_as_ushort(h0)) | (static_cast<uint32_t>(__half_as_ushort(h1)) << 16);
-    lo = static_cast<uint32_t>(__half_as_ushort(l0)) | (static_cast<uint32_t>(__half_as_ushort(l1)) << 16);
+    hi = packHalf2(x0, x1);
+    lo = packHalf2(x0 - h2f(static_cast<uint16_t>(hi)), x1 - h2f(static_cast<uint16_t>(hi >> 16)));
 }
 
 __device__ __forceinline__ void mmaS8U8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
@@ -728,8 +715,9 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
                         splitHalf2(qv.x * fqB, qv.y * fqB, bh[0], bl[0]);
                         splitHalf2(qv.z * fqB, qv.w * fqB, bh[1], bl[1]);
                     }
-                    mmaF16(sc, w0.x, w1.x, w0.y, w1.y, bh[0], bh[1]);
-                    mmaF16(sl, w0.x, w1.x, w0.y, w1.y, bl[0], bl[1]);
+                    uint32_t const ka[4] = {w0.x, w1.x, w0.y, w1.y};
+                    mma16816(sc, ka, bh[0], bh[1]);
+                    mma16816(sl, ka, bl[0], bl[1]);
                 }
 #pragma unroll
                 for (int i = 0; i < 4; ++i)
@@ -807,15 +795,13 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
                         v16[j][0] = vin[j] ? vr[j][16 * m] : 0U;
                         v16[j][1] = vin[j] ? vr[j][16 * m + 8] : 0U;
                     }
-                    uint32_t const a0 = v16[0][0] | (v16[1][0] << 16);
-                    uint32_t const a1 = v16[0][1] | (v16[1][1] << 16);
-                    uint32_t const a2 = v16[2][0] | (v16[3][0] << 16);
-                    uint32_t const a3 = v16[2][1] | (v16[3][1] << 16);
+                    uint32_t const va[4] = {v16[0][0] | (v16[1][0] << 16), v16[0][1] | (v16[1][1] << 16),
+                        v16[2][0] | (v16[3][0] << 16), v16[2][1] | (v16[3][1] << 16)};
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
                     {
                         float acc[4] = {0.F, 0.F, 0.F, 0.F};
-                        mmaF16(acc, a0, a1, a2, a3, pB[nt][0], pB[nt][1]);
+                        mma16816(acc, va, pB[nt][0], pB[nt][1]);
                         oF[m][nt][0] += acc[0] + acc[1];
                         oF[m][nt][1] += acc[2] + acc[3];
                     }
