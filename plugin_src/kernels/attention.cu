@@ -2,12 +2,14 @@
 // host side. Decode has its own kernel (decode.cu).
 //
 // attentionSplitKernel<D, KB, VB> (attention_kernel.cuh): one CTA of four warps per (row tile, KV
-// head, split of the key range). A row tile is up to 8 (query token, query head) rows of one KV
-// head's GQA group (groups of more than 8 heads take two CTAs). Each warp streams its own 32-slot
-// pool tiles (docs/format.md §5.1) through a shared-memory pipeline of 2 or 3 stages (bulk copies on
-// an mbarrier per stage on sm_90+, cp.async before); a lane reads its own lane chunk of the tile,
-// which holds exactly the codes of its tensor-core fragments, and expands them in registers
-// (dequant.cuh). Both products run on tensor cores (mma m16n8k16, fp16 inputs, fp32 accumulation)
+// head, split of the key range). A row tile is up to 32 (query token, query head) rows of one KV
+// head's GQA group, 8 per warp. The CTA streams the split's 32-slot pool tiles (docs/format.md
+// §5.1) through a shared-memory pipeline of 3 stages (bulk copies on an mbarrier per stage on
+// sm_90+, cp.async before). Each tile is expanded once: a lane reads its own lane chunk, which
+// holds exactly the codes of its tensor-core fragments, and expands them in registers
+// (dequant.cuh); the four warps expand a quarter each (K or V of one 16-token step) and store the
+// fragments to shared memory in the lanes' register layout, from where every warp reads them for
+// its own 8 rows. So the expansion, the kernel's main cost, is shared by 32 rows instead of 8. Both products run on tensor cores (mma m16n8k16, fp16 inputs, fp32 accumulation)
 // with tokens as the M dimension, two 16-token steps per tile: S^T = K Q_t^T, then O^T += V^T P^T,
 // P^T coming from S^T's accumulators through an 8x8 register transpose (movmatrix) and four quad
 // shuffles. The query is smoothed, rotated and scaled in the prologue. Partial (max, sum, O) per
@@ -432,10 +434,10 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
     args.seq_lens = p.seq_lens;
     args.win_new = exact;
     args.batch = p.batch;
-    args.tq = std::max(1, 8 / args.group); // 8 (token, head) rows per CTA
+    args.tq = std::max(1, kCtxRows / args.group); // kCtxRows (token, head) rows per CTA
     args.tiles_per_seq = (p.max_q_len + args.tq - 1) / args.tq;
     int32_t const sms = resolveSms(0);
-    planSplits(static_cast<int64_t>(p.batch) * args.tiles_per_seq * p.layer.num_kv_heads * (args.group > 8 ? 2 : 1),
+    planSplits(static_cast<int64_t>(p.batch) * args.tiles_per_seq * p.layer.num_kv_heads * (args.group > kCtxRows ? 2 : 1),
         p.max_seq_len, sms,
         args.num_splits, args.split_len);
     int32_t const upper = contextSplitsUpper(p.total_q_tokens);
@@ -452,7 +454,7 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
         args.ws_ml = reinterpret_cast<float*>(base);
         args.ws_o = reinterpret_cast<float*>(base + alignWs(rows * 2 * sizeof(float)));
     }
-    err = runAttention(args, p.batch * args.tiles_per_seq * (args.group > 8 ? 2 : 1), p.total_q_tokens, stream);
+    err = runAttention(args, p.batch * args.tiles_per_seq * (args.group > kCtxRows ? 2 : 1), p.total_q_tokens, stream);
     if (err != cudaSuccess || w == 0)
     {
         return err;

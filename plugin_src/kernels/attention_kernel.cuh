@@ -22,7 +22,9 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 64;   // split boundaries are multiples of this
 constexpr int kTile = 16;    // tokens per warp step (two steps per staged pool tile)
 constexpr int kStageTokens = kTileTokens; // tokens per pipeline stage: one 32-slot pool tile
-constexpr int kMaxWarpStages = 3;          // per-warp pipeline depth (2 or 3, see warpStages)
+constexpr int kCtxStages = 3;              // the CTA's pipeline depth (pool tiles in flight)
+constexpr int kRowsPerWarp = 8;            // query rows of one warp (the n = 8 of its MMAs)
+constexpr int kCtxRows = kWarps * kRowsPerWarp; // query rows per CTA
 constexpr int kMaxSplits = 128;
 #ifndef TQ_CTAS_PER_SM
 #define TQ_CTAS_PER_SM 4
@@ -85,23 +87,21 @@ __host__ __device__ constexpr StageLayout stageLayout(int kcb, int vcb)
         kStageTokens * (kcb + vcb) + 2 * kTurboMetaBytes * kStageTokens};
 }
 
-// Pipeline depth per warp: 3 stages when four CTAs of the kernel still fit in shared memory.
-template <int D, int KB, int VB>
-__host__ __device__ constexpr int warpStages()
-{
-    return 16 * D * 4 + kWarps * (3 * stageLayout(D * KB / 8, D * VB / 8).bytes + 3 * 8) <= 56 * 1024 ? 3 : 2;
-}
-
 template <int D>
 __host__ __device__ constexpr int prologueBytes()
 {
-    return 16 * D * 4 + kWarps * kMaxWarpStages * 8; // query rows, mbarriers
+    return kCtxRows * D * 4 + (kCtxStages * 8 + 15) / 16 * 16; // query rows, mbarriers (16-byte multiple:
+                                                                // the stages after them take bulk copies)
 }
 
+// The expanded tile in the lanes' fragment layout, two of them (tile parity): [2][4 items][D/16
+// groups][32 lanes][4 words] (item 2kh: K of step kh, 2kh + 1: V of step kh; a lane's registers in
+// groups of four, one 16-byte access each), then the scales [2][2 steps][4: K of tokens g, g + 8,
+// V of tokens g, g + 8][32 lanes].
 template <int D>
-__host__ __device__ constexpr int combineBytes()
+__host__ __device__ constexpr int fragBytes()
 {
-    return kWarps * 8 * (D + 2) * 4;
+    return 2 * 4 * (D / 4) * 32 * 4 + 2 * 2 * 4 * 32 * 4;
 }
 
 __device__ __forceinline__ uint32_t smemAddr(void const* p)
@@ -288,8 +288,8 @@ __device__ __forceinline__ void loadUnitPair(uint8_t const* st, int off, int kh,
 // Layout of one 16-token step in a warp (lane = 4 * g + t), tokens 16 * kh + r of a 32-slot tile:
 //   S^T = K Q^T (m16n8k16): A = K rows (tokens g, g + 8 of the step = slots g + 8 * i, i = 2kh,
 //        2kh + 1, which lane g's own tile chunk holds), k-slots 2t, 2t+1 | 2t+8, 2t+9 of k-step kk
-//        = channels 16kk + 4t + 0, 1 | 2, 3; B = Q^T (same channels, query row g);
-//        C = (tokens g, g+8; query rows 2t, 2t+1)
+//        = channels 16kk + 4t + 0, 1 | 2, 3; B = Q^T (same channels, the warp's query row g);
+//        C = (tokens g, g+8; the warp's query rows 2t, 2t+1)
 //   O^T += V^T P^T: A = V^T (rows: channels 16mt + g, 16mt + 8 + g; k-slots 2t, 2t+1 | 2t+8, 2t+9
 //        = tokens 4t, 4t+1 | 4t+2, 4t+3, which lane (g, t)'s tile chunk holds),
 //        B = P^T: C transposed by 8x8 movmatrix, then tokens 4t..4t+3 fetched from the quad by four
@@ -302,8 +302,8 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     constexpr int KPAIRS = D / 8; // half2 of one K row per thread (D/4 codes)
     constexpr int MT = D / 16;    // m-tiles of O^T
     constexpr int KU = D / 64;    // K units of a lane chunk per step
-    constexpr int kRows = 8;      // query rows per CTA
-    constexpr int kStages = warpStages<D, KB, VB>();
+    constexpr int kRows = kCtxRows; // query rows per CTA, kRowsPerWarp of them per warp
+    constexpr int kStages = kCtxStages;
     constexpr float kNegInf = -INFINITY;
     constexpr float kSlack = 3.F; // P * v_scale must stay finite in fp16: P <= 8
     constexpr int kNoLow = 1 << 30; // scoreStep's cutLo when keys have no lower bound per row
@@ -311,9 +311,9 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     using CV = CtxCodes<VB>;
 
     extern __shared__ __align__(16) uint8_t smem[];
-    float* qs = reinterpret_cast<float*>(smem);                     // [16][D] (8 used)
-    uint64_t* bars = reinterpret_cast<uint64_t*>(qs + 16 * D);      // [kWarps][kMaxWarpStages]
-    uint8_t* stages = smem + prologueBytes<D>();
+    float* qs = reinterpret_cast<float*>(smem);                     // [kRows][D]
+    uint64_t* bars = reinterpret_cast<uint64_t*>(qs + kRows * D);   // [kStages]
+    uint8_t* stages = smem + prologueBytes<D>();                    // [kStages] pool tiles, then fragBytes
 
     KvLayerDesc const& L = a.layer;
     int const split = blockIdx.x;
@@ -331,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     {
         return;
     }
-    // query heads per token in this CTA (groups of more than 8 heads take two CTAs)
+    // query heads per token in this CTA (groups of more than kRows heads would take two CTAs)
     int const rh = a.group > kRows ? (hs == 0 ? kRows : a.group - kRows) : a.group;
     int const ntok = min(a.tq, qLen - tok0);
     int const nrows = ntok * rh;
@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         }
         qs[i] = x;
     }
-    if (threadIdx.x < kWarps * kMaxWarpStages)
+    if (threadIdx.x < kStages)
     {
         mbarInit(&bars[threadIdx.x]);
     }
@@ -398,7 +398,8 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         }
         __syncthreads();
     }
-    uint32_t qb[D / 16][2]; // B = Q^T: query row gq, channels 16kk + 4t4 + {0,1} and {2,3}
+    int const row0 = warp * kRowsPerWarp; // this warp's rows: row0 .. row0 + 7
+    uint32_t qb[D / 16][2]; // B = Q^T: query row row0 + gq, channels 16kk + 4t4 + {0,1} and {2,3}
     {
         float const qmul = a.rsqrt_d * a.q_scale;
 #pragma unroll
@@ -408,16 +409,16 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             for (int half = 0; half < 2; ++half)
             {
                 int const c0 = 16 * kk + 4 * t4 + 2 * half;
-                qb[kk][half] = packHalf2(qs[gq * D + c0] * qmul, qs[gq * D + c0 + 1] * qmul);
+                qb[kk][half] = packHalf2(qs[(row0 + gq) * D + c0] * qmul, qs[(row0 + gq) * D + c0 + 1] * qmul);
             }
         }
     }
-    // last visible position of this thread's two query rows (2t4, 2t4+1); -1: padding row
+    // last visible position of this thread's two query rows (row0 + 2t4, row0 + 2t4 + 1); -1: padding row
     int qpos[2];
 #pragma unroll
     for (int c = 0; c < 2; ++c)
     {
-        int const r = 2 * t4 + c;
+        int const r = row0 + 2 * t4 + c;
         qpos[c] = r < nrows ? posBase + tok0 + r / rh : -1;
     }
 
@@ -563,8 +564,9 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         valueStep(va, b0, b1);
     };
 
-    // ---- sink tokens in the split that starts at position 0 (at most 16: one step) -------------
-    if (kb == 0 && ns > 0 && warp == 0)
+    // ---- sink tokens in the split that starts at position 0 (at most 16: one step), every warp for
+    // its own rows -----------------------------------------------------------------------------------
+    if (kb == 0 && ns > 0)
     {
         int64_t const slot = a.kv.seq_slot[b];
         uint16_t const* sinks = a.kv.sink_pool + (slot * L.num_kv_heads + head) * 2 * ns * D;
@@ -572,11 +574,11 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             min(ns, ke), kNoLow);
     }
 
-    // ---- the recent-token window in 16-token steps, last warp ------------------------------------
+    // ---- the recent-token window in 16-token steps, every warp for its own rows --------------------
     // Row position qp reads keys qp - w < pos <= qp (pos >= ns) in fp16: this call's own tokens from
     // win_new, earlier ones from the ring, which the launcher updates only after this kernel.
     int const w = L.recent_tokens;
-    if (w > 0 && warp == kWarps - 1)
+    if (w > 0)
     {
         int const p0 = posBase + tok0; // the first row's position: its window starts earliest
         int const wlo = max(max(kb, ns), p0 - w + 1);
@@ -596,53 +598,154 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         }
     }
 
-    // ---- quantized keys: each warp streams its own 32-slot pool tiles (warp, warp+4, ...) -------
+    // ---- quantized keys: the CTA's 32-slot pool tiles in order. Each tile is expanded once, by all
+    // four warps (warp 2kh + v: the K (v = 0) or V (v = 1) fragments of 16-token step kh), into
+    // shared memory in the lanes' register layout (lane L of every warp needs the same fragments),
+    // then every warp runs both steps for its own rows. One barrier per tile; the expanded tiles
+    // alternate between two buffers, the pool tiles go through kStages stages that warp 0 fills. ----
     constexpr StageLayout sl = stageLayout(KCB, VCB);
+    constexpr int kItemWords = D / 4; // 2 * KPAIRS (K) = 4 * MT (V) registers per lane
+    static_assert(kItemWords == 2 * KPAIRS && kItemWords == 4 * MT && KPAIRS % 4 == 0, "fragment groups of four");
     int const kExp = a.layer.k_scale_exp[head];
     int const vExp = a.layer.v_scale_exp[head];
     float const fracL = kDevScale8Frac[lane & 15]; // the scale grid F (docs/format.md §3.1)
     int const lo = max(kb, ns);
     int const ntiles = (ke - kb + kStageTokens - 1) / kStageTokens;
-    int const nMine = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
-    uint8_t* myStages = stages + warp * kStages * sl.bytes;
-    uint64_t* myBars = bars + warp * kMaxWarpStages;
-    auto tilePos = [&](int i) { return kb + kStageTokens * (warp + kWarps * i); };
-#pragma unroll
-    for (int i = 0; i < kStages - 1; ++i)
+    auto tilePos = [&](int i) { return kb + kStageTokens * i; };
+    uint32_t* const frag = reinterpret_cast<uint32_t*>(stages + kStages * sl.bytes);
+    float* const fscale = reinterpret_cast<float*>(frag + 2 * 4 * kItemWords * 32);
+    int const myKh = warp >> 1;       // the step this warp expands
+    bool const myV = (warp & 1) != 0; // ... its V (else its K)
+    if (warp == 0)
     {
-        if (i < nMine)
+#pragma unroll
+        for (int i = 0; i < kStages - 1; ++i)
         {
-            issueTile(a, sl, myStages + i * sl.bytes, &myBars[i], b, head, tilePos(i), KCB, VCB, lane);
-        }
+            if (i < ntiles)
+            {
+                issueTile(a, sl, stages + i * sl.bytes, &bars[i], b, head, tilePos(i), KCB, VCB, lane);
+            }
 #if !TQ_CTX_BULK
-        else
-        {
-            cpAsyncCommit();
-        }
+            else
+            {
+                cpAsyncCommit();
+            }
 #endif
+        }
     }
 #pragma unroll 1
-    for (int i = 0; i < nMine; ++i)
+    for (int i = 0; i < ntiles; ++i)
     {
-        int const ni = i + kStages - 1;
-        if (ni < nMine)
-        {
-            issueTile(a, sl, myStages + (ni % kStages) * sl.bytes, &myBars[ni % kStages], b, head, tilePos(ni), KCB,
-                VCB, lane);
-        }
+        uint8_t const* st = stages + (i % kStages) * sl.bytes;
 #if TQ_CTX_BULK
-        mbarWait(&myBars[i % kStages], static_cast<uint32_t>((i / kStages) & 1));
+        mbarWait(&bars[i % kStages], static_cast<uint32_t>((i / kStages) & 1));
 #else
-        else
+        if (warp == 0)
         {
-            cpAsyncCommit();
+            cpAsyncWait<kStages - 2>(); // tile i (warp 0 committed kStages - 1 + i groups)
         }
-        cpAsyncWait<kStages - 1>();
-        __syncwarp();
+        __syncthreads();
 #endif
-        uint8_t const* st = myStages + (i % kStages) * sl.bytes;
-        int const kChunk = lane * KCB;          // this lane's chunks (stage byte offsets)
-        int const vChunk = sl.offV + lane * VCB;
+        uint32_t* const fb = frag + (i & 1) * 4 * kItemWords * 32;
+        float* const fs = fscale + (i & 1) * 2 * 4 * 32;
+        // ---- expand: this warp's item of tile i ----
+        {
+            int const kh = myKh;
+            int const pos0 = tilePos(i) + kTile * kh;
+            if (!(pos0 + kTile <= lo || pos0 >= ke))
+            {
+                uint4* const dst = reinterpret_cast<uint4*>(fb + warp * kItemWords * 32) + lane;
+                int const slotBase = kTile * kh + gq;
+                if (!myV)
+                {
+                    uint32_t kr[kItemWords]; // kf[j][q] of the loop below at j * KPAIRS + q
+                    // K: rows i = 2kh + j, registers rho = i * D/16 + kk -> units kh*KU .. kh*KU + KU - 1
+                    int const kChunk = lane * KCB;
+                    uint32_t W[2][KB]; // KU (1 or 2) units
+                    if constexpr (KU == 2)
+                    {
+                        loadUnitPair<KB, false>(st, kChunk + kh * 8 * KB, kh, W);
+                    }
+                    else
+                    {
+                        loadUnit<KB>(st, kChunk + kh * 4 * KB, W[0]);
+                    }
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                    {
+#pragma unroll
+                        for (int kk = 0; kk < D / 16; ++kk)
+                        {
+                            int const lr = j * (D / 16) + kk; // register within the step's units
+                            CK::reg(ktab, W[lr / 8], lr % 8, kr[j * KPAIRS + 2 * kk], kr[j * KPAIRS + 2 * kk + 1]);
+                        }
+                    }
+#pragma unroll
+                    for (int g4 = 0; g4 < kItemWords / 4; ++g4)
+                    {
+                        dst[g4 * 32] = make_uint4(kr[4 * g4], kr[4 * g4 + 1], kr[4 * g4 + 2], kr[4 * g4 + 3]);
+                    }
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                    {
+                        uint32_t const kc = st[sl.offKM + slotBase + 8 * j];
+                        float const kf = __shfl_sync(0xffffffffu, fracL, (kc - 1U) & 15U);
+                        fs[(kh * 4 + j) * 32 + lane]
+                            = kc == 0U ? 0.F : kf * tqPow2(kExp + static_cast<int>((kc - 1U) >> 4)) * CK::kScale;
+                    }
+                }
+                else
+                {
+                    // V: registers rho = 4m + 2kh + rh, unit m / 2
+                    int const vChunk = sl.offV + lane * VCB;
+#pragma unroll
+                    for (int pu = 0; pu < D / 64; ++pu)
+                    {
+                        uint32_t W[2][VB];
+                        loadUnitPair<VB, true>(st, vChunk + pu * 8 * VB, kh, W);
+#pragma unroll
+                        for (int uu = 0; uu < 2; ++uu)
+                        {
+#pragma unroll
+                            for (int mm = 0; mm < 2; ++mm)
+                            {
+                                int const mt = 4 * pu + 2 * uu + mm; // unit 2pu + uu holds m-tiles 2u, 2u + 1
+                                int const r8 = 4 * mm + 2 * kh;
+                                uint32_t v0, v1, v2, v3;
+                                CV::reg(vtab, W[uu], r8, v0, v2);     // channel 16mt + g
+                                CV::reg(vtab, W[uu], r8 + 1, v1, v3); // channel 16mt + 8 + g
+                                dst[mt * 32] = make_uint4(v0, v1, v2, v3); // va[mt][0..3]
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                    {
+                        uint32_t const vc = st[sl.offVM + slotBase + 8 * j];
+                        float const vf = __shfl_sync(0xffffffffu, fracL, (vc - 1U) & 15U);
+                        fs[(kh * 4 + 2 + j) * 32 + lane]
+                            = vc == 0U ? 0.F : vf * tqPow2(vExp + static_cast<int>((vc - 1U) >> 4)) * CV::kScale;
+                    }
+                }
+            }
+        }
+        __syncthreads(); // tile i expanded; its stage and the buffer of tile i - 1 are free
+        if (warp == 0)
+        {
+            int const ni = i + kStages - 1; // into the stage of tile i - 1
+            if (ni < ntiles)
+            {
+                issueTile(a, sl, stages + (ni % kStages) * sl.bytes, &bars[ni % kStages], b, head, tilePos(ni), KCB,
+                    VCB, lane);
+            }
+#if !TQ_CTX_BULK
+            else
+            {
+                cpAsyncCommit();
+            }
+#endif
+        }
+        // ---- both steps for this warp's rows ----
 #pragma unroll
         for (int kh = 0; kh < 2; ++kh)
         {
@@ -651,75 +754,49 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             {
                 continue;
             }
-            // K: rows i = 2kh + j, registers rho = i * D/16 + kk -> units kh*KU .. kh*KU + KU - 1
+            uint4 const* const srcK = reinterpret_cast<uint4 const*>(fb + (2 * kh) * kItemWords * 32) + lane;
             uint32_t kf[2][KPAIRS];
+#pragma unroll
+            for (int g4 = 0; g4 < kItemWords / 4; ++g4)
             {
-                uint32_t W[2][KB]; // KU (1 or 2) units
-                if constexpr (KU == 2)
-                {
-                    loadUnitPair<KB, false>(st, kChunk + kh * 8 * KB, kh, W);
-                }
-                else
-                {
-                    loadUnit<KB>(st, kChunk + kh * 4 * KB, W[0]);
-                }
-#pragma unroll
-                for (int j = 0; j < 2; ++j)
-                {
-#pragma unroll
-                    for (int kk = 0; kk < D / 16; ++kk)
-                    {
-                        int const lr = j * (D / 16) + kk; // register within the step's units
-                        CK::reg(ktab, W[lr / 8], lr % 8, kf[j][2 * kk], kf[j][2 * kk + 1]);
-                    }
-                }
+                uint4 const u = srcK[g4 * 32];
+                int const n = 4 * g4; // KPAIRS is a multiple of 4: a group stays within one j
+                kf[n / KPAIRS][n % KPAIRS] = u.x;
+                kf[n / KPAIRS][n % KPAIRS + 1] = u.y;
+                kf[n / KPAIRS][n % KPAIRS + 2] = u.z;
+                kf[n / KPAIRS][n % KPAIRS + 3] = u.w;
             }
-            // V: registers rho = 4m + 2kh + rh, unit m / 2
-            auto expandV = [&](uint32_t (&va)[MT][4]) {
-#pragma unroll
-                for (int pu = 0; pu < D / 64; ++pu)
-                {
-                    uint32_t W[2][VB];
-                    loadUnitPair<VB, true>(st, vChunk + pu * 8 * VB, kh, W);
-#pragma unroll
-                    for (int uu = 0; uu < 2; ++uu)
-                    {
-#pragma unroll
-                        for (int mm = 0; mm < 2; ++mm)
-                        {
-                            int const mt = 4 * pu + 2 * uu + mm; // unit 2pu + uu holds m-tiles 2u, 2u + 1
-                            int const r8 = 4 * mm + 2 * kh;
-                            CV::reg(vtab, W[uu], r8, va[mt][0], va[mt][2]);     // channel 16mt + g
-                            CV::reg(vtab, W[uu], r8 + 1, va[mt][1], va[mt][3]); // channel 16mt + 8 + g
-                        }
-                    }
-                }
-            };
             float ks[2], vs[2];
 #pragma unroll
             for (int j = 0; j < 2; ++j)
             {
-                int const slot = kTile * kh + 8 * j + gq;
-                uint32_t const kc = st[sl.offKM + slot];
-                uint32_t const vc = st[sl.offVM + slot];
-                float const kf = __shfl_sync(0xffffffffu, fracL, (kc - 1U) & 15U);
-                float const vf = __shfl_sync(0xffffffffu, fracL, (vc - 1U) & 15U);
-                ks[j] = kc == 0U ? 0.F : kf * tqPow2(kExp + static_cast<int>((kc - 1U) >> 4)) * CK::kScale;
-                vs[j] = vc == 0U ? 0.F : vf * tqPow2(vExp + static_cast<int>((vc - 1U) >> 4)) * CV::kScale;
+                ks[j] = fs[(kh * 4 + j) * 32 + lane];
+                vs[j] = fs[(kh * 4 + 2 + j) * 32 + lane];
             }
             uint32_t b0, b1;
             scoreStep(kf, ks, vs, pos0, lo, ke, w, kNoLow, b0, b1);
-            uint32_t va[MT][4]; // expanded after the scores: fewer live registers (fewer spills)
-            expandV(va);
+            uint4 const* const srcV = reinterpret_cast<uint4 const*>(fb + (2 * kh + 1) * kItemWords * 32) + lane;
+            uint32_t va[MT][4]; // read after the scores: fewer live registers
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+            {
+                uint4 const u = srcV[mt * 32];
+                va[mt][0] = u.x;
+                va[mt][1] = u.y;
+                va[mt][2] = u.z;
+                va[mt][3] = u.w;
+            }
             valueStep(va, b0, b1);
         }
     }
 #if !TQ_CTX_BULK
-    cpAsyncWait<0>();
+    if (warp == 0)
+    {
+        cpAsyncWait<0>();
+    }
 #endif
-    __syncthreads();
 
-    // ---- combine the four warps -----------------------------------------------------------------
+    // ---- this warp's rows: no combine across warps (each warp has its own rows) -----------------
 #pragma unroll
     for (int c = 0; c < 2; ++c)
     {
@@ -727,65 +804,37 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         l[c] += __shfl_xor_sync(0xffffffffu, l[c], 8);
         l[c] += __shfl_xor_sync(0xffffffffu, l[c], 16);
     }
-    float* comb = reinterpret_cast<float*>(stages);       // [kWarps][8][D]
-    float* combML = comb + kWarps * kRows * D;            // [kWarps][8][2]
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-    {
-        int const chA = 16 * mt + gq;
-        int const chB = 16 * mt + 8 + gq;
-        comb[(warp * kRows + 2 * t4) * D + chA] = o[mt][0];
-        comb[(warp * kRows + 2 * t4 + 1) * D + chA] = o[mt][1];
-        comb[(warp * kRows + 2 * t4) * D + chB] = o[mt][2];
-        comb[(warp * kRows + 2 * t4 + 1) * D + chB] = o[mt][3];
-    }
-    if (gq == 0)
-    {
-        combML[(warp * kRows + 2 * t4) * 2] = m[0];
-        combML[(warp * kRows + 2 * t4) * 2 + 1] = l[0];
-        combML[(warp * kRows + 2 * t4 + 1) * 2] = m[1];
-        combML[(warp * kRows + 2 * t4 + 1) * 2 + 1] = l[1];
-    }
-    __syncthreads();
     bool const single = a.num_splits == 1;
-    for (int i = threadIdx.x; i < nrows * D; i += kThreads)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
     {
-        int const r = i / D;
-        int const c = i % D;
-        float mx = kNegInf;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w)
+        int const r = row0 + 2 * t4 + c;
+        if (r >= nrows)
         {
-            mx = fmaxf(mx, combML[(w * kRows + r) * 2]);
+            continue;
         }
-        float acc = 0.F, sum = 0.F;
-        if (mx != kNegInf)
-        {
+        float const inv = l[c] > 0.F ? 1.F / l[c] : 0.F;
+        int64_t const wi = single ? 0 : wsIndex(r);
 #pragma unroll
-            for (int w = 0; w < kWarps; ++w)
+        for (int mt = 0; mt < MT; ++mt)
+        {
+            int const chA = 16 * mt + gq;
+            int const chB = 16 * mt + 8 + gq;
+            if (single)
             {
-                float const mw = combML[(w * kRows + r) * 2];
-                if (mw != kNegInf)
-                {
-                    float const f = exp2f(mw - mx);
-                    acc += f * comb[(w * kRows + r) * D + c];
-                    sum += f * combML[(w * kRows + r) * 2 + 1];
-                }
+                qs[r * D + chA] = o[mt][c] * inv; // normalized, transformed domain
+                qs[r * D + chB] = o[mt][2 + c] * inv;
+            }
+            else
+            {
+                a.ws_o[wi * D + chA] = o[mt][c];
+                a.ws_o[wi * D + chB] = o[mt][2 + c];
             }
         }
-        if (single)
+        if (!single && gq == 0)
         {
-            qs[r * D + c] = sum > 0.F ? acc / sum : 0.F; // normalized, transformed domain
-        }
-        else
-        {
-            int64_t const wi = wsIndex(r);
-            a.ws_o[wi * D + c] = acc;
-            if (c == 0)
-            {
-                a.ws_ml[2 * wi] = mx;
-                a.ws_ml[2 * wi + 1] = sum;
-            }
+            a.ws_ml[2 * wi] = m[c];
+            a.ws_ml[2 * wi + 1] = l[c];
         }
     }
     if (!single)
@@ -825,7 +874,7 @@ template <int D, int KB, int VB>
 cudaError_t launchSplit(AttnArgs const& args, int gridZ, cudaStream_t stream)
 {
     constexpr StageLayout sl = stageLayout(D * KB / 8, D * VB / 8);
-    int const smem = prologueBytes<D>() + std::max(kWarps * warpStages<D, KB, VB>() * sl.bytes, combineBytes<D>());
+    int const smem = prologueBytes<D>() + kCtxStages * sl.bytes + fragBytes<D>();
     auto kernel = attentionSplitKernel<D, KB, VB>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess)
