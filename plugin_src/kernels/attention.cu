@@ -165,11 +165,37 @@ int resolveSms(int32_t num_sms)
     return sms;
 }
 
-// Split count for `baseCtas` CTAs over at most maxKeys keys: the fewest splits that fill the
-// resident CTA slots to >= 90% (whole waves), with at least kMinKeysPerSplit keys per split.
-void planSplits(int64_t baseCtas, int32_t maxKeys, int32_t sms, int32_t& splits, int32_t& splitLen)
+// Resident CTAs of the context kernel per SM for this layer: its shared memory (the widest of the
+// layer's bit widths) against the device's, at most the register budget's kResidentCtasPerSm.
+int32_t contextCtasPerSm(KvLayerDesc const& layer)
 {
-    int64_t const slots = static_cast<int64_t>(sms) * kResidentCtasPerSm;
+    int dev = 0;
+    int perSm = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess
+        || cudaDeviceGetAttribute(&perSm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
+    {
+        (void) cudaGetLastError(); // our failed query is not the caller's error
+        return 2;
+    }
+    int32_t const d = layer.head_dim;
+    int32_t worst = 0;
+    for (int32_t h = 0; h < layer.num_kv_heads; ++h)
+    {
+        int32_t const stage = stageLayout(d * layer.k_bits[h] / 8, d * layer.v_bits[h] / 8).bytes;
+        int32_t const bytes = (d == 64 ? prologueBytes<64>() + fragBytes<64>() : prologueBytes<128>() + fragBytes<128>())
+            + kCtxStages * stage;
+        worst = std::max(worst, bytes);
+    }
+    int32_t const reserve = 1024; // the runtime's shared memory per CTA
+    return std::max<int32_t>(1, std::min<int32_t>(kResidentCtasPerSm, perSm / (worst + reserve)));
+}
+
+// Split count for `baseCtas` CTAs over at most maxKeys keys: the fewest splits that fill the
+// resident CTA slots (ctasPerSm per SM) to >= 90% (whole waves), with at least kMinKeysPerSplit
+// keys per split.
+void planSplits(int64_t baseCtas, int32_t maxKeys, int32_t sms, int32_t ctasPerSm, int32_t& splits, int32_t& splitLen)
+{
+    int64_t const slots = static_cast<int64_t>(sms) * ctasPerSm;
     int32_t const maxUseful = std::max<int32_t>(1, std::min<int32_t>(kMaxSplits, (maxKeys + kMinKeysPerSplit - 1) / kMinKeysPerSplit));
     int32_t best = 1;
     double bestEff = -1.0;
@@ -438,7 +464,7 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
     args.tiles_per_seq = (p.max_q_len + args.tq - 1) / args.tq;
     int32_t const sms = resolveSms(0);
     planSplits(static_cast<int64_t>(p.batch) * args.tiles_per_seq * p.layer.num_kv_heads * (args.group > kCtxRows ? 2 : 1),
-        p.max_seq_len, sms,
+        p.max_seq_len, sms, contextCtasPerSm(p.layer),
         args.num_splits, args.split_len);
     int32_t const upper = contextSplitsUpper(p.total_q_tokens);
     if (args.num_splits > upper)
