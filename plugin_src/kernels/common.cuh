@@ -114,6 +114,49 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t const (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x on the MUFU with results below 2^-126 flushed to zero (exp2f adds a denormal-range rescale
+// around the same instruction: five more instructions per call, measured in the tile loop's SASS)
+__device__ __forceinline__ float exp2Ftz(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Fast Walsh-Hadamard transform of a D-vector held by one warp, PER = D/32 consecutive values per
+// lane (lane holds x[PER*lane .. PER*lane + PER-1]), in the order of docs/format.md §2: stages
+// len = 1, 2, ..., D/2; the lower index gets a + b, the upper a - b. Unnormalized.
+template <int PER>
+__device__ __forceinline__ void warpWht(float (&x)[PER], int lane)
+{
+#pragma unroll
+    for (int len = 1; len < PER; len <<= 1)
+    {
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            if ((e & len) == 0)
+            {
+                float const u = x[e];
+                float const v = x[e + len];
+                x[e] = u + v;
+                x[e + len] = u - v;
+            }
+        }
+    }
+#pragma unroll
+    for (int lm = 1; lm < 32; lm <<= 1)
+    {
+        bool const upper = (lane & lm) != 0;
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            float const o = __shfl_xor_sync(0xffffffffu, x[e], lm);
+            x[e] = upper ? o - x[e] : x[e] + o;
+        }
+    }
+}
+
 // Asks for the 128-byte line at p to be brought into L1 (no register, no wait).
 __device__ __forceinline__ void prefetchL1(void const* p)
 {

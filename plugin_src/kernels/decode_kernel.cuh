@@ -165,15 +165,6 @@ __device__ __forceinline__ void expandUnit(uint32_t const* w, uint32_t (&r)[8], 
     }
 }
 
-// 2^x on the MUFU with results below 2^-126 flushed to zero (exp2f adds a denormal-range rescale
-// around the same instruction: five more instructions per call, measured in the tile loop's SASS)
-__device__ __forceinline__ float exp2Ftz(float x)
-{
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 // x0, x1 as fp16 pairs hi + lo: hi = fp16(x), lo = fp16(x - hi) (about 22 bits of x together)
 __device__ __forceinline__ void splitHalf2(float x0, float x1, uint32_t& hi, uint32_t& lo)
 {
@@ -195,40 +186,6 @@ __device__ __forceinline__ void mmaS8(int (&d)[4], uint32_t a0, uint32_t a1, uin
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Fast Walsh-Hadamard transform of a D-vector held by one warp, PER = D/32 consecutive values per
-// lane (lane holds x[PER*lane .. PER*lane + PER-1]), in the order of docs/format.md §2: stages
-// len = 1, 2, ..., D/2; the lower index gets a + b, the upper a - b. Unnormalized.
-template <int PER>
-__device__ __forceinline__ void warpWht(float (&x)[PER], int lane)
-{
-#pragma unroll
-    for (int len = 1; len < PER; len <<= 1)
-    {
-#pragma unroll
-        for (int e = 0; e < PER; ++e)
-        {
-            if ((e & len) == 0)
-            {
-                float const u = x[e];
-                float const v = x[e + len];
-                x[e] = u + v;
-                x[e + len] = u - v;
-            }
-        }
-    }
-#pragma unroll
-    for (int lm = 1; lm < 32; lm <<= 1)
-    {
-        bool const upper = (lane & lm) != 0;
-#pragma unroll
-        for (int e = 0; e < PER; ++e)
-        {
-            float const o = __shfl_xor_sync(0xffffffffu, x[e], lm);
-            x[e] = upper ? o - x[e] : x[e] + o;
-        }
-    }
 }
 
 // Compute capability major of the current device (programmatic dependent launch needs 9.0+).
