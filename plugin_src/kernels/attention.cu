@@ -166,7 +166,7 @@ int resolveSms(int32_t num_sms)
 }
 
 // Resident CTAs of the context kernel per SM for this layer: its shared memory (the widest of the
-// layer's bit widths) against the device's, at most the register budget's kResidentCtasPerSm.
+// layer's bit widths) against the device's, at most the register budget's residentCtasPerSm(d).
 int32_t contextCtasPerSm(KvLayerDesc const& layer)
 {
     int dev = 0;
@@ -187,7 +187,7 @@ int32_t contextCtasPerSm(KvLayerDesc const& layer)
         worst = std::max(worst, bytes);
     }
     int32_t const reserve = 1024; // the runtime's shared memory per CTA
-    return std::max<int32_t>(1, std::min<int32_t>(kResidentCtasPerSm, perSm / (worst + reserve)));
+    return std::max<int32_t>(1, std::min<int32_t>(residentCtasPerSm(d), perSm / (worst + reserve)));
 }
 
 // Split count for `baseCtas` CTAs over at most maxKeys keys: the fewest splits that fill the

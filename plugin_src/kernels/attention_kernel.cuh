@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 namespace turboquant
 {
@@ -26,10 +27,16 @@ constexpr int kCtxStages = 3;              // the CTA's pipeline depth (pool til
 constexpr int kRowsPerWarp = 8;            // query rows of one warp (the n = 8 of its MMAs)
 constexpr int kCtxRows = kWarps * kRowsPerWarp; // query rows per CTA
 constexpr int kMaxSplits = 128;
-#ifndef TQ_CTAS_PER_SM
-#define TQ_CTAS_PER_SM 4
+// CTAs per SM the kernel's registers are budgeted for (65536 / (128 * this) per thread). At d=128 its
+// shared memory allows at most 3 on any supported GPU (about 61 KB per CTA with codes of <= 4 bits),
+// so a 4th CTA's registers would go unused and 170 per thread leave the loop without spills.
+__host__ __device__ constexpr int residentCtasPerSm(int d)
+{
+    return d == 128 ? 3 : 4;
+}
+#ifndef TQ_CTX_LPT
+#define TQ_CTX_LPT 1 // row tiles in decreasing order of their keys (1) or in sequence order (0)
 #endif
-constexpr int kResidentCtasPerSm = TQ_CTAS_PER_SM; // register budget: 65536 / (128 * this)
 
 // Stages are filled by bulk copies on an mbarrier on sm_90+ (TQ_CTX_BULK), by 16-byte cp.async
 // before. (An XOR-swizzled stage filled by cp.async, which reduces the 2- to 8-way bank conflicts
@@ -295,7 +302,7 @@ __device__ __forceinline__ void loadUnitPair(uint8_t const* st, int off, int kh,
 //        B = P^T: C transposed by 8x8 movmatrix, then tokens 4t..4t+3 fetched from the quad by four
 //        shuffles; C = O^T (channels 16mt + g, 16mt + 8 + g; query rows 2t, 2t+1)
 template <int D, int KB, int VB>
-__global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKernel(__grid_constant__ AttnArgs const a)
+__global__ void __launch_bounds__(kThreads, residentCtasPerSm(D)) attentionSplitKernel(__grid_constant__ AttnArgs const a)
 {
     constexpr int KCB = D * KB / 8;
     constexpr int VCB = D * VB / 8;
@@ -321,8 +328,15 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     int const hsub = a.group > kRows ? 2 : 1;
     int const zz = blockIdx.z / hsub;
     int const hs = blockIdx.z % hsub;
+#if TQ_CTX_LPT
+    // longest first: CTAs start in blockIdx order, and a causal row tile's keys grow with its index,
+    // so the last tiles of every sequence go out first and the short ones fill the tail
+    int const b = zz % a.batch;
+    int const tile = a.tiles_per_seq - 1 - zz / a.batch;
+#else
     int const b = zz / a.tiles_per_seq;
     int const tile = zz % a.tiles_per_seq;
+#endif
     int const seqLen = a.seq_lens[b];
     int qBegin, qLen;
     seqRows(a.cu_q, b, qBegin, qLen);
@@ -361,19 +375,47 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     int const t4 = lane & 3;
     bool const bf16 = a.bf16 != 0;
 
-    // ---- prologue: q rows -> smoothing, rotation (fp32), scale ---------------------------------
-    for (int i = threadIdx.x; i < kRows * D; i += kThreads)
+    // ---- prologue: each warp's own q rows -> smoothing, rotation (fp32), into qs ----------------
+    // lane holds channels PER * lane .. PER * lane + PER - 1 of a row; the rotation is warpWht
+    constexpr int PER = D / 32;
+    int const row0 = warp * kRowsPerWarp; // this warp's rows: row0 .. row0 + 7
     {
-        int const r = i / D;
-        int const c = i % D;
-        float x = 0.F;
-        if (r < nrows)
+        float f[PER]; // smoothing * signs (the signs are +-1: the product is exact)
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
         {
-            int64_t const row = qBegin + tok0 + r / rh;
-            x = loadAct(a.q, row * a.q_stride + (hq0 + r % rh) * D + c, bf16)
-                * tableOr(a.k_smooth, static_cast<int64_t>(head) * D + c, 1.F) * h2f(a.signs[c]);
+            int const c = PER * lane + e;
+            f[e] = tableOr(a.k_smooth, static_cast<int64_t>(head) * D + c, 1.F) * h2f(a.signs[c]);
         }
-        qs[i] = x;
+#pragma unroll 1
+        for (int rr = 0; rr < kRowsPerWarp; ++rr)
+        {
+            int const r = row0 + rr;
+            float x[PER];
+            if (r < nrows) // warp-uniform
+            {
+                int64_t const base = (qBegin + tok0 + r / rh) * a.q_stride + (hq0 + r % rh) * D + PER * lane;
+#pragma unroll
+                for (int e = 0; e < PER; ++e)
+                {
+                    x[e] = loadAct(a.q, base + e, bf16) * f[e];
+                }
+                warpWht<PER>(x, lane);
+            }
+            else
+            {
+#pragma unroll
+                for (int e = 0; e < PER; ++e)
+                {
+                    x[e] = 0.F;
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < PER; ++e)
+            {
+                qs[r * D + PER * lane + e] = x[e];
+            }
+        }
     }
     if (threadIdx.x < kStages)
     {
@@ -383,22 +425,6 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #endif
     __syncthreads();
-#pragma unroll 1
-    for (int len = 1; len < D; len <<= 1)
-    {
-        for (int i = threadIdx.x; i < kRows * D / 2; i += kThreads)
-        {
-            int const r = i / (D / 2);
-            int const p = i % (D / 2);
-            int const lo = (p / len) * 2 * len + (p % len);
-            float const x0 = qs[r * D + lo];
-            float const x1 = qs[r * D + lo + len];
-            qs[r * D + lo] = x0 + x1;
-            qs[r * D + lo + len] = x0 - x1;
-        }
-        __syncthreads();
-    }
-    int const row0 = warp * kRowsPerWarp; // this warp's rows: row0 .. row0 + 7
     uint32_t qb[D / 16][2]; // B = Q^T: query row row0 + gq, channels 16kk + 4t4 + {0,1} and {2,3}
     {
         float const qmul = a.rsqrt_d * a.q_scale;
@@ -413,6 +439,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             }
         }
     }
+    int const qposFirst = posBase + tok0 + row0 / rh; // this warp's first row (the others come later)
     // last visible position of this thread's two query rows (row0 + 2t4, row0 + 2t4 + 1); -1: padding row
     int qpos[2];
 #pragma unroll
@@ -438,12 +465,12 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     int const pSrc0 = (lane & ~3) | (2 * (t4 & 1));
     int const pSrc1 = pSrc0 + 1;
 
-    // One 16-token step: scoreStep, then valueStep. kf[j][2kk | 2kk+1]: K of token g + 8j; b0, b1:
+    // One 16-token step: scoreStep, then valueStep. ka[kk]: the A fragment of k-step kk; b0, b1:
     // the P^T B fragment for valueStep; va[mt][4]: V^T A fragments;
     // ks/vs: scales of tokens g, g+8; keys at pos0 + token in [lo, hi) are valid, and for a query
     // row at position qp those with qp - cutLo < pos <= qp - cut (the recent-token window: the
     // quantized keys stop at qp - w, the window's fp16 keys start after it).
-    auto scoreStep = [&](uint32_t (&kf)[2][KPAIRS], float const (&ks)[2], float const (&vs)[2], int pos0, int lo,
+    auto scoreStep = [&](auto full, uint32_t const (&ka)[D / 16][4], float const (&ks)[2], float const (&vs)[2], int pos0, int lo,
                          int hi, int cut, int cutLo, uint32_t& b0, uint32_t& b1) {
         // four independent accumulator chains, summed at the end
         float sacc[4][4];
@@ -455,8 +482,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
         {
-            uint32_t const af[4] = {kf[0][2 * kk], kf[1][2 * kk], kf[0][2 * kk + 1], kf[1][2 * kk + 1]};
-            mma16816(sacc[kk % 4], af, qb[kk][0], qb[kk][1]);
+            mma16816(sacc[kk % 4], ka[kk], qb[kk][0], qb[kk][1]);
         }
         float s[4];
         float tmax[2] = {kNegInf, kNegInf};
@@ -466,9 +492,16 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             int const tk = (e >> 1) * 8 + gq; // token of this element
             int const c = e & 1;              // query row 2t4 + c
             int const pos = pos0 + tk;
-            bool const ok = pos >= lo && pos < hi && pos + cut <= qpos[c] && pos + cutLo > qpos[c];
             float const dot = (sacc[0][e] + sacc[1][e]) + (sacc[2][e] + sacc[3][e]);
-            s[e] = ok ? dot * ks[e >> 1] : kNegInf;
+            if constexpr (decltype(full)::value)
+            {
+                s[e] = dot * ks[e >> 1];
+            }
+            else
+            {
+                bool const ok = pos >= lo && pos < hi && pos + cut <= qpos[c] && pos + cutLo > qpos[c];
+                s[e] = ok ? dot * ks[e >> 1] : kNegInf;
+            }
             tmax[c] = fmaxf(tmax[c], s[e]);
         }
         // The reference maximum m only moves when a score exceeds it by more than kSlack (log2
@@ -488,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             for (int c = 0; c < 2; ++c)
             {
                 float const mn = fmaxf(m[c], tmax[c]);
-                alpha[c] = (mn == kNegInf) ? 1.F : exp2f(m[c] - mn);
+                alpha[c] = (mn == kNegInf) ? 1.F : exp2Ftz(m[c] - mn);
                 m[c] = mn;
                 l[c] *= alpha[c];
             }
@@ -506,9 +539,19 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
         for (int e = 0; e < 4; ++e)
         {
             int const c = e & 1;
-            float const p = s[e] == kNegInf ? 0.F : exp2f(s[e] - m[c]);
-            l[c] += p;
-            pv[e] = p != 0.F ? p * vs[e >> 1] : 0.F;
+            if constexpr (decltype(full)::value)
+            {
+                // no score is masked, so m is finite after the update above
+                float const p = exp2Ftz(s[e] - m[c]);
+                l[c] += p;
+                pv[e] = p * vs[e >> 1];
+            }
+            else
+            {
+                float const p = s[e] == kNegInf ? 0.F : exp2Ftz(s[e] - m[c]);
+                l[c] += p;
+                pv[e] = p != 0.F ? p * vs[e >> 1] : 0.F;
+            }
         }
         // P^T: transpose the (tokens x rows) 8x8 blocks, then gather tokens 4t4..4t4+3
         uint32_t const pb0 = transpose8x8(packHalf2(pv[0], pv[1])); // tokens 2t4, 2t4+1
@@ -538,20 +581,20 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
             uint32_t const x1 = pos0 + t0 + dt < hi ? rowOf(pos0 + t0 + dt, which)[c0 + dc] : 0u;
             return x0 | (x1 << 16);
         };
-        uint32_t kf[2][KPAIRS];
+        uint32_t ka[D / 16][4]; // A fragments: K rows g, g + 8; channels 16kk + 4t4 + {0, 1} | {2, 3}
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int kk = 0; kk < D / 16; ++kk)
         {
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk)
+            for (int h2 = 0; h2 < 2; ++h2)
             {
-                kf[j][2 * kk] = pair(0, gq + 8 * j, 16 * kk + 4 * t4, 0, 1);
-                kf[j][2 * kk + 1] = pair(0, gq + 8 * j, 16 * kk + 4 * t4 + 2, 0, 1);
+                ka[kk][2 * h2] = pair(0, gq, 16 * kk + 4 * t4 + 2 * h2, 0, 1);
+                ka[kk][2 * h2 + 1] = pair(0, gq + 8, 16 * kk + 4 * t4 + 2 * h2, 0, 1);
             }
         }
         float const one[2] = {1.F, 1.F};
         uint32_t b0, b1;
-        scoreStep(kf, one, one, pos0, lo, hi, 0, cutLo, b0, b1);
+        scoreStep(std::false_type{}, ka, one, one, pos0, lo, hi, 0, cutLo, b0, b1);
         uint32_t va[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -658,7 +701,7 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 int const slotBase = kTile * kh + gq;
                 if (!myV)
                 {
-                    uint32_t kr[kItemWords]; // kf[j][q] of the loop below at j * KPAIRS + q
+                    uint32_t kr[kItemWords]; // token g + 8j, channel pair q (of 4t4 + {0, 1} | {2, 3}) at j * KPAIRS + q
                     // K: rows i = 2kh + j, registers rho = i * D/16 + kk -> units kh*KU .. kh*KU + KU - 1
                     int const kChunk = lane * KCB;
                     uint32_t W[2][KB]; // KU (1 or 2) units
@@ -681,9 +724,9 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                         }
                     }
 #pragma unroll
-                    for (int g4 = 0; g4 < kItemWords / 4; ++g4)
+                    for (int kk = 0; kk < D / 16; ++kk) // group kk: the A fragment of k-step kk
                     {
-                        dst[g4 * 32] = make_uint4(kr[4 * g4], kr[4 * g4 + 1], kr[4 * g4 + 2], kr[4 * g4 + 3]);
+                        dst[kk * 32] = make_uint4(kr[2 * kk], kr[KPAIRS + 2 * kk], kr[2 * kk + 1], kr[KPAIRS + 2 * kk + 1]);
                     }
 #pragma unroll
                     for (int j = 0; j < 2; ++j)
@@ -697,26 +740,38 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 else
                 {
                     // V: registers rho = 4m + 2kh + rh, unit m / 2
+                    // (kh as a constant: a register index that depends on it would put W in local memory)
                     int const vChunk = sl.offV + lane * VCB;
+                    auto expandV = [&](auto khc) {
+                        constexpr int KH = decltype(khc)::value;
 #pragma unroll
-                    for (int pu = 0; pu < D / 64; ++pu)
-                    {
-                        uint32_t W[2][VB];
-                        loadUnitPair<VB, true>(st, vChunk + pu * 8 * VB, kh, W);
-#pragma unroll
-                        for (int uu = 0; uu < 2; ++uu)
+                        for (int pu = 0; pu < D / 64; ++pu)
                         {
+                            uint32_t W[2][VB];
+                            loadUnitPair<VB, true>(st, vChunk + pu * 8 * VB, KH, W);
 #pragma unroll
-                            for (int mm = 0; mm < 2; ++mm)
+                            for (int uu = 0; uu < 2; ++uu)
                             {
-                                int const mt = 4 * pu + 2 * uu + mm; // unit 2pu + uu holds m-tiles 2u, 2u + 1
-                                int const r8 = 4 * mm + 2 * kh;
-                                uint32_t v0, v1, v2, v3;
-                                CV::reg(vtab, W[uu], r8, v0, v2);     // channel 16mt + g
-                                CV::reg(vtab, W[uu], r8 + 1, v1, v3); // channel 16mt + 8 + g
-                                dst[mt * 32] = make_uint4(v0, v1, v2, v3); // va[mt][0..3]
+#pragma unroll
+                                for (int mm = 0; mm < 2; ++mm)
+                                {
+                                    int const mt = 4 * pu + 2 * uu + mm; // unit 2pu + uu holds m-tiles 2u, 2u + 1
+                                    int const r8 = 4 * mm + 2 * KH;
+                                    uint32_t v0, v1, v2, v3;
+                                    CV::reg(vtab, W[uu], r8, v0, v2);     // channel 16mt + g
+                                    CV::reg(vtab, W[uu], r8 + 1, v1, v3); // channel 16mt + 8 + g
+                                    dst[mt * 32] = make_uint4(v0, v1, v2, v3); // va[mt][0..3]
+                                }
                             }
                         }
+                    };
+                    if (kh == 0)
+                    {
+                        expandV(std::integral_constant<int, 0>{});
+                    }
+                    else
+                    {
+                        expandV(std::integral_constant<int, 1>{});
                     }
 #pragma unroll
                     for (int j = 0; j < 2; ++j)
@@ -755,16 +810,15 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 continue;
             }
             uint4 const* const srcK = reinterpret_cast<uint4 const*>(fb + (2 * kh) * kItemWords * 32) + lane;
-            uint32_t kf[2][KPAIRS];
+            uint32_t ka[D / 16][4];
 #pragma unroll
-            for (int g4 = 0; g4 < kItemWords / 4; ++g4)
+            for (int kk = 0; kk < D / 16; ++kk)
             {
-                uint4 const u = srcK[g4 * 32];
-                int const n = 4 * g4; // KPAIRS is a multiple of 4: a group stays within one j
-                kf[n / KPAIRS][n % KPAIRS] = u.x;
-                kf[n / KPAIRS][n % KPAIRS + 1] = u.y;
-                kf[n / KPAIRS][n % KPAIRS + 2] = u.z;
-                kf[n / KPAIRS][n % KPAIRS + 3] = u.w;
+                uint4 const u = srcK[kk * 32];
+                ka[kk][0] = u.x;
+                ka[kk][1] = u.y;
+                ka[kk][2] = u.z;
+                ka[kk][3] = u.w;
             }
             float ks[2], vs[2];
 #pragma unroll
@@ -774,7 +828,15 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
                 vs[j] = fs[(kh * 4 + 2 + j) * 32 + lane];
             }
             uint32_t b0, b1;
-            scoreStep(kf, ks, vs, pos0, lo, ke, w, kNoLow, b0, b1);
+            // every key of the step visible to every row of this warp (its first row is the earliest)
+            if (pos0 >= lo && pos0 + kTile <= ke && pos0 + kTile - 1 + w <= qposFirst)
+            {
+                scoreStep(std::true_type{}, ka, ks, vs, pos0, lo, ke, w, kNoLow, b0, b1);
+            }
+            else
+            {
+                scoreStep(std::false_type{}, ka, ks, vs, pos0, lo, ke, w, kNoLow, b0, b1);
+            }
             uint4 const* const srcV = reinterpret_cast<uint4 const*>(fb + (2 * kh + 1) * kItemWords * 32) + lane;
             uint32_t va[MT][4]; // read after the scores: fewer live registers
 #pragma unroll
@@ -841,32 +903,36 @@ __global__ void __launch_bounds__(kThreads, kResidentCtasPerSm) attentionSplitKe
     {
         return;
     }
-    // ---- single split: o = sv * R^-1(o_t) + mu_v, written directly ------------------------------
-    __syncthreads();
-#pragma unroll 1
-    for (int len = 1; len < D; len <<= 1)
+    // ---- single split: o = sv * R^-1(o_t) + mu_v, written directly, each warp its own rows ---------
+    __syncwarp();
+    float vsm[PER], vmu[PER], sg[PER];
+#pragma unroll
+    for (int e = 0; e < PER; ++e)
     {
-        for (int i = threadIdx.x; i < nrows * D / 2; i += kThreads)
-        {
-            int const r = i / (D / 2);
-            int const p = i % (D / 2);
-            int const lo2 = (p / len) * 2 * len + (p % len);
-            float const x0 = qs[r * D + lo2];
-            float const x1 = qs[r * D + lo2 + len];
-            qs[r * D + lo2] = x0 + x1;
-            qs[r * D + lo2 + len] = x0 - x1;
-        }
-        __syncthreads();
-    }
-    for (int i = threadIdx.x; i < nrows * D; i += kThreads)
-    {
-        int const r = i / D;
-        int const c = i % D;
-        float const y = qs[i] * a.rsqrt_d * h2f(a.signs[c]);
+        int const c = PER * lane + e;
         int64_t const hv = static_cast<int64_t>(head) * D + c;
-        float const outv = tableOr(a.v_smooth, hv, 1.F) * y + tableOr(a.v_mean, hv, 0.F);
-        int64_t const row = qBegin + tok0 + r / rh;
-        storeAct(a.out, row * a.out_stride + (hq0 + r % rh) * D + c, outv, bf16);
+        vsm[e] = tableOr(a.v_smooth, hv, 1.F);
+        vmu[e] = tableOr(a.v_mean, hv, 0.F);
+        sg[e] = h2f(a.signs[c]);
+    }
+#pragma unroll 1
+    for (int rr = 0; rr < kRowsPerWarp && row0 + rr < nrows; ++rr)
+    {
+        int const r = row0 + rr;
+        float x[PER];
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            x[e] = qs[r * D + PER * lane + e];
+        }
+        warpWht<PER>(x, lane);
+        int64_t const base = (qBegin + tok0 + r / rh) * a.out_stride + (hq0 + r % rh) * D + PER * lane;
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            float const y = x[e] * a.rsqrt_d * sg[e];
+            storeAct(a.out, base + e, vsm[e] * y + vmu[e], bf16);
+        }
     }
 }
 
