@@ -465,6 +465,52 @@ __global__ void __launch_bounds__(kThreads, residentCtasPerSm(D)) attentionSplit
     int const pSrc0 = (lane & ~3) | (2 * (t4 & 1));
     int const pSrc1 = pSrc0 + 1;
 
+    // tmax: this thread's maxima of the new scores of its two rows (log2 units).
+    auto raiseMax = [&](float (&tmax)[2]) {
+        // The reference maximum m only moves when a score exceeds it by more than kSlack (log2
+        // units): probabilities then stay below 2^kSlack, and the exact max reduction (shuffles)
+        // and the rescale of O run only on those rare steps.
+        if (__any_sync(0xffffffffu, tmax[0] > m[0] + kSlack || tmax[1] > m[1] + kSlack))
+        {
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+            {
+                tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 4));
+                tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 8));
+                tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 16));
+            }
+            float alpha[2];
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+            {
+                float const mn = fmaxf(m[c], tmax[c]);
+                alpha[c] = (mn == kNegInf) ? 1.F : exp2Ftz(m[c] - mn);
+                m[c] = mn;
+                l[c] *= alpha[c];
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+            {
+                o[mt][0] *= alpha[0];
+                o[mt][1] *= alpha[1];
+                o[mt][2] *= alpha[0];
+                o[mt][3] *= alpha[1];
+            }
+        }
+    };
+    // P^T B fragment from P * v_scale of (tokens g, g + 8) x (rows 2t4, 2t4 + 1): transpose the
+    // (tokens x rows) 8x8 blocks, then gather tokens 4t4..4t4+3
+    auto toPT = [&](float const (&pv)[4], uint32_t& b0, uint32_t& b1) {
+        uint32_t const pb0 = transpose8x8(packHalf2(pv[0], pv[1])); // tokens 2t4, 2t4+1
+        uint32_t const pb1 = transpose8x8(packHalf2(pv[2], pv[3])); // tokens 8+2t4, 8+2t4+1
+        uint32_t const x0 = __shfl_sync(0xffffffffu, pb0, pSrc0);
+        uint32_t const y0 = __shfl_sync(0xffffffffu, pb1, pSrc0);
+        uint32_t const x1 = __shfl_sync(0xffffffffu, pb0, pSrc1);
+        uint32_t const y1 = __shfl_sync(0xffffffffu, pb1, pSrc1);
+        b0 = t4 < 2 ? x0 : y0;
+        b1 = t4 < 2 ? x1 : y1;
+    };
+
     // One 16-token step: scoreStep, then valueStep. ka[kk]: the A fragment of k-step kk; b0, b1:
     // the P^T B fragment for valueStep; va[mt][4]: V^T A fragments;
     // ks/vs: scales of tokens g, g+8; keys at pos0 + token in [lo, hi) are valid, and for a query
@@ -504,36 +550,7 @@ __global__ void __launch_bounds__(kThreads, residentCtasPerSm(D)) attentionSplit
             }
             tmax[c] = fmaxf(tmax[c], s[e]);
         }
-        // The reference maximum m only moves when a score exceeds it by more than kSlack (log2
-        // units): probabilities then stay below 2^kSlack, and the exact max reduction (shuffles)
-        // and the rescale of O run only on those rare steps.
-        if (__any_sync(0xffffffffu, tmax[0] > m[0] + kSlack || tmax[1] > m[1] + kSlack))
-        {
-#pragma unroll
-            for (int c = 0; c < 2; ++c)
-            {
-                tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 4));
-                tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 8));
-                tmax[c] = fmaxf(tmax[c], __shfl_xor_sync(0xffffffffu, tmax[c], 16));
-            }
-            float alpha[2];
-#pragma unroll
-            for (int c = 0; c < 2; ++c)
-            {
-                float const mn = fmaxf(m[c], tmax[c]);
-                alpha[c] = (mn == kNegInf) ? 1.F : exp2Ftz(m[c] - mn);
-                m[c] = mn;
-                l[c] *= alpha[c];
-            }
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-            {
-                o[mt][0] *= alpha[0];
-                o[mt][1] *= alpha[1];
-                o[mt][2] *= alpha[0];
-                o[mt][3] *= alpha[1];
-            }
-        }
+        raiseMax(tmax);
         float pv[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e)
@@ -553,21 +570,78 @@ __global__ void __launch_bounds__(kThreads, residentCtasPerSm(D)) attentionSplit
                 pv[e] = p != 0.F ? p * vs[e >> 1] : 0.F;
             }
         }
-        // P^T: transpose the (tokens x rows) 8x8 blocks, then gather tokens 4t4..4t4+3
-        uint32_t const pb0 = transpose8x8(packHalf2(pv[0], pv[1])); // tokens 2t4, 2t4+1
-        uint32_t const pb1 = transpose8x8(packHalf2(pv[2], pv[3])); // tokens 8+2t4, 8+2t4+1
-        uint32_t const x0 = __shfl_sync(0xffffffffu, pb0, pSrc0);
-        uint32_t const y0 = __shfl_sync(0xffffffffu, pb1, pSrc0);
-        uint32_t const x1 = __shfl_sync(0xffffffffu, pb0, pSrc1);
-        uint32_t const y1 = __shfl_sync(0xffffffffu, pb1, pSrc1);
-        b0 = t4 < 2 ? x0 : y0;
-        b1 = t4 < 2 ? x1 : y1;
+        toPT(pv, b0, b1);
     };
     auto valueStep = [&](uint32_t (&va)[MT][4], uint32_t b0, uint32_t b1) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
         {
             mma16816(o[mt], va[mt], b0, b1);
+        }
+    };
+
+    // Both 16-token steps of an expanded tile whose keys every row of the warp sees: the scores of
+    // the 32 keys first (four independent MMA chains), one maximum update, then P and both PV steps.
+    auto fullTile = [&](uint32_t const* fb, float const* fs) {
+        float sacc[2][2][4]; // [step][chain]
+#pragma unroll
+        for (int kh = 0; kh < 2; ++kh)
+        {
+#pragma unroll
+            for (int ch = 0; ch < 2; ++ch)
+            {
+                sacc[kh][ch][0] = sacc[kh][ch][1] = sacc[kh][ch][2] = sacc[kh][ch][3] = 0.F;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+        {
+#pragma unroll
+            for (int kh = 0; kh < 2; ++kh)
+            {
+                uint4 const u = reinterpret_cast<uint4 const*>(fb + (2 * kh) * (D / 4) * 32)[kk * 32 + lane];
+                uint32_t const af[4] = {u.x, u.y, u.z, u.w};
+                mma16816(sacc[kh][kk % 2], af, qb[kk][0], qb[kk][1]);
+            }
+        }
+        float sc[2][4];
+        float tmax[2] = {kNegInf, kNegInf};
+#pragma unroll
+        for (int kh = 0; kh < 2; ++kh)
+        {
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+            {
+                sc[kh][e] = (sacc[kh][0][e] + sacc[kh][1][e]) * fs[(kh * 4 + (e >> 1)) * 32 + lane];
+                tmax[e & 1] = fmaxf(tmax[e & 1], sc[kh][e]);
+            }
+        }
+        raiseMax(tmax); // no score is masked: m is finite after it
+        uint32_t pb[2][2];
+#pragma unroll
+        for (int kh = 0; kh < 2; ++kh)
+        {
+            float pv[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+            {
+                float const p = exp2Ftz(sc[kh][e] - m[e & 1]);
+                l[e & 1] += p;
+                pv[e] = p * fs[(kh * 4 + 2 + (e >> 1)) * 32 + lane];
+            }
+            toPT(pv, pb[kh][0], pb[kh][1]);
+        }
+#pragma unroll
+        for (int kh = 0; kh < 2; ++kh)
+        {
+            uint4 const* const srcV = reinterpret_cast<uint4 const*>(fb + (2 * kh + 1) * (D / 4) * 32) + lane;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+            {
+                uint4 const u = srcV[mt * 32];
+                uint32_t const va[4] = {u.x, u.y, u.z, u.w};
+                mma16816(o[mt], va, pb[kh][0], pb[kh][1]);
+            }
         }
     };
 
@@ -800,7 +874,13 @@ __global__ void __launch_bounds__(kThreads, residentCtasPerSm(D)) attentionSplit
             }
 #endif
         }
-        // ---- both steps for this warp's rows ----
+        // ---- both steps for this warp's rows: a tile whose 32 keys every row of the warp sees (its first
+        // row is the earliest) as one step of 32 keys, no masks; else step by step ----
+        if (tilePos(i) >= lo && tilePos(i) + kStageTokens <= ke && tilePos(i) + kStageTokens - 1 + w <= qposFirst)
+        {
+            fullTile(fb, fs);
+            continue;
+        }
 #pragma unroll
         for (int kh = 0; kh < 2; ++kh)
         {
