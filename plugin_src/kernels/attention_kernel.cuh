@@ -417,6 +417,7 @@ __global__ void __launch_bounds__(kThreads, residentCtasPerSm(D)) attentionSplit
             }
         }
     }
+    __syncthreads();
     if (threadIdx.x < kStages)
     {
         mbarInit(&bars[threadIdx.x]);
