@@ -417,6 +417,8 @@ __global__ void __launch_bounds__(kThreads, residentCtasPerSm(D)) attentionSplit
             }
         }
     }
+    // every q row stored before the barriers are initialized (without it compute-sanitizer's racecheck
+    // reports the q stores against the init at the first barrier's address; benchmarks/NOTES.md)
     __syncthreads();
     if (threadIdx.x < kStages)
     {
