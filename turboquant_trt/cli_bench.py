@@ -330,7 +330,10 @@ def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: s
     """Decode attention over the 3-bit cache vs torch fp16 SDPA, same shapes, same process.
 
     Also times the write kernel alone and a write + decode step as the plugin runs one (CUDA graphs
-    of 20 calls each); the step column is what the write adds to decode there.
+    of 20 calls each); the step column is what the write adds to decode there. Then, unless
+    --no-context, context (prefill) attention: causal attention of new tokens over the quantized
+    cache, their write included, against fp16 SDPA (B=1 with 4,096 new tokens; B=1 with 512 over an
+    8,192-token prefix; B=4 with 2,048 and SmolLM2's heads).
 
     \b
     Examples:
