@@ -26,22 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 @click.option("--tokens-per-block", default=64, show_default=True)
 @click.option("--repeat", default=4, show_default=True)
 def main(batch, prefix, q_len, q_heads, kv_heads, head_dim, bits, tokens_per_block, repeat):
-    import math
 
     import torch
 
     from turboquant_trt import kernels as K
-    from turboquant_trt.cli_bench import _random_pool
+    from turboquant_trt.cli_bench import random_cache
     from turboquant_trt.format import LayerFormat
 
     gen = torch.Generator(device="cuda")
     gen.manual_seed(1234)
     fmt = LayerFormat(head_dim, (bits,) * kv_heads, (bits,) * kv_heads)
     total = prefix + q_len
-    bps = math.ceil(total / tokens_per_block)
-    lay = K.KernelLayer.allocate(fmt, batch * bps, tokens_per_block, batch)
-    _random_pool(lay, fmt, tokens_per_block, batch * bps, gen)
-    bt = torch.randperm(batch * bps, device="cuda", generator=gen).to(torch.int32).reshape(batch, bps)
+    lay, bt = random_cache(fmt, batch, total, tokens_per_block, gen)
     rows = batch * q_len
     q = torch.randn((rows, q_heads, head_dim), dtype=torch.float16, device="cuda", generator=gen)
     k = torch.randn((rows, kv_heads, head_dim), dtype=torch.float16, device="cuda", generator=gen)

@@ -23,21 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 @click.option("--tokens-per-block", default=64, show_default=True)
 @click.option("--repeat", default=5, show_default=True)
 def main(batch, seq_len, q_heads, kv_heads, head_dim, bits, tokens_per_block, repeat):
-    import math
 
     import torch
 
     from turboquant_trt import kernels as K
-    from turboquant_trt.cli_bench import _random_pool
+    from turboquant_trt.cli_bench import random_cache
     from turboquant_trt.format import LayerFormat
 
     gen = torch.Generator(device="cuda")
     gen.manual_seed(1234)
     fmt = LayerFormat(head_dim, (bits,) * kv_heads, (bits,) * kv_heads)
-    bps = math.ceil(seq_len / tokens_per_block)
-    lay = K.KernelLayer.allocate(fmt, batch * bps, tokens_per_block, batch)
-    _random_pool(lay, fmt, tokens_per_block, batch * bps, gen)
-    bt = torch.randperm(batch * bps, device="cuda", generator=gen).to(torch.int32).reshape(batch, bps)
+    lay, bt = random_cache(fmt, batch, seq_len, tokens_per_block, gen)
     lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
     slot = torch.arange(batch, dtype=torch.int32, device="cuda")
     q = torch.randn((batch, q_heads, head_dim), dtype=torch.float16, device="cuda", generator=gen)

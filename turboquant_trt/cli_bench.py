@@ -104,6 +104,20 @@ def _random_pool(layer, fmt, t, num_blocks, gen):
                                                        device=layer.pool.device, dtype=torch.uint8)
 
 
+def random_cache(fmt, batch, seq_len, t, gen, device="cuda"):
+    """A pool of ``batch`` sequences of ``seq_len`` positions with random codes and scales
+    (``_random_pool``), and its block table [batch, ceil(seq_len / t)] int32: a random permutation of
+    the blocks, so that no sequence's blocks are contiguous."""
+    import torch
+
+    from . import kernels as K
+    bps = math.ceil(seq_len / t)
+    lay = K.KernelLayer.allocate(fmt, batch * bps, t, batch, device=device)
+    _random_pool(lay, fmt, t, batch * bps, gen)
+    bt = torch.randperm(batch * bps, device=device, generator=gen).to(torch.int32).reshape(batch, bps)
+    return lay, bt
+
+
 def measure_read_bw(iters: int = 50) -> float:
     """The card's HBM read bandwidth in bytes/s, measured in this process: the best of two torch
     reductions (sum and max) over a 2 GiB fp16 tensor, which read every byte once and write almost
@@ -139,12 +153,10 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     copies = max(1, math.ceil(4 * l2_bytes / pool_bytes))
     layers, tables = [], []
     for _ in range(copies):
-        lay = K.KernelLayer.allocate(fmt, num_blocks, t, b)
-        _random_pool(lay, fmt, t, num_blocks, gen)
+        lay, bt = random_cache(fmt, b, L, t, gen, dev)
         lay.recent_pool.normal_(0.0, 0.5, generator=gen)  # finite fp16 window values (unused if w = 0)
         lay.sink_pool.normal_(0.0, 0.5, generator=gen)  # and sink rows (unused without sinks)
         layers.append(lay)
-        bt = torch.randperm(num_blocks, device=dev, generator=gen).to(torch.int32).reshape(b, blocks_per_seq)
         tables.append(bt)
     lens = torch.full((b,), L, dtype=torch.int32, device=dev)
     slot = torch.arange(b, dtype=torch.int32, device=dev)
@@ -219,10 +231,7 @@ def bench_context(b, prefix, q_len, hq, h, d, t=64, iters=20):
     gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
     fmt = LayerFormat(d, (3,) * h, (3,) * h)
     L = prefix + q_len
-    bps = math.ceil(L / t)
-    lay = K.KernelLayer.allocate(fmt, b * bps, t, b)
-    _random_pool(lay, fmt, t, b * bps, gen)
-    bt = torch.randperm(b * bps, device=dev, generator=gen).to(torch.int32).reshape(b, bps)
+    lay, bt = random_cache(fmt, b, L, t, gen, dev)
     q = torch.randn((b * q_len, hq, d), dtype=torch.float16, device=dev, generator=gen)
     k = torch.randn((b * q_len, h, d), dtype=torch.float16, device=dev, generator=gen)
     v = torch.randn((b * q_len, h, d), dtype=torch.float16, device=dev, generator=gen)
