@@ -34,9 +34,6 @@ __host__ __device__ constexpr int residentCtasPerSm(int d)
 {
     return d == 128 ? 3 : 4;
 }
-#ifndef TQ_CTX_LPT
-#define TQ_CTX_LPT 1 // row tiles in decreasing order of their keys (1) or in sequence order (0)
-#endif
 
 // Stages are filled by bulk copies on an mbarrier on sm_90+ (TQ_CTX_BULK), by 16-byte cp.async
 // before. (An XOR-swizzled stage filled by cp.async, which reduces the 2- to 8-way bank conflicts
@@ -328,15 +325,11 @@ __global__ void __launch_bounds__(kThreads, residentCtasPerSm(D)) attentionSplit
     int const hsub = a.group > kRows ? 2 : 1;
     int const zz = blockIdx.z / hsub;
     int const hs = blockIdx.z % hsub;
-#if TQ_CTX_LPT
     // longest first: CTAs start in blockIdx order, and a causal row tile's keys grow with its index,
-    // so the last tiles of every sequence go out first and the short ones fill the tail
+    // so the last tiles of every sequence go out first and the short ones fill the tail (measured:
+    // benchmarks/NOTES.md, "context (prefill) attention, instructions first")
     int const b = zz % a.batch;
     int const tile = a.tiles_per_seq - 1 - zz / a.batch;
-#else
-    int const b = zz / a.tiles_per_seq;
-    int const tile = zz % a.tiles_per_seq;
-#endif
     int const seqLen = a.seq_lens[b];
     int qBegin, qLen;
     seqRows(a.cu_q, b, qBegin, qLen);
