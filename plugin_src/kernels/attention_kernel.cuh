@@ -981,16 +981,8 @@ __global__ void __launch_bounds__(kThreads, residentCtasPerSm(D)) attentionSplit
     }
     // ---- single split: o = sv * R^-1(o_t) + mu_v, written directly, each warp its own rows ---------
     __syncwarp();
-    float vsm[PER], vmu[PER], sg[PER];
-#pragma unroll
-    for (int e = 0; e < PER; ++e)
-    {
-        int const c = PER * lane + e;
-        int64_t const hv = static_cast<int64_t>(head) * D + c;
-        vsm[e] = tableOr(a.v_smooth, hv, 1.F);
-        vmu[e] = tableOr(a.v_mean, hv, 0.F);
-        sg[e] = h2f(a.signs[c]);
-    }
+    RowOut<D> fin;
+    fin.load(a, head, lane);
 #pragma unroll 1
     for (int rr = 0; rr < kRowsPerWarp && row0 + rr < nrows; ++rr)
     {
@@ -1001,14 +993,7 @@ __global__ void __launch_bounds__(kThreads, residentCtasPerSm(D)) attentionSplit
         {
             x[e] = qs[r * D + PER * lane + e];
         }
-        warpWht<PER>(x, lane);
-        int64_t const base = (qBegin + tok0 + r / rh) * a.out_stride + (hq0 + r % rh) * D + PER * lane;
-#pragma unroll
-        for (int e = 0; e < PER; ++e)
-        {
-            float const y = x[e] * a.rsqrt_d * sg[e];
-            storeAct(a.out, base + e, vsm[e] * y + vmu[e], bf16);
-        }
+        fin.store(a, x, qBegin + tok0 + r / rh, hq0 + r % rh, lane);
     }
 }
 

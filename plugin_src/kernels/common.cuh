@@ -157,6 +157,44 @@ __device__ __forceinline__ void warpWht(float (&x)[PER], int lane)
     }
 }
 
+// The end of an attention output row, held by one warp (lane: channels PER*lane .. PER*lane + PER-1):
+// the value tables of the row's KV head (load; they come from no kernel before this one, so a
+// reduce reads them before waiting), then R^-1 (shuffle butterflies), sv and mu_v on the normalized
+// output, and the store (store). Args: any launch's arguments with v_smooth, v_mean, signs, out,
+// out_stride, rsqrt_d and bf16 (the decode reduce's, the context kernel's).
+template <int D>
+struct RowOut
+{
+    static constexpr int PER = D / 32;
+    float sv[PER], mu[PER], sg[PER];
+
+    template <class Args>
+    __device__ __forceinline__ void load(Args const& a, int head, int lane)
+    {
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            int const ch = PER * lane + e;
+            int64_t const hv = static_cast<int64_t>(head) * D + ch;
+            sv[e] = tableOr(a.v_smooth, hv, 1.F);
+            mu[e] = tableOr(a.v_mean, hv, 0.F);
+            sg[e] = h2f(a.signs[ch]);
+        }
+    }
+
+    template <class Args>
+    __device__ __forceinline__ void store(Args const& a, float (&x)[PER], int64_t row, int64_t hq, int lane) const
+    {
+        warpWht<PER>(x, lane);
+#pragma unroll
+        for (int e = 0; e < PER; ++e)
+        {
+            int const ch = PER * lane + e;
+            storeAct(a.out, row * a.out_stride + hq * D + ch, sv[e] * (x[e] * a.rsqrt_d * sg[e]) + mu[e], a.bf16 != 0);
+        }
+    }
+};
+
 // Asks for the 128-byte line at p to be brought into L1 (no register, no wait).
 __device__ __forceinline__ void prefetchL1(void const* p)
 {

@@ -67,41 +67,6 @@ constexpr int kDecMinKeysPerSplit = 128;
 constexpr int kReduceWarps = 8; // (sequence, query head) rows per reduce CTA, one warp each
 constexpr int kReduceBatch = 16; // at most this many partials per row go to the warp reduce
 
-// The end of a reduce row, held by one warp (lane: channels PER*lane .. PER*lane + PER-1): the
-// value tables of the row's KV head, read before waiting for the split kernel (they do not come
-// from it), then R^-1 (shuffle butterflies), sv and mu_v on the normalized output, and the store.
-template <int D>
-struct ReduceRowOut
-{
-    static constexpr int PER = D / 32;
-    float sv[PER], mu[PER], sg[PER];
-
-    __device__ __forceinline__ void load(ReduceArgs const& a, int head, int lane)
-    {
-#pragma unroll
-        for (int e = 0; e < PER; ++e)
-        {
-            int const ch = PER * lane + e;
-            int64_t const hv = static_cast<int64_t>(head) * D + ch;
-            sv[e] = tableOr(a.v_smooth, hv, 1.F);
-            mu[e] = tableOr(a.v_mean, hv, 0.F);
-            sg[e] = h2f(a.signs[ch]);
-        }
-    }
-
-    __device__ __forceinline__ void store(ReduceArgs const& a, float (&x)[PER], int b, int hq, int lane) const
-    {
-        warpWht<PER>(x, lane);
-#pragma unroll
-        for (int e = 0; e < PER; ++e)
-        {
-            int const ch = PER * lane + e;
-            storeAct(a.out, static_cast<int64_t>(b) * a.out_stride + static_cast<int64_t>(hq) * D + ch,
-                sv[e] * (x[e] * a.rsqrt_d * sg[e]) + mu[e], a.bf16 != 0);
-        }
-    }
-};
-
 // Up to kReduceBatch partials: one warp per (sequence, query head), no shared memory and no
 // barrier: lane j holds the (max, sum) of partial j and channels PER*lane .. PER*lane + PER-1 of
 // every partial's output, all loaded at once; the weights go round by shuffles.
@@ -118,7 +83,7 @@ __global__ void __launch_bounds__(32 * kReduceWarps) decodeReduceKernel(ReduceAr
     int const b = row / a.num_q_heads;
     int const hq = row - b * a.num_q_heads;
     int const n = a.num_splits; // <= kReduceBatch (the host chooses this kernel so)
-    ReduceRowOut<D> fin;
+    RowOut<D> fin;
     fin.load(a, hq / a.group, lane);
     gridDependencyWait(); // the split kernel is complete and its partials visible
     int64_t const base = static_cast<int64_t>(row) * n;
@@ -187,7 +152,7 @@ __global__ void __launch_bounds__(32 * kReduceWarps) decodeReduceKernel(ReduceAr
 constexpr int kReduceParts = 4; // thread groups of D threads, each summing every 4th CTA partial
 
 // More than kReduceBatch partials (long sequences at small batch): one CTA of 4*D threads per
-// (sequence, query head) combines the CTA partials, then R^-1, sv, mu_v (ReduceRowOut).
+// (sequence, query head) combines the CTA partials, then R^-1, sv, mu_v (RowOut).
 // After the wait for the split kernel every thread issues all of its
 // loads at once: (max, sum) of partial `tid`, and max and output channel c of partials pi, pi+4, ...
 // (group `pi` of D threads). The maximum is a block reduction (one barrier); the weighted sums and
@@ -211,7 +176,7 @@ __global__ void __launch_bounds__(D * kReduceParts) decodeReduceBlockKernel(Redu
     int const c = tid % D;
     int const pi = tid / D;
     int const n = a.num_splits;
-    ReduceRowOut<D> fin;
+    RowOut<D> fin;
     if (wid == 0)
     {
         fin.load(a, hq / a.group, lane);
