@@ -294,15 +294,23 @@ DECODE_CASES = [
 ]
 
 
-def _decode_error(rng, fmt, tables, g, t, lens, num_sms) -> tuple[float, int]:
+def _decode_error(rng, fmt, tables, g, t, lens, num_sms, finish="counters") -> tuple[float, int]:
     """Relative error of decode_attention (poisoned output, fresh random queries) against the
-    float64 reference over the same dequantized cache, and the number of splits used."""
+    float64 reference over the same dequantized cache, and the number of splits used. With the
+    finish counters (finish="counters") the call must also leave every counter at 0."""
     h, d = fmt.kv_heads, fmt.head_dim
     quant, ref, layer, bt, slots, _ = _setup(fmt, tables, t, lens, rng)
     q = (rng.normal(0, 1, (len(lens), h * g, d)) * 2).astype(np.float16)
     out = torch.full((len(lens), h * g, d), float("nan"), dtype=torch.float16, device="cuda")
-    K.decode_attention(layer, _to_gpu(q), bt, lens, max(lens), out=out, num_sms=num_sms)
+    counters = None
+    if finish == "counters":
+        counters = torch.zeros(K.library().tq_decode_finish_counters(len(lens), h * g, h), dtype=torch.int32,
+                               device="cuda")
+    K.decode_attention(layer, _to_gpu(q), bt, lens, max(lens), out=out, num_sms=num_sms, finish=finish,
+                       finish_counters=counters)
     torch.cuda.synchronize()
+    if counters is not None:
+        assert int(counters.count_nonzero()) == 0, "the finish must leave its counters at 0"
     want = np.concatenate([
         reference_attention(quant, q[b:b + 1].astype(np.float32), *ref.read(bt[b], n, slots[b]))
         for b, n in enumerate(lens)])
@@ -310,14 +318,15 @@ def _decode_error(rng, fmt, tables, g, t, lens, num_sms) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("d,h,g,bits,t,ns,lens", DECODE_CASES)
-@pytest.mark.parametrize("num_sms", [0, 1])
-def test_decode_matches_float64_reference(d, h, g, bits, t, ns, lens, num_sms):
+@pytest.mark.parametrize("num_sms,finish", [(0, "counters"), (1, "counters"), (0, "kernel"), (1, "kernel")])
+def test_decode_matches_float64_reference(d, h, g, bits, t, ns, lens, num_sms, finish):
+    """Both finishes: the split kernel's last CTA per row with counters, or the reduce kernel."""
     rng = _rng()
     fmt = _exps(LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns,
                             norm_correction=bool(rng.integers(0, 2))), rng)
     tables = _tables(h, d, rng, plain=bool(rng.integers(0, 4) == 0))
-    err, splits = _decode_error(rng, fmt, tables, g, t, lens, num_sms)
-    print(f"decode d={d} H={h} g={g} bits={bits} T={t} ns={ns} splits={splits}: rel err {err:.2e}")
+    err, splits = _decode_error(rng, fmt, tables, g, t, lens, num_sms, finish)
+    print(f"decode d={d} H={h} g={g} bits={bits} T={t} ns={ns} splits={splits} finish={finish}: rel err {err:.2e}")
     assert err <= REL_TOL
 
 
@@ -359,15 +368,17 @@ def test_decode_reads_recent_window(d, h, g, bits, t, ns, w, lens, num_sms):
 
 
 @pytest.mark.parametrize("num_sms", [
-    0,  # 157 splits of 128 keys: more than 16 CTA partials per row (the CTA reduce)
+    0,  # 157 splits of 128 keys: more than 32 CTA partials per row (the reduce kernel's CTA path;
+        # the finish's second (max, sum) pair per lane)
     1,  # 12 splits of 1,696 keys with diffuse attention: p' must keep its bits over long splits
 ])
-def test_decode_long_sequence(num_sms):
+@pytest.mark.parametrize("finish", ["counters", "kernel"])
+def test_decode_long_sequence(num_sms, finish):
     rng = _rng()
     d, h = 128, 1
     fmt = _exps(LayerFormat(d, (3,) * h, (3,) * h, sink_tokens=2), rng)
-    err, splits = _decode_error(rng, fmt, _tables(h, d, rng), 4, 64, [20000, 7], num_sms)
-    print(f"decode long d={d} splits={splits}: rel err {err:.2e}")
+    err, splits = _decode_error(rng, fmt, _tables(h, d, rng), 4, 64, [20000, 7], num_sms, finish)
+    print(f"decode long d={d} splits={splits} finish={finish}: rel err {err:.2e}")
     assert err <= REL_TOL
 
 
@@ -405,7 +416,9 @@ def test_decode_right_behind_the_write_reads_the_new_token(w):
     bytes; with w = 16 the ring entry) before the write landed is far off, as the same decode run
     before the write shows. What it checks is the step's result: on the H200 (2026-11-28) a scratch
     build whose split kernel never waited for the write passed too, because the write lands before
-    the split kernel reaches the newest position, so a missing wait need not fail here."""
+    the split kernel reaches the newest position, so a missing wait need not fail here.
+    As in the plugin, the write kernel also zeroes the decode's finish counters, here poisoned
+    first: with a counter left non-zero no CTA would finish its row and the output stays NaN."""
     rng = _rng()
     d, h, g, t = 128, 8, 4, 64
     fmt = _exps(LayerFormat(d, (3,) * h, (3,) * h, sink_tokens=2, norm_correction=True, recent_tokens=w), rng)
@@ -436,11 +449,14 @@ def test_decode_right_behind_the_write_reads_the_new_token(w):
     vd = _to_gpu(np.stack([v[-1] for v in vs]))
     stale = torch.full((len(lens), h * g, d), float("nan"), dtype=torch.float16, device="cuda")
     out = torch.full_like(stale, float("nan"))
-    K.decode_attention(layer, q_g, bt_g, lens_g, max(lens), seq_slot=slot_g, out=stale)
+    counters = torch.full((K.library().tq_decode_finish_counters(len(lens), h * g, h),), 12345,
+                          dtype=torch.int32, device="cuda")
+    K.decode_attention(layer, q_g, bt_g, lens_g, max(lens), seq_slot=slot_g, out=stale, finish="kernel")
     torch.cuda.synchronize()
-    K.quantize_kv(layer, kd, vd, bt_g, lens_g, seq_slot=slot_g)
-    K.decode_attention(layer, q_g, bt_g, lens_g, max(lens), seq_slot=slot_g, out=out)
+    K.quantize_kv(layer, kd, vd, bt_g, lens_g, seq_slot=slot_g, zero_words=counters)
+    K.decode_attention(layer, q_g, bt_g, lens_g, max(lens), seq_slot=slot_g, out=out, finish_counters=counters)
     torch.cuda.synchronize()
+    assert int(counters.count_nonzero()) == 0
     for b, n in enumerate(lens):
         ref.write(ks[b][-1:].astype(np.float32), vs[b][-1:].astype(np.float32), np.array([n - 1]), bt,
                   np.array([b]), slots)

@@ -164,9 +164,12 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     out = torch.empty_like(q)
     state = {"i": 0}
 
+    # the decode's finish counters, zeroed by the write kernel in a step as the plugin has it
+    counters = torch.zeros(K.library().tq_decode_finish_counters(b, hq, h), dtype=torch.int32, device=dev)
+
     def ours():
         i = state["i"] = (state["i"] + 1) % copies
-        K.decode_attention(layers[i], q, tables[i], lens, L, seq_slot=slot, out=out)
+        K.decode_attention(layers[i], q, tables[i], lens, L, seq_slot=slot, out=out, finish_counters=counters)
 
     ours_ms, spread = _time(ours, iters)
     splits = K.library().tq_decode_num_splits(b, hq, h, d, L, 0)
@@ -176,7 +179,7 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     vn = torch.randn((b, h, d), dtype=torch.float16, device=dev, generator=gen)
 
     def write():
-        K.quantize_kv(layers[0], kn, vn, tables[0], lens, seq_slot=slot)
+        K.quantize_kv(layers[0], kn, vn, tables[0], lens, seq_slot=slot, zero_words=counters)
 
     write_ms, _ = _time(write, iters)
 
@@ -185,8 +188,8 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     # early); what the write adds to the step is step_ms - ours_ms
     def step():
         i = state["i"] = (state["i"] + 1) % copies
-        K.quantize_kv(layers[i], kn, vn, tables[i], lens, seq_slot=slot)
-        K.decode_attention(layers[i], q, tables[i], lens, L, seq_slot=slot, out=out)
+        K.quantize_kv(layers[i], kn, vn, tables[i], lens, seq_slot=slot, zero_words=counters)
+        K.decode_attention(layers[i], q, tables[i], lens, L, seq_slot=slot, out=out, finish_counters=counters)
 
     step_ms, _ = _time(step, iters)
     del layers, tables

@@ -22,7 +22,7 @@ from typing import Optional
 from .format import FORMAT_VERSION, LayerFormat
 
 MAX_KV_HEADS = 128
-_CAPI_VERSION = 2  # TQ_CAPI_VERSION of plugin_src/include/turboquant/capi.h
+_CAPI_VERSION = 3  # TQ_CAPI_VERSION of plugin_src/include/turboquant/capi.h
 _ROOT = Path(__file__).resolve().parent
 _BUILD_HINT = ("build it with build_scripts/build_cuda.sh (needs nvcc and cmake), or reinstall with "
                "nvcc on PATH (pip install -e .), or point TURBOQUANT_LIB at libturboquant.so")
@@ -111,11 +111,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tq_error_string": (ctypes.c_char_p, [i32]),
         "tq_is_supported": (i32, [i32, i32, i32, i32, i32]),
         "tq_block_layout": (i32, [lp, vp, vp]),
-        "tq_quantize_kv": (i32, [lp, vp, vp, i64, i64, vp, vp, i32, i32, i32, vp]),
+        "tq_quantize_kv": (i32, [lp, vp, vp, i64, i64, vp, vp, i32, i32, i32, vp, i32, vp]),
         "tq_dequantize_kv": (i32, [lp, vp, i32, i32, vp, vp, vp]),
         "tq_decode_num_splits": (i32, [i32, i32, i32, i32, i32, i32]),
         "tq_decode_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32]),
-        "tq_decode_attention": (i32, [lp, vp, i64, vp, i64, vp, i32, i32, i32, f32, i32, i32, vp, sz, vp]),
+        "tq_decode_finish_counters": (i32, [i32, i32, i32]),
+        "tq_decode_attention": (i32, [lp, vp, i64, vp, i64, vp, i32, i32, i32, f32, i32, i32, vp, sz, vp,
+                                      vp]),
         "tq_context_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32, i32]),
         "tq_context_attention": (i32, [lp, vp, i64, vp, i64, vp, i64, vp, i64, vp, vp, i32, i32, i32,
                                        i32, i32, f32, i32, i32, vp, sz, vp]),
@@ -248,17 +250,25 @@ def _i32(t, device):
 
 
 def quantize_kv(layer: KernelLayer, k, v, block_table, seq_lens, seq_slot=None, cu_q_lens=None,
-                max_q_len: int = 1) -> None:
+                max_q_len: int = 1, zero_words=None) -> None:
     """Write new tokens: k, v [tokens, H, d] fp16/bf16 (rows packed per sequence by cu_q_lens;
-    without it, one token per sequence). seq_lens: lengths after the write."""
+    without it, one token per sequence). seq_lens: lengths after the write. zero_words (decode
+    writes only): an int32 tensor of batch * n words that the kernel sets to 0, as the plugin has it
+    clear the finish counters of the decode that follows."""
     dev = k.device
     bt, sl = _i32(block_table, dev), _i32(seq_lens, dev)
     slot = _i32(seq_slot if seq_slot is not None else range(sl.shape[0]), dev)
     cu = _i32(cu_q_lens, dev) if cu_q_lens is not None else None
+    per_seq = 0
+    if zero_words is not None:
+        if zero_words.numel() % max(sl.shape[0], 1):
+            raise KernelError(f"zero_words: {zero_words.numel()} words are not a multiple of the batch "
+                              f"({sl.shape[0]})")
+        per_seq = zero_words.numel() // max(sl.shape[0], 1)
     s = layer.c_struct(bt, slot)
     _check(library().tq_quantize_kv(ctypes.byref(s), _ptr(k), _ptr(v), k.stride(0), v.stride(0),
                                     _ptr(cu), _ptr(sl), sl.shape[0], max_q_len, _act(k.dtype),
-                                    _stream()), "quantize_kv")
+                                    _ptr(zero_words), per_seq, _stream()), "quantize_kv")
 
 
 def dequantize_kv(layer: KernelLayer, block_table, seq_lens, max_seq_len: int, seq_slot=None):
@@ -291,10 +301,31 @@ def _workspace(nbytes: int, device):
     return w
 
 
-def decode_attention(layer: KernelLayer, q, block_table, seq_lens, max_seq_len: int, seq_slot=None,
-                     softmax_scale: float = 0.0, out=None, num_sms: int = 0):
-    """One query per sequence: q [batch, Hq, d] -> out [batch, Hq, d] (same dtype)."""
+class _Counters:
+    buf = None
+
+
+def _finish_counters(n: int, device):
+    """The decode finish counters, n int32 words, zero between calls (every call leaves them so);
+    one buffer per process, like the workspace: calls on two streams at once must not share them."""
     import torch
+    c = _Counters.buf
+    if c is None or c.numel() < n or c.device != device:
+        _Counters.buf = c = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return c
+
+
+def decode_attention(layer: KernelLayer, q, block_table, seq_lens, max_seq_len: int, seq_slot=None,
+                     softmax_scale: float = 0.0, out=None, num_sms: int = 0, finish: str = "counters",
+                     finish_counters=None):
+    """One query per sequence: q [batch, Hq, d] -> out [batch, Hq, d] (same dtype).
+
+    finish: "counters" (the last CTA of each row combines the partials; finish_counters, an int32
+    tensor of tq_decode_finish_counters() zeros, or a buffer kept by this module) or "kernel" (a
+    reduce kernel after the split kernel)."""
+    import torch
+    if finish not in ("counters", "kernel"):
+        raise KernelError(f"finish={finish!r}: expected 'counters' or 'kernel'")
     dev = q.device
     bt, sl = _i32(block_table, dev), _i32(seq_lens, dev)
     slot = _i32(seq_slot if seq_slot is not None else range(sl.shape[0]), dev)
@@ -305,10 +336,16 @@ def decode_attention(layer: KernelLayer, q, block_table, seq_lens, max_seq_len: 
     fmt = layer.fmt
     nbytes = lib.tq_decode_workspace_bytes(b, hq, fmt.kv_heads, d, max_seq_len, num_sms)
     ws = _workspace(nbytes, dev)
+    counters = None
+    if finish == "counters":
+        n = lib.tq_decode_finish_counters(b, hq, fmt.kv_heads)
+        counters = finish_counters if finish_counters is not None else _finish_counters(n, dev)
+        if counters.numel() < n or counters.dtype != torch.int32 or counters.device != dev:
+            raise KernelError(f"finish_counters: {n} int32 words on {dev} needed")
     s = layer.c_struct(bt, slot)
     _check(lib.tq_decode_attention(ctypes.byref(s), _ptr(q), q.stride(0), _ptr(out), out.stride(0),
                                    _ptr(sl), b, hq, max_seq_len, softmax_scale, _act(q.dtype), num_sms,
-                                   _ptr(ws), 0 if ws is None else ws.numel(), _stream()),
+                                   _ptr(ws), 0 if ws is None else ws.numel(), _ptr(counters), _stream()),
            "decode_attention")
     return out
 

@@ -197,7 +197,7 @@ int32_t tq_block_layout(TqLayerC const* layer, int32_t* offsets, int32_t* block_
 
 int32_t tq_quantize_kv(TqLayerC const* layer, void const* k, void const* v, int64_t k_token_stride,
     int64_t v_token_stride, int32_t const* cu_q_lens, int32_t const* seq_lens, int32_t batch, int32_t max_q_len,
-    int32_t act, void* stream)
+    int32_t act, uint32_t* zero_words, int32_t zero_words_per_seq, void* stream)
 {
     turboquant::QuantizeKvParams p;
     std::memset(&p, 0, sizeof(p));
@@ -214,6 +214,12 @@ int32_t tq_quantize_kv(TqLayerC const* layer, void const* k, void const* v, int6
     p.batch = batch;
     p.max_q_len = max_q_len;
     p.act = act == 1 ? turboquant::ActType::kBf16 : turboquant::ActType::kFp16;
+    if (zero_words_per_seq < 0 || (zero_words_per_seq > 0 && (zero_words == nullptr || cu_q_lens != nullptr)))
+    {
+        return fail("zero_words: a pointer and zero_words_per_seq >= 0, for decode writes only (cu_q_lens NULL)");
+    }
+    p.zero_words = zero_words;
+    p.zero_words_per_seq = zero_words_per_seq;
     return done(turboquant::launchQuantizeKv(p, static_cast<cudaStream_t>(stream)));
 }
 
@@ -247,9 +253,15 @@ size_t tq_decode_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t num
     return turboquant::decodeWorkspaceBytes(batch, num_q_heads, num_kv_heads, head_dim, max_seq_len, num_sms);
 }
 
+int32_t tq_decode_finish_counters(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads)
+{
+    return turboquant::decodeFinishCounters(batch, num_q_heads, num_kv_heads);
+}
+
 int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_token_stride, void* out,
     int64_t out_token_stride, int32_t const* seq_lens, int32_t batch, int32_t num_q_heads, int32_t max_seq_len,
-    float softmax_scale, int32_t act, int32_t num_sms, void* workspace, size_t workspace_bytes, void* stream)
+    float softmax_scale, int32_t act, int32_t num_sms, void* workspace, size_t workspace_bytes,
+    uint32_t* finish_counters, void* stream)
 {
     turboquant::DecodeAttentionParams p;
     std::memset(&p, 0, sizeof(p));
@@ -274,6 +286,7 @@ int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_toke
     p.num_sms = num_sms;
     p.workspace = workspace;
     p.workspace_bytes = workspace_bytes;
+    p.finish_counters = finish_counters;
     if (p.q == nullptr || p.out == nullptr || p.seq_lens == nullptr || p.max_seq_len < 1)
     {
         return fail("q, out and seq_lens are required and max_seq_len >= 1");

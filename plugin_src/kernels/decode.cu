@@ -29,10 +29,11 @@
 // 32 keys at a time (one key per lane for the scores, one maximum update per chunk, then P * V key by
 // key); with 5-8 (NT = 2) one key at a time, which keeps the tile loop's registers.
 // At the end the warps of a CTA merge their splits in shared memory, so the workspace holds one
-// partial per (sequence, query head, CTA). decodeReduceKernel, a programmatic dependent launch of
-// the split kernel on sm_90+ (its CTAs are scheduled while the last split CTAs finish and wait for
-// them), combines those partials (one warp per (sequence, query head) for up to 16 partials, else one
-// CTA) and applies R^-1, the value smoothing and mean.
+// partial per (sequence, query head, CTA). With finish counters (DecodeAttentionParams) the last CTA
+// of each (sequence, KV head, head subset) to finish combines them (one warp per query head) and
+// applies R^-1, the value smoothing and mean. Without them decodeReduceKernel does, a programmatic
+// dependent launch of the split kernel on sm_90+ (its CTAs are scheduled while the last split CTAs
+// finish and wait for them; one warp per (sequence, query head) for up to 16 partials, else one CTA).
 #include "decode_kernel.cuh"
 #include "dispatch.cuh"
 #include "turboquant/kernels.h"
@@ -68,8 +69,7 @@ constexpr int kReduceWarps = 8; // (sequence, query head) rows per reduce CTA, o
 constexpr int kReduceBatch = 16; // at most this many partials per row go to the warp reduce
 
 // Up to kReduceBatch partials: one warp per (sequence, query head), no shared memory and no
-// barrier: lane j holds the (max, sum) of partial j and channels PER*lane .. PER*lane + PER-1 of
-// every partial's output, all loaded at once; the weights go round by shuffles.
+// barrier (combinePartials, decode_kernel.cuh, with every partial loaded at once).
 template <int D>
 __global__ void __launch_bounds__(32 * kReduceWarps) decodeReduceKernel(ReduceArgs const a)
 {
@@ -82,70 +82,12 @@ __global__ void __launch_bounds__(32 * kReduceWarps) decodeReduceKernel(ReduceAr
     }
     int const b = row / a.num_q_heads;
     int const hq = row - b * a.num_q_heads;
-    int const n = a.num_splits; // <= kReduceBatch (the host chooses this kernel so)
     RowOut<D> fin;
     fin.load(a, hq / a.group, lane);
     gridDependencyWait(); // the split kernel is complete and its partials visible
-    int64_t const base = static_cast<int64_t>(row) * n;
-    float const* wo = a.ws_o + base * D + PER * lane;
-    float2 const m = lane < n ? reinterpret_cast<float2 const*>(a.ws_ml)[base + lane] : make_float2(-INFINITY, 0.F);
-    float ov[kReduceBatch][PER];
-#pragma unroll
-    for (int k = 0; k < kReduceBatch; ++k)
-    {
-#pragma unroll
-        for (int e = 0; e < PER; ++e)
-        {
-            ov[k][e] = 0.F;
-        }
-        if (k < n) // every partial is written (zeros where a CTA had no keys)
-        {
-            if constexpr (PER == 4)
-            {
-                float4 const v = *reinterpret_cast<float4 const*>(wo + static_cast<int64_t>(k) * D);
-                ov[k][0] = v.x;
-                ov[k][1] = v.y;
-                ov[k][2] = v.z;
-                ov[k][3] = v.w;
-            }
-            else
-            {
-                float2 const v = *reinterpret_cast<float2 const*>(wo + static_cast<int64_t>(k) * D);
-                ov[k][0] = v.x;
-                ov[k][1] = v.y;
-            }
-        }
-    }
-    float mx = m.x;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-    {
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    }
-    float const wt = m.x == -INFINITY ? 0.F : exp2f(m.x - mx);
-    float den = wt * m.y;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-    {
-        den += __shfl_xor_sync(0xffffffffu, den, o);
-    }
-    float x[PER] = {};
-#pragma unroll
-    for (int k = 0; k < kReduceBatch; ++k)
-    {
-        float const w = __shfl_sync(0xffffffffu, wt, k); // 0 beyond n
-#pragma unroll
-        for (int e = 0; e < PER; ++e)
-        {
-            x[e] += w * ov[k][e];
-        }
-    }
-    float const inv = den > 0.F ? 1.F / den : 0.F;
-#pragma unroll
-    for (int e = 0; e < PER; ++e)
-    {
-        x[e] *= inv;
-    }
+    float x[PER];
+    // a.num_splits <= kReduceBatch (the host chooses this kernel so)
+    combinePartials<D, kReduceBatch>(a.ws_ml, a.ws_o, static_cast<int64_t>(row) * a.num_splits, a.num_splits, lane, x);
     fin.store(a, x, b, hq, lane);
 }
 
@@ -422,6 +364,11 @@ int32_t decodeNumSplits(
     return splits;
 }
 
+int32_t decodeFinishCounters(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads)
+{
+    return std::max(batch, 0) * std::max(num_kv_heads, 1) * hsubOf(num_q_heads, num_kv_heads);
+}
+
 size_t decodeWorkspaceBytes(
     int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms)
 {
@@ -477,7 +424,8 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
         return cudaErrorInvalidValue; // beyond 256 splits of 32K keys (8M tokens)
     }
     size_t const need = decodeWorkspaceBytes(p.batch, p.num_q_heads, p.layer.num_kv_heads, p.layer.head_dim, p.max_seq_len, sms);
-    if (p.workspace == nullptr || p.workspace_bytes < need || (reinterpret_cast<uintptr_t>(p.workspace) % 16) != 0)
+    if (p.workspace == nullptr || p.workspace_bytes < need || (reinterpret_cast<uintptr_t>(p.workspace) % 16) != 0
+        || (reinterpret_cast<uintptr_t>(p.finish_counters) % alignof(uint32_t)) != 0)
     {
         return cudaErrorInvalidValue;
     }
@@ -485,6 +433,12 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     size_t const rows = static_cast<size_t>(p.batch) * p.num_q_heads * parts;
     a.ws_ml = static_cast<float*>(p.workspace);
     a.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + alignWs(rows * 2 * sizeof(float)));
+    // with finish counters the split kernel's last CTA per row combines the partials (no reduce kernel)
+    a.counters = p.finish_counters;
+    a.out = p.out;
+    a.out_stride = p.out_token_stride;
+    a.v_mean = p.tables.v_mean;
+    a.v_smooth = p.tables.v_smooth;
 
     // one launch per (k_bits, v_bits) group of KV heads
     bool done[kMaxKvHeads] = {};
@@ -513,6 +467,10 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
         {
             return err;
         }
+    }
+    if (p.finish_counters != nullptr)
+    {
+        return cudaSuccess;
     }
     ReduceArgs r;
     r.cu_q = nullptr; // decode: row b is sequence b

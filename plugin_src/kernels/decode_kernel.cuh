@@ -59,6 +59,12 @@ struct DecodeArgs
     int32_t const* seq_lens;  // [batch]
     float* ws_o;              // [batch][Hq][splits][d]
     float* ws_ml;             // [batch][Hq][splits][2]  (max in log2 units, sum)
+    uint32_t* counters;       // [batch][H][hsub] finish counters (0 on entry and exit), or null: reduce kernel
+    // the finish's (RowOut's) fields, read only when counters is set
+    void* out;
+    int64_t out_stride;
+    uint16_t const* v_mean;
+    uint16_t const* v_smooth;
     int32_t batch;
     int32_t num_q_heads;
     int32_t group;            // g = Hq / H
@@ -71,6 +77,94 @@ struct DecodeArgs
     int32_t num_launch_heads;
     uint8_t heads[kMaxKvHeads];
 };
+
+// The n CTA partials of one (sequence, query head) row, combined by one warp (lane: channels
+// PER*lane .. PER*lane + PER-1): x = sum_k 2^(m_k - M) o_k / sum_k 2^(m_k - M) l_k, M the largest
+// m_k. Lane j holds (m, l) of partials j and j + 32; the outputs are loaded CH partials at a time and
+// summed in partial order. Loads go to L2 (ld.global.cg): in the split kernel's finish the partials
+// were written by other CTAs.
+template <int D, int CH>
+__device__ __forceinline__ void combinePartials(
+    float const* ws_ml, float const* ws_o, int64_t base, int n, int lane, float (&x)[D / 32])
+{
+    constexpr int PER = D / 32;
+    static_assert(kDecMaxSplits / kDecWarpsMin <= 64, "two (max, sum) pairs per lane");
+    float2 const* ml = reinterpret_cast<float2 const*>(ws_ml) + base;
+    float2 const m0 = lane < n ? __ldcg(ml + lane) : make_float2(-INFINITY, 0.F);
+    float2 const m1 = lane + 32 < n ? __ldcg(ml + lane + 32) : make_float2(-INFINITY, 0.F);
+    float mx = fmaxf(m0.x, m1.x);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    }
+    float const w0 = m0.x == -INFINITY ? 0.F : exp2f(m0.x - mx);
+    float const w1 = m1.x == -INFINITY ? 0.F : exp2f(m1.x - mx);
+    float den = w0 * m0.y;
+    if (n > 32)
+    {
+        den += w1 * m1.y;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        den += __shfl_xor_sync(0xffffffffu, den, o);
+    }
+#pragma unroll
+    for (int e = 0; e < PER; ++e)
+    {
+        x[e] = 0.F;
+    }
+    float const* wo = ws_o + base * D + PER * lane;
+    for (int k0 = 0; k0 < n; k0 += CH)
+    {
+        float ov[CH][PER];
+#pragma unroll
+        for (int k = 0; k < CH; ++k)
+        {
+#pragma unroll
+            for (int e = 0; e < PER; ++e)
+            {
+                ov[k][e] = 0.F;
+            }
+            if (k0 + k < n) // every partial is written (zeros where a CTA had no keys)
+            {
+                float const* src = wo + static_cast<int64_t>(k0 + k) * D;
+                if constexpr (PER == 4)
+                {
+                    float4 const v = __ldcg(reinterpret_cast<float4 const*>(src));
+                    ov[k][0] = v.x;
+                    ov[k][1] = v.y;
+                    ov[k][2] = v.z;
+                    ov[k][3] = v.w;
+                }
+                else
+                {
+                    float2 const v = __ldcg(reinterpret_cast<float2 const*>(src));
+                    ov[k][0] = v.x;
+                    ov[k][1] = v.y;
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < CH; ++k)
+        {
+            int const j = k0 + k;
+            float const w = __shfl_sync(0xffffffffu, j < 32 ? w0 : w1, j & 31); // 0 from n on
+#pragma unroll
+            for (int e = 0; e < PER; ++e)
+            {
+                x[e] += w * ov[k][e];
+            }
+        }
+    }
+    float const inv = den > 0.F ? 1.F / den : 0.F;
+#pragma unroll
+    for (int e = 0; e < PER; ++e)
+    {
+        x[e] *= inv;
+    }
+}
 
 // lambda_b of the int8-grid codebook c_b = e_b / lambda_b (docs/format.md §3.1)
 template <int B>
@@ -341,8 +435,13 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     int const nh = min(kDecHeadsPerCta, a.group - hs * kDecHeadsPerCta); // query heads of this CTA
     // a programmatic dependent launch (sm_90+): this CTA may run while the kernel before it on the
     // stream finishes (in the plugin, the write kernel that stores the new tokens), so it reads
-    // nothing before that kernel is complete; the reduce kernel may be scheduled from here on
-    launchDependents();
+    // nothing before that kernel is complete; the reduce kernel, if one follows, may be scheduled
+    // from here on (with the finish counters nothing follows that waits for this grid: no trigger, so
+    // that a kernel launched after this one, even a programmatic dependent, starts when it is done)
+    if (a.counters == nullptr)
+    {
+        launchDependents();
+    }
     gridDependencyWait();
     int const seqLen = a.seq_lens[b];
     // the sequence's slot of its sink and window rows, read beside seq_lens: read after it, as the
@@ -1114,6 +1213,48 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
             a.ws_ml[2 * wi] = mx;
             a.ws_ml[2 * wi + 1] = l;
         }
+    }
+    if (a.counters == nullptr)
+    {
+        return; // the reduce kernel combines the partials
+    }
+
+    // ---- the finish: the last CTA of this (sequence, KV head, head subset) to get here combines the
+    // partials of all of them (the reduce kernel's work, without its launch and its wait for this grid).
+    // Each CTA's partials are stored before thread 0's fence and ticket; the ticket that completes the
+    // count orders every other CTA's partials before the reads that follow it.
+    // the value tables of the KV head first (the reduce kernel too reads them before its wait), so
+    // that their loads are not one more round trip after the ticket
+    RowOut<D> fin;
+    if (warp < nh)
+    {
+        fin.load(a, head, lane);
+    }
+    __syncthreads();
+    uint32_t volatile* const lastFlag = lutS + 4;
+    if (threadIdx.x == 0)
+    {
+        __threadfence();
+        uint32_t const ci = (static_cast<uint32_t>(b) * L.num_kv_heads + head) * a.hsub + hs;
+        // wraps to 0 on the last ticket, so the counters are ready for the next launch
+        uint32_t const ticket = atomicInc(a.counters + ci, static_cast<uint32_t>(parts - 1));
+        if (ticket == parts - 1)
+        {
+            __threadfence();
+        }
+        *lastFlag = ticket == parts - 1 ? 1u : 0u;
+    }
+    __syncthreads();
+    if (*lastFlag == 0u)
+    {
+        return;
+    }
+    for (int hh = warp; hh < nh; hh += W) // one warp per query head of the CTA
+    {
+        int const hq = hq0 + hh;
+        float x[PER];
+        combinePartials<D, 8>(a.ws_ml, a.ws_o, (static_cast<int64_t>(b) * a.num_q_heads + hq) * parts, static_cast<int>(parts), lane, x);
+        fin.store(a, x, b, hq, lane);
     }
 }
 

@@ -51,6 +51,7 @@ struct QuantArgs
     int64_t stride[2];
     int32_t const* seq_lens;
     int32_t const* cu_q;
+    uint32_t* zero_words;      // decode: words [b * zero_per_seq, (b + 1) * zero_per_seq) set to 0, or null
     uint16_t const* mean[2];   // null: absent
     uint16_t const* smooth[2]; // null: absent
     uint16_t const* clip[2];   // null: absent
@@ -61,6 +62,7 @@ struct QuantArgs
     int64_t layer_offset;
     int32_t max_blocks_per_seq;
     int32_t num_kv_heads;
+    int32_t zero_per_seq;
     int32_t tpb_shift; // log2(tokens_per_block)
     int32_t sink_tokens;
     int32_t recent_tokens; // w: positions >= seq_len - w also go to recent_pool[slot][h][0|1][p % w]
@@ -517,6 +519,18 @@ __global__ void __launch_bounds__(32 * kQuantWarps) quantizeKvKernel(__grid_cons
         loadU16<E, false>(a.signs + c0, sg);
     }
     float const gamma = clipT != nullptr ? h2f(__ldg(clipT + hl)) : 1.F;
+    if constexpr (Decode)
+    {
+        // the next decode's finish counters (QuantizeKvParams::zero_words), stored once this warp's
+        // loads are out; the decode reads them only after this grid is complete
+        if (a.zero_words != nullptr && blockIdx.x == 0)
+        {
+            for (int z = threadIdx.x; z < a.zero_per_seq; z += blockDim.x)
+            {
+                a.zero_words[static_cast<int64_t>(b) * a.zero_per_seq + z] = 0u;
+            }
+        }
+    }
     int const ns = a.sink_tokens;
     int const w = a.recent_tokens;
     int64_t const seqSlot = ns > 0 || w > 0 ? a.seq_slot[b] : 0;
@@ -696,7 +710,8 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
         || p.kv.pool == nullptr || p.kv.block_table == nullptr || p.k == nullptr || p.v == nullptr || p.seq_lens == nullptr || p.tables.signs == nullptr || p.batch < 0
         || (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr))
         || (p.layer.recent_tokens > 0 && (p.kv.recent_pool == nullptr || p.kv.seq_slot == nullptr))
-        || (p.cu_q_lens != nullptr && p.max_q_len < 0))
+        || (p.cu_q_lens != nullptr && p.max_q_len < 0)
+        || (p.zero_words != nullptr && p.zero_words_per_seq > 0 && p.cu_q_lens != nullptr))
     {
         return cudaErrorInvalidValue;
     }
@@ -746,6 +761,8 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     a.seq_slot = p.kv.seq_slot;
     a.recent_pool = p.kv.recent_pool;
     a.exact_out = p.exact_out;
+    a.zero_words = p.zero_words_per_seq > 0 ? p.zero_words : nullptr;
+    a.zero_per_seq = p.zero_words_per_seq;
     for (int h = 0; h < L.num_kv_heads; ++h)
     {
         a.bits[h][0] = L.k_bits[h];

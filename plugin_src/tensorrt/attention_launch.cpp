@@ -28,6 +28,23 @@ int32_t currentDeviceSms()
     return sms;
 }
 
+namespace
+{
+// A decode step's scratch: the decode kernels' workspace, then its finish counters (16-byte aligned),
+// which the step's write kernel zeroes before the decode reads them
+size_t decodeCountersOffset(core::AttentionConfig const& cfg, int32_t batch, int32_t numSms)
+{
+    size_t const ws = decodeWorkspaceBytes(batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_seq_len, numSms);
+    return (ws + 15) / 16 * 16;
+}
+
+size_t decodeStepScratchBytes(core::AttentionConfig const& cfg, int32_t batch, int32_t numSms)
+{
+    return decodeCountersOffset(cfg, batch, numSms)
+        + sizeof(uint32_t) * static_cast<size_t>(decodeFinishCounters(batch, cfg.num_q_heads, cfg.num_kv_heads));
+}
+} // namespace
+
 size_t stepWorkspaceBytes(core::AttentionConfig const& cfg, int64_t maxTokens, int64_t maxBatch, int32_t numSms)
 {
     if (maxTokens < 1 || maxBatch < 1 || maxTokens > INT32_MAX || maxBatch > INT32_MAX)
@@ -42,9 +59,7 @@ size_t stepWorkspaceBytes(core::AttentionConfig const& cfg, int64_t maxTokens, i
     int64_t const decodeMax = std::min(maxBatch, maxTokens);
     for (int64_t b = 1; b <= decodeMax; ++b)
     {
-        scratch = std::max(scratch,
-            decodeWorkspaceBytes(static_cast<int32_t>(b), cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
-                cfg.max_seq_len, numSms));
+        scratch = std::max(scratch, decodeStepScratchBytes(cfg, static_cast<int32_t>(b), numSms));
     }
     for (int64_t n = 2; n <= maxTokens; ++n)
     {
@@ -91,7 +106,7 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
 
     // Exactly the scratch of the path taken; getWorkspaceSize reserved the maximum over the profile.
     size_t const scratchBytes = step.decode_only
-        ? decodeWorkspaceBytes(batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_seq_len, numSms)
+        ? decodeStepScratchBytes(cfg, batch, numSms)
         : contextWorkspaceBytes(
             batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, tokens, cfg.max_seq_len, cfg.recent_tokens);
     core::WorkspaceLayout const ws = core::workspaceLayout(batch, scratchBytes);
@@ -100,6 +115,10 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
 
     if (step.decode_only)
     {
+        // the decode's finish counters sit in scratch that other layers reuse: the write kernel,
+        // which the decode waits for, zeroes them
+        auto* counters = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(scratch) + decodeCountersOffset(cfg, batch, numSms));
+        int32_t const countersPerSeq = decodeFinishCounters(1, cfg.num_q_heads, cfg.num_kv_heads);
         QuantizeKvParams w{};
         w.layer = layer;
         w.kv = kv;
@@ -113,6 +132,8 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
         w.batch = batch;
         w.max_q_len = 1;
         w.act = actType;
+        w.zero_words = counters;
+        w.zero_words_per_seq = countersPerSeq;
         cudaError_t err = launchQuantizeKv(w, stream);
         if (err != cudaSuccess)
         {
@@ -135,6 +156,7 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
         d.num_sms = numSms;
         d.workspace = scratch;
         d.workspace_bytes = ws.scratch_bytes;
+        d.finish_counters = counters;
         return launchDecodeAttention(d, stream);
     }
 

@@ -11,7 +11,7 @@
 extern "C" {
 #endif
 
-#define TQ_CAPI_VERSION 2
+#define TQ_CAPI_VERSION 3
 #define TQ_MAX_KV_HEADS 128
 
 /* One layer: its format and where its pool, sinks, recent-token ring and tables live (host struct). */
@@ -55,9 +55,11 @@ int32_t tq_is_supported(int32_t kind, int32_t rotation, int32_t head_dim, int32_
 int32_t tq_block_layout(TqLayerC const* layer, int32_t* offsets, int32_t* block_bytes);
 
 /* act: 0 = fp16, 1 = bf16 */
+/* zero_words (optional, decode writes only: cu_q_lens NULL): words [b * zero_words_per_seq, (b + 1) *
+ * zero_words_per_seq) are set to 0 for every sequence b (the finish counters of the decode that follows) */
 int32_t tq_quantize_kv(TqLayerC const* layer, void const* k, void const* v, int64_t k_token_stride,
     int64_t v_token_stride, int32_t const* cu_q_lens, int32_t const* seq_lens, int32_t batch, int32_t max_q_len,
-    int32_t act, void* stream);
+    int32_t act, uint32_t* zero_words, int32_t zero_words_per_seq, void* stream);
 
 int32_t tq_dequantize_kv(TqLayerC const* layer, int32_t const* seq_lens, int32_t batch, int32_t max_seq_len,
     void* k_out, void* v_out, void* stream);
@@ -66,9 +68,13 @@ int32_t tq_decode_num_splits(
     int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms);
 size_t tq_decode_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
     int32_t max_seq_len, int32_t num_sms);
+/* finish_counters: NULL (a reduce kernel follows the split kernel) or tq_decode_finish_counters() words,
+ * all 0 when the call starts; the call leaves them 0 (kernels.h, DecodeAttentionParams) */
+int32_t tq_decode_finish_counters(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads);
 int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_token_stride, void* out,
     int64_t out_token_stride, int32_t const* seq_lens, int32_t batch, int32_t num_q_heads, int32_t max_seq_len,
-    float softmax_scale, int32_t act, int32_t num_sms, void* workspace, size_t workspace_bytes, void* stream);
+    float softmax_scale, int32_t act, int32_t num_sms, void* workspace, size_t workspace_bytes,
+    uint32_t* finish_counters, void* stream);
 
 size_t tq_context_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
     int32_t total_q_tokens, int32_t max_seq_len, int32_t recent_tokens);

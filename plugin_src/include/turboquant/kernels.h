@@ -40,6 +40,12 @@ struct QuantizeKvParams
     uint16_t* exact_out;        // optional [num_tokens][H][2][d] fp16 bits: every new row's transformed K (0)
                                 //   and V (1) as the recent-token ring stores them; when set, the ring
                                 //   itself is not written (the context path writes it after its attention)
+    uint32_t* zero_words;       // optional, decode writes only (cu_q_lens null): words
+                                //   [b * zero_words_per_seq, (b + 1) * zero_words_per_seq) are set to 0 for
+                                //   every sequence b. The plugin passes the finish counters of the decode
+                                //   launched next on the stream (DecodeAttentionParams::finish_counters),
+                                //   which lives in scratch memory that other layers reuse.
+    int32_t zero_words_per_seq;
 };
 // New token i of sequence b (row cu_q_lens[b] + i) is stored at position
 // seq_lens[b] - q_len_b + i. Rows are independent: the kernel reads only its own row.
@@ -82,7 +88,16 @@ struct DecodeAttentionParams
     int32_t num_sms;            // multiprocessors of the device (0: read from the current device)
     void* workspace;            // decodeWorkspaceBytes(...) bytes, 16-byte aligned
     size_t workspace_bytes;
+    uint32_t* finish_counters;  // optional: decodeFinishCounters(...) words, all 0 when the split kernel
+                                //   reads them (after its wait for the kernel before it on the stream);
+                                //   every launch leaves them 0 again. With them the last CTA of each
+                                //   (sequence, KV head, query-head subset) combines the partials and
+                                //   writes the output, and no reduce kernel is launched. Null: a reduce
+                                //   kernel follows the split kernel. Two launches in flight at once must
+                                //   not share counters (nor a workspace).
 };
+// Words of DecodeAttentionParams::finish_counters for a shape: batch * H * ceil(g / 8).
+int32_t decodeFinishCounters(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads);
 // Splits of the key range per (sequence, KV head, query-head subset of up to 8) for a shape, with
 // formats of up to 4 bits (8-bit codes may plan CTAs of 4 warps instead of 16, with other splits;
 // decodeWorkspaceBytes covers both).
