@@ -134,7 +134,8 @@ def measure_read_bw(iters: int = 50) -> float:
     return READ_BW_BYTES / (best * 1e-3)
 
 
-def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20, recent=0, sinks=0):
+def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_bytes=50 << 20, recent=0, sinks=0,
+                finish="counters"):
     import torch
     import torch.nn.functional as F
 
@@ -165,11 +166,15 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     state = {"i": 0}
 
     # the decode's finish counters, zeroed by the write kernel in a step as the plugin has it
-    counters = torch.zeros(K.library().tq_decode_finish_counters(b, hq, h), dtype=torch.int32, device=dev)
+    # (finish="kernel": no counters, the reduce kernel; the write then zeroes nothing)
+    counters = None
+    if finish == "counters":
+        counters = torch.zeros(K.library().tq_decode_finish_counters(b, hq, h), dtype=torch.int32, device=dev)
 
     def ours():
         i = state["i"] = (state["i"] + 1) % copies
-        K.decode_attention(layers[i], q, tables[i], lens, L, seq_slot=slot, out=out, finish_counters=counters)
+        K.decode_attention(layers[i], q, tables[i], lens, L, seq_slot=slot, out=out, finish=finish,
+                           finish_counters=counters)
 
     ours_ms, spread = _time(ours, iters)
     splits = K.library().tq_decode_num_splits(b, hq, h, d, L, 0)
@@ -189,7 +194,8 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     def step():
         i = state["i"] = (state["i"] + 1) % copies
         K.quantize_kv(layers[i], kn, vn, tables[i], lens, seq_slot=slot, zero_words=counters)
-        K.decode_attention(layers[i], q, tables[i], lens, L, seq_slot=slot, out=out, finish_counters=counters)
+        K.decode_attention(layers[i], q, tables[i], lens, L, seq_slot=slot, out=out, finish=finish,
+                           finish_counters=counters)
 
     step_ms, _ = _time(step, iters)
     del layers, tables
@@ -268,7 +274,7 @@ def select_shapes(names):
 
 
 def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=None, recent=0, read_bw=None,
-            sinks=0):
+            sinks=0, finish="counters"):
     import torch
     measured = read_bw is None
     probe = measure_read_bw() if measured else read_bw
@@ -276,7 +282,7 @@ def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=N
           f"({'measured: torch sum/max over 2 GiB' if measured else 'given with --read-bw'})", flush=True)
     rows = []
     for spec in shapes or DEFAULT_SHAPES:
-        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters, recent=recent, sinks=sinks))
+        rows.append(bench_shape(*spec, t=tokens_per_block, iters=iters, recent=recent, sinks=sinks, finish=finish))
         r = rows[-1]
         print(f"{r.shape:18s} ours {r.ours_ms:8.4f} ms  sdpa {r.sdpa_ms:8.4f} ms  x{r.speedup:5.2f}  "
               f"{r.ours_tbps:6.0f} GB/s (sdpa {r.sdpa_tbps:6.0f})  write {r.write_ms * 1000:6.1f} us "
@@ -295,7 +301,7 @@ def run_all(shapes=None, iters=50, tokens_per_block=64, context=True, out_json=N
                   f"ours {c['ours_ms']:.3f} ms  sdpa {c['sdpa_ms']:.3f} ms", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "commit": source_commit(), "torch": torch.__version__, "tokens_per_block": tokens_per_block,
-            "recent_tokens": recent, "sink_tokens": sinks, "read_bw_probe_bytes_per_s": probe, "read_bw_bytes_per_s": ref,
+            "recent_tokens": recent, "sink_tokens": sinks, "decode_finish": finish, "read_bw_probe_bytes_per_s": probe, "read_bw_bytes_per_s": ref,
             "read_bw_measured": measured}
     result = {"meta": meta, "decode": [asdict(r) for r in rows], "context": ctx}
     print()
@@ -334,11 +340,14 @@ def bench() -> None:
                    "copies instead of their codes (the calibration's default is 1)")
 @click.option("--shape", "shape_names", multiple=True, type=click.Choice([s[0] for s in DEFAULT_SHAPES]),
               help="time only this decode shape (repeatable) [default: all of them]")
+@click.option("--finish", type=click.Choice(["counters", "kernel"]), default="counters", show_default=True,
+              help="how decode combines its splits: the last CTA of each row, with finish counters the write "
+                   "kernel zeroes (the plugin's way), or a separate reduce kernel")
 @click.option("--read-bw", type=click.FloatRange(min=1.0, min_open=False), default=None,
               help="the card's HBM read bandwidth in GB/s for the '% of bandwidth' column "
                    "[default: the fastest read measured in the run: a 2 GiB torch reduction or fp16 SDPA]")
 def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: str | None, recent: int,
-                sinks: int, shape_names: tuple[str, ...], read_bw: float | None) -> None:
+                sinks: int, shape_names: tuple[str, ...], finish: str, read_bw: float | None) -> None:
     """Decode attention over the 3-bit cache vs torch fp16 SDPA, same shapes, same process.
 
     Also times the write kernel alone and a write + decode step as the plugin runs one (CUDA graphs
@@ -367,7 +376,8 @@ def kernels_cmd(iters: int, tokens_per_block: int, no_context: bool, out_json: s
         raise click.ClickException(str(e)) from None
     shapes = select_shapes(shape_names)
     run_all(shapes=shapes, iters=iters, tokens_per_block=tokens_per_block, context=not no_context,
-            out_json=out_json, recent=recent, read_bw=None if read_bw is None else read_bw * 1e9, sinks=sinks)
+            out_json=out_json, recent=recent, read_bw=None if read_bw is None else read_bw * 1e9, sinks=sinks,
+            finish=finish)
 
 
 if __name__ == "__main__":
