@@ -622,6 +622,20 @@ def test_bad_arguments_raise_clear_errors():
     k = torch.zeros((1, 1, 128), dtype=torch.float16, device="cuda")
     with pytest.raises(K.KernelError, match="tokens_per_block"):
         K.quantize_kv(layer, k, k, np.zeros((1, 2), np.int32), [1])
+    layer.tokens_per_block = 32
+    # finish counters and the words the write zeroes: int32 on the device, enough of them
+    q17 = torch.zeros((1, 1, 128), dtype=torch.float16, device="cuda")
+    with pytest.raises(K.KernelError, match="finish_counters"):
+        K.decode_attention(layer, q17, np.zeros((1, 2), np.int32), [1], 1,
+                           finish_counters=torch.zeros(0, dtype=torch.int32, device="cuda"))
+    with pytest.raises(K.KernelError, match="finish"):
+        K.decode_attention(layer, q17, np.zeros((1, 2), np.int32), [1], 1, finish="reduce")
+    with pytest.raises(K.KernelError, match="zero_words"):
+        K.quantize_kv(layer, k, k, np.zeros((1, 2), np.int32), [1],
+                      zero_words=torch.zeros(4, dtype=torch.int64, device="cuda"))
+    with pytest.raises(K.KernelError, match="zero_words"):  # the C API: decode writes only
+        K.quantize_kv(layer, k, k, np.zeros((1, 2), np.int32), [1], cu_q_lens=[0, 1], max_q_len=1,
+                      zero_words=torch.zeros(4, dtype=torch.int32, device="cuda"))
     # with a recent-token window context attention must write the new tokens itself: refused
     # without write_kv, in Python and in C
     win = K.KernelLayer.allocate(LayerFormat(128, (3,), (3,), recent_tokens=8), 4, 32, 1)

@@ -261,6 +261,9 @@ def quantize_kv(layer: KernelLayer, k, v, block_table, seq_lens, seq_slot=None, 
     cu = _i32(cu_q_lens, dev) if cu_q_lens is not None else None
     per_seq = 0
     if zero_words is not None:
+        import torch
+        if zero_words.dtype != torch.int32 or zero_words.device != dev or not zero_words.is_contiguous():
+            raise KernelError(f"zero_words: a contiguous int32 tensor on {dev} expected")
         if zero_words.numel() % max(sl.shape[0], 1):
             raise KernelError(f"zero_words: {zero_words.numel()} words are not a multiple of the batch "
                               f"({sl.shape[0]})")
@@ -340,8 +343,9 @@ def decode_attention(layer: KernelLayer, q, block_table, seq_lens, max_seq_len: 
     if finish == "counters":
         n = lib.tq_decode_finish_counters(b, hq, fmt.kv_heads)
         counters = finish_counters if finish_counters is not None else _finish_counters(n, dev)
-        if counters.numel() < n or counters.dtype != torch.int32 or counters.device != dev:
-            raise KernelError(f"finish_counters: {n} int32 words on {dev} needed")
+        if (counters.numel() < n or counters.dtype != torch.int32 or counters.device != dev
+                or not counters.is_contiguous()):
+            raise KernelError(f"finish_counters: {n} contiguous int32 words on {dev} needed")
     s = layer.c_struct(bt, slot)
     _check(lib.tq_decode_attention(ctypes.byref(s), _ptr(q), q.stride(0), _ptr(out), out.stride(0),
                                    _ptr(sl), b, hq, max_seq_len, softmax_scale, _act(q.dtype), num_sms,

@@ -417,7 +417,8 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     // the B fragments of Q^T (below) in the order the lanes read them: [nt][lane][KS][2] words
     uint8_t* qBs = reinterpret_cast<uint8_t*>(qf + kDecHeadsPerCta * D);
     float* qmulS = reinterpret_cast<float*>(qBs + 2 * kDecHeadsPerCta * D);       // [8]
-    // [8] words after qmulS: [0..3] the PRMT table words of K and V (expandUnit), then unused
+    // [8] words after qmulS: [0..3] the PRMT table words of K and V (expandUnit), [4] the finish's
+    // last-CTA flag, then unused
     uint32_t* lutS = reinterpret_cast<uint32_t*>(qmulS + kDecHeadsPerCta);
     uint16_t* pbufAll = reinterpret_cast<uint16_t*>(qmulS + 2 * kDecHeadsPerCta);  // [warps][2][8][32]
     // this warp's O^T in fp32, [m][nt][r][lane]: channel 16m + 8r + g of head 4nt + t (lane = 4g + t).
@@ -1221,10 +1222,10 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
 
     // ---- the finish: the last CTA of this (sequence, KV head, head subset) to get here combines the
     // partials of all of them (the reduce kernel's work, without its launch and its wait for this grid).
-    // Each CTA's partials are stored before thread 0's fence and ticket; the ticket that completes the
-    // count orders every other CTA's partials before the reads that follow it.
-    // the value tables of the KV head first (the reduce kernel too reads them before its wait), so
-    // that their loads are not one more round trip after the ticket
+    // Each CTA's partials are stored before the barrier, thread 0's fence and its ticket; the CTA whose
+    // ticket completes the count fences again, so every other CTA's partials precede its reads.
+    // The value tables of the KV head are loaded first (the reduce kernel too reads them before its
+    // wait), so that they are not one more round trip after the ticket.
     RowOut<D> fin;
     if (warp < nh)
     {

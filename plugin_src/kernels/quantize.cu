@@ -711,7 +711,7 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
         || (p.layer.sink_tokens > 0 && (p.kv.sink_pool == nullptr || p.kv.seq_slot == nullptr))
         || (p.layer.recent_tokens > 0 && (p.kv.recent_pool == nullptr || p.kv.seq_slot == nullptr))
         || (p.cu_q_lens != nullptr && p.max_q_len < 0)
-        || (p.zero_words != nullptr && p.zero_words_per_seq > 0 && p.cu_q_lens != nullptr))
+        || p.zero_words_per_seq < 0 || (p.zero_words_per_seq > 0 && (p.zero_words == nullptr || p.cu_q_lens != nullptr)))
     {
         return cudaErrorInvalidValue;
     }
@@ -761,7 +761,7 @@ cudaError_t launchQuantizeKv(QuantizeKvParams const& p, cudaStream_t stream)
     a.seq_slot = p.kv.seq_slot;
     a.recent_pool = p.kv.recent_pool;
     a.exact_out = p.exact_out;
-    a.zero_words = p.zero_words_per_seq > 0 ? p.zero_words : nullptr;
+    a.zero_words = p.zero_words_per_seq > 0 ? p.zero_words : nullptr; // per_seq 0: nothing to zero
     a.zero_per_seq = p.zero_words_per_seq;
     for (int h = 0; h < L.num_kv_heads; ++h)
     {
