@@ -290,32 +290,28 @@ def dequantize_kv(layer: KernelLayer, block_table, seq_lens, max_seq_len: int, s
     return ko, vo
 
 
-class _Workspace:
-    buf = None
+_BUFFERS: dict = {}  # name -> the module's one device buffer of that name (grown, never shrunk)
+
+
+def _module_buffer(name: str, n: int, dtype, device, minimum: int):
+    """At least n elements of the module's buffer `name` on `device`, zero-filled when (re)allocated.
+    One per process: calls on two streams at once must not share them."""
+    import torch
+    b = _BUFFERS.get(name)
+    if b is None or b.numel() < n or b.device != device:
+        _BUFFERS[name] = b = torch.zeros(max(n, minimum), dtype=dtype, device=device)
+    return b
 
 
 def _workspace(nbytes: int, device):
     import torch
-    if nbytes == 0:
-        return None
-    w = _Workspace.buf
-    if w is None or w.numel() < nbytes or w.device != device:
-        _Workspace.buf = w = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, device=device)
-    return w
-
-
-class _Counters:
-    buf = None
+    return None if nbytes == 0 else _module_buffer("workspace", nbytes, torch.uint8, device, 1 << 20)
 
 
 def _finish_counters(n: int, device):
-    """The decode finish counters, n int32 words, zero between calls (every call leaves them so);
-    one buffer per process, like the workspace: calls on two streams at once must not share them."""
+    """The decode finish counters, n int32 words, zero between calls (every call leaves them so)."""
     import torch
-    c = _Counters.buf
-    if c is None or c.numel() < n or c.device != device:
-        _Counters.buf = c = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return c
+    return _module_buffer("finish_counters", n, torch.int32, device, 4096)
 
 
 def decode_attention(layer: KernelLayer, q, block_table, seq_lens, max_seq_len: int, seq_slot=None,

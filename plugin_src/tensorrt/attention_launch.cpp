@@ -38,10 +38,9 @@ size_t decodeCountersOffset(core::AttentionConfig const& cfg, int32_t batch, int
     return (ws + 15) / 16 * 16;
 }
 
-size_t decodeStepScratchBytes(core::AttentionConfig const& cfg, int32_t batch, int32_t numSms)
+size_t decodeStepScratchBytes(core::AttentionConfig const& cfg, int32_t batch, size_t countersOffset)
 {
-    return decodeCountersOffset(cfg, batch, numSms)
-        + sizeof(uint32_t) * static_cast<size_t>(decodeFinishCounters(batch, cfg.num_q_heads, cfg.num_kv_heads));
+    return countersOffset + sizeof(uint32_t) * static_cast<size_t>(decodeFinishCounters(batch, cfg.num_q_heads, cfg.num_kv_heads));
 }
 } // namespace
 
@@ -59,7 +58,8 @@ size_t stepWorkspaceBytes(core::AttentionConfig const& cfg, int64_t maxTokens, i
     int64_t const decodeMax = std::min(maxBatch, maxTokens);
     for (int64_t b = 1; b <= decodeMax; ++b)
     {
-        scratch = std::max(scratch, decodeStepScratchBytes(cfg, static_cast<int32_t>(b), numSms));
+        int32_t const bi = static_cast<int32_t>(b);
+        scratch = std::max(scratch, decodeStepScratchBytes(cfg, bi, decodeCountersOffset(cfg, bi, numSms)));
     }
     for (int64_t n = 2; n <= maxTokens; ++n)
     {
@@ -105,8 +105,9 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
     int64_t const outStride = core::outputInnerDim(cfg);
 
     // Exactly the scratch of the path taken; getWorkspaceSize reserved the maximum over the profile.
+    size_t const countersOffset = step.decode_only ? decodeCountersOffset(cfg, batch, numSms) : 0;
     size_t const scratchBytes = step.decode_only
-        ? decodeStepScratchBytes(cfg, batch, numSms)
+        ? decodeStepScratchBytes(cfg, batch, countersOffset)
         : contextWorkspaceBytes(
             batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, tokens, cfg.max_seq_len, cfg.recent_tokens);
     core::WorkspaceLayout const ws = core::workspaceLayout(batch, scratchBytes);
@@ -117,7 +118,7 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
     {
         // the decode's finish counters sit in scratch that other layers reuse: the write kernel,
         // which the decode waits for, zeroes them
-        auto* counters = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(scratch) + decodeCountersOffset(cfg, batch, numSms));
+        auto* counters = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(scratch) + countersOffset);
         int32_t const countersPerSeq = decodeFinishCounters(1, cfg.num_q_heads, cfg.num_kv_heads);
         QuantizeKvParams w{};
         w.layer = layer;
