@@ -469,6 +469,86 @@ def test_decode_right_behind_the_write_reads_the_new_token(w):
     assert err <= REL_TOL
 
 
+FUSED_WRITE_CASES = [
+    # d, H, g, bits (k, v), T, sinks, w, lens (None: 8 random lengths 700-2500), num_sms, act
+    (128, 8, 4, (3, 3), 64, 2, 0, None, 0, "fp16"),
+    (128, 8, 4, (3, 3), 64, 1, 16, None, 0, "fp16"),
+    (64, 3, 3, (3, 3), 32, 0, 0, [1, 2, 33, 65, 999], 0, "fp16"),  # new tokens in a split's first tiles
+    (128, 1, 4, (3, 3), 64, 4, 0, [3001], 1, "fp16"),                # one CTA of 16 warps
+    (128, 2, 4, (3, 3), 64, 4, 0, [1, 3, 5, 40, 3001], 1, "fp16"),  # sinks: new tokens below 4
+    (128, 2, 8, (2, 4), 128, 1, 16, [9, 300, 17], 0, "fp16"),       # 8 heads per CTA, k_bits != v_bits
+    (64, 1, 16, (8, 8), 32, 3, 0, [2, 11, 130, 1025], 0, "fp16"),   # 16 heads per KV head: write kernel first
+    (128, 2, 1, (8, 2), 32, 1, 1, [1, 2, 3, 100], 0, "fp16"),
+    (128, 4, 4, (4, 3), 64, 2, 16, [50, 700, 1300], 0, "bf16"),
+]
+
+
+@pytest.mark.parametrize("d,h,g,bits,t,ns,w,lens,num_sms,act", FUSED_WRITE_CASES)
+def test_decode_writes_the_new_token(d, h, g, bits, t, ns, w, lens, num_sms, act):
+    """decode_attention(k=, v=): the decode writes each sequence's new token (position
+    seq_lens[b] - 1) itself, in the CTA that holds that position (or, with more than 8 query heads
+    per KV head, with the write kernel first), then reads it. The pool, sink rows and ring must
+    equal the reference's bytes everywhere (so nothing else was touched), and the output the
+    float64 reference. Each new key lies along its KV head's queries and is long, so a read of the
+    slot before the write (as the same decode without k, v shows) is far off. The finish counters
+    start poisoned and the call clears them (clear_counters, as the plugin does)."""
+    rng = _rng()
+    fmt = _exps(LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns, norm_correction=bool(rng.integers(0, 2)),
+                            recent_tokens=w), rng)
+    tables = _tables(h, d, rng)
+    lens = lens or [int(x) for x in rng.integers(700, 2500, 8)]
+    dtype = torch.bfloat16 if act == "bf16" else torch.float16
+    bt, num_blocks = _block_tables(lens, t, rng)
+    quant = LayerQuantizer(fmt, tables)
+    ref = _reused_pool(quant, num_blocks, t, len(lens), rng)
+    slots = np.arange(len(lens), dtype=np.int32)
+    q_g = _to_gpu((rng.normal(0, 1, (len(lens), h * g, d)) * 2).astype(np.float32), dtype)
+    q = q_g.float().cpu().numpy()  # the values the kernel reads (bf16: rounded)
+    new_k, new_v = [], []
+    for b, n in enumerate(lens):
+        k, v = _kv(n, h, d, rng), _kv(n, h, d, rng)
+        for kh in range(h):
+            along = q[b, kh * g:(kh + 1) * g].sum(0)
+            k[-1, kh] = (along / np.linalg.norm(along) * 40).astype(np.float16)
+        ref.write(k[:-1].astype(np.float32), v[:-1].astype(np.float32), np.arange(n - 1), bt,
+                  np.full(n - 1, b), slots)
+        new_k.append(k[-1])
+        new_v.append(v[-1])
+    layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
+    layer.pool.copy_(_to_gpu(ref.pool))
+    layer.sink_pool.copy_(_to_gpu(ref.sinks))
+    layer.recent_pool.copy_(_to_gpu(ref.recent))
+    bt_g, lens_g, slot_g = _to_gpu(bt), _to_gpu(np.array(lens, np.int32)), _to_gpu(slots)
+    kd = _to_gpu(np.stack(new_k).astype(np.float32), dtype)
+    vd = _to_gpu(np.stack(new_v).astype(np.float32), dtype)
+    stale = torch.full((len(lens), h * g, d), float("nan"), dtype=dtype, device="cuda")
+    out = torch.full_like(stale, float("nan"))
+    counters = torch.full((K.library().tq_decode_finish_counters(len(lens), h * g, h),), 12345,
+                          dtype=torch.int32, device="cuda")
+    K.decode_attention(layer, q_g, bt_g, lens_g, max(lens), seq_slot=slot_g, out=stale, num_sms=num_sms,
+                       finish="kernel")
+    K.decode_attention(layer, q_g, bt_g, lens_g, max(lens), seq_slot=slot_g, out=out, num_sms=num_sms,
+                       finish_counters=counters, clear_counters=True, k=kd, v=vd)
+    torch.cuda.synchronize()
+    assert int(counters.count_nonzero()) == 0
+    for b, n in enumerate(lens):
+        ref.write(kd[b:b + 1].float().cpu().numpy(), vd[b:b + 1].float().cpu().numpy(), np.array([n - 1]), bt,
+                  np.array([b]), slots)
+    pool_diff = int((layer.pool.cpu().numpy() != ref.pool).sum())
+    sink_diff = int((layer.sink_pool.view(torch.int16).cpu().numpy() != ref.sinks.view(np.int16)).sum())
+    ring_diff = int((layer.recent_pool.view(torch.int16).cpu().numpy() != ref.recent.view(np.int16)).sum())
+    want = np.concatenate([
+        reference_attention(quant, q[b:b + 1], *ref.read(bt[b], n, slots[b])) for b, n in enumerate(lens)])
+    err, err_stale = _rel(out, want), _rel(stale, want)
+    splits = K.library().tq_decode_num_splits(len(lens), h * g, h, d, max(lens), num_sms)
+    print(f"decode writes the new token d={d} H={h} g={g} bits={bits} T={t} ns={ns} w={w} {act} splits={splits}: "
+          f"pool/sink/ring bytes differing {pool_diff}/{sink_diff}/{ring_diff}, rel err {err:.2e} "
+          f"(before the write: {err_stale:.2e})")
+    assert err_stale > 0.1, "the new token should dominate: this test could not see a stale read"
+    assert pool_diff == 0 and sink_diff == 0 and ring_diff == 0
+    assert err <= (6e-3 if act == "bf16" else REL_TOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # context (chunked prefill) attention: writes the new K/V, then causal attention over all of it
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Optional
 from .format import FORMAT_VERSION, LayerFormat
 
 MAX_KV_HEADS = 128
-_CAPI_VERSION = 3  # TQ_CAPI_VERSION of plugin_src/include/turboquant/capi.h
+_CAPI_VERSION = 4  # TQ_CAPI_VERSION of plugin_src/include/turboquant/capi.h
 _ROOT = Path(__file__).resolve().parent
 _BUILD_HINT = ("build it with build_scripts/build_cuda.sh (needs nvcc and cmake), or reinstall with "
                "nvcc on PATH (pip install -e .), or point TURBOQUANT_LIB at libturboquant.so")
@@ -117,7 +117,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tq_decode_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32]),
         "tq_decode_finish_counters": (i32, [i32, i32, i32]),
         "tq_decode_attention": (i32, [lp, vp, i64, vp, i64, vp, i32, i32, i32, f32, i32, i32, vp, sz, vp,
-                                      vp]),
+                                      i32, vp, i64, vp, i64, vp]),
         "tq_context_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32, i32]),
         "tq_context_attention": (i32, [lp, vp, i64, vp, i64, vp, i64, vp, i64, vp, vp, i32, i32, i32,
                                        i32, i32, f32, i32, i32, vp, sz, vp]),
@@ -316,15 +316,22 @@ def _finish_counters(n: int, device):
 
 def decode_attention(layer: KernelLayer, q, block_table, seq_lens, max_seq_len: int, seq_slot=None,
                      softmax_scale: float = 0.0, out=None, num_sms: int = 0, finish: str = "counters",
-                     finish_counters=None):
+                     finish_counters=None, k=None, v=None, clear_counters: bool = False):
     """One query per sequence: q [batch, Hq, d] -> out [batch, Hq, d] (same dtype).
 
     finish: "counters" (the last CTA of each row combines the partials; finish_counters, an int32
     tensor of tq_decode_finish_counters() zeros, or a buffer kept by this module) or "kernel" (a
-    reduce kernel after the split kernel)."""
+    reduce kernel after the split kernel); clear_counters: set them to 0 first, on the stream (a
+    cudaMemsetAsync, as the plugin clears counters that live in reused scratch).
+    k, v [batch, H, d] (both or neither): each sequence's new token, written into the pool at
+    position seq_lens[b] - 1 before the attention reads it, with the bytes quantize_kv writes (with
+    up to 8 query heads per KV head the decode kernel writes it itself, else a write kernel runs
+    first)."""
     import torch
     if finish not in ("counters", "kernel"):
         raise KernelError(f"finish={finish!r}: expected 'counters' or 'kernel'")
+    if (k is None) != (v is None):
+        raise KernelError("k and v go together: pass both (the decode writes the new tokens) or neither")
     dev = q.device
     bt, sl = _i32(block_table, dev), _i32(seq_lens, dev)
     slot = _i32(seq_slot if seq_slot is not None else range(sl.shape[0]), dev)
@@ -342,10 +349,18 @@ def decode_attention(layer: KernelLayer, q, block_table, seq_lens, max_seq_len: 
         if (counters.numel() < n or counters.dtype != torch.int32 or counters.device != dev
                 or not counters.is_contiguous()):
             raise KernelError(f"finish_counters: {n} contiguous int32 words on {dev} needed")
+    if k is not None:
+        for name, x in (("k", k), ("v", v)):
+            if (tuple(x.shape) != (b, fmt.kv_heads, d) or x.dtype != q.dtype or x.device != dev
+                    or x.stride(2) != 1 or x.stride(1) != d):
+                raise KernelError(f"{name}: a [{b}, {fmt.kv_heads}, {d}] {q.dtype} tensor on {dev} with dense "
+                                  f"rows expected (got {list(x.shape)} {x.dtype} on {x.device})")
     s = layer.c_struct(bt, slot)
     _check(lib.tq_decode_attention(ctypes.byref(s), _ptr(q), q.stride(0), _ptr(out), out.stride(0),
                                    _ptr(sl), b, hq, max_seq_len, softmax_scale, _act(q.dtype), num_sms,
-                                   _ptr(ws), 0 if ws is None else ws.numel(), _ptr(counters), _stream()),
+                                   _ptr(ws), 0 if ws is None else ws.numel(), _ptr(counters),
+                                   int(bool(clear_counters)), _ptr(k), 0 if k is None else k.stride(0), _ptr(v),
+                                   0 if v is None else v.stride(0), _stream()),
            "decode_attention")
     return out
 

@@ -261,7 +261,8 @@ int32_t tq_decode_finish_counters(int32_t batch, int32_t num_q_heads, int32_t nu
 int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_token_stride, void* out,
     int64_t out_token_stride, int32_t const* seq_lens, int32_t batch, int32_t num_q_heads, int32_t max_seq_len,
     float softmax_scale, int32_t act, int32_t num_sms, void* workspace, size_t workspace_bytes,
-    uint32_t* finish_counters, void* stream)
+    uint32_t* finish_counters, int32_t clear_finish_counters, void const* k, int64_t k_token_stride, void const* v,
+    int64_t v_token_stride, void* stream)
 {
     turboquant::DecodeAttentionParams p;
     std::memset(&p, 0, sizeof(p));
@@ -287,9 +288,18 @@ int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_toke
     p.workspace = workspace;
     p.workspace_bytes = workspace_bytes;
     p.finish_counters = finish_counters;
+    p.clear_finish_counters = clear_finish_counters != 0 ? 1 : 0;
+    p.k = k;
+    p.v = v;
+    p.k_token_stride = k_token_stride;
+    p.v_token_stride = v_token_stride;
     if (p.q == nullptr || p.out == nullptr || p.seq_lens == nullptr || p.max_seq_len < 1)
     {
         return fail("q, out and seq_lens are required and max_seq_len >= 1");
+    }
+    if ((k == nullptr) != (v == nullptr))
+    {
+        return fail("k and v go together: both (the decode writes the new tokens) or neither");
     }
     size_t const need = turboquant::decodeWorkspaceBytes(
         batch, num_q_heads, p.layer.num_kv_heads, p.layer.head_dim, max_seq_len, num_sms);

@@ -24,6 +24,15 @@ inline size_t alignWs(size_t n)
     return (n + 255) / 256 * 256;
 }
 
+// Whether the write path may load 4 channels (d = 128) or 2 (d = 64) of a new row and its tables at
+// once: every pointer 8-byte aligned (or null), the token strides multiples of 4 elements.
+inline bool writeLoadsVectorizable(void const* k, void const* v, int64_t kStride, int64_t vStride, LayerTablesView const& t)
+{
+    auto aligned8 = [](void const* q) { return q == nullptr || (reinterpret_cast<uintptr_t>(q) & 7u) == 0; };
+    return aligned8(k) && aligned8(v) && kStride % 4 == 0 && vStride % 4 == 0 && aligned8(t.k_mean) && aligned8(t.k_smooth)
+        && aligned8(t.v_mean) && aligned8(t.v_smooth) && aligned8(t.signs);
+}
+
 // Split-K partial results and what the reduce kernels need to finish a query row:
 // ws_ml[(row * Hq + hq) * splits + s] = (max in log2 units, sum), ws_o[same][d] unnormalized.
 struct ReduceArgs

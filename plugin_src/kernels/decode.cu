@@ -347,6 +347,10 @@ char const* checkDecode(DecodeAttentionParams const& p)
     {
         return "missing pointer";
     }
+    if ((p.k == nullptr) != (p.v == nullptr))
+    {
+        return "k and v go together";
+    }
     return nullptr;
 }
 
@@ -433,8 +437,57 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     size_t const rows = static_cast<size_t>(p.batch) * p.num_q_heads * parts;
     a.ws_ml = static_cast<float*>(p.workspace);
     a.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + alignWs(rows * 2 * sizeof(float)));
+    // the new tokens: written by the split kernel when one CTA makes every read of a new position (one
+    // query-head subset per KV head), else by the write kernel first
+    if (p.k != nullptr)
+    {
+        if (a.hsub == 1)
+        {
+            a.wr.src[0] = p.k;
+            a.wr.src[1] = p.v;
+            a.wr.stride[0] = p.k_token_stride;
+            a.wr.stride[1] = p.v_token_stride;
+            a.wr.mean[0] = p.tables.k_mean;
+            a.wr.mean[1] = p.tables.v_mean;
+            a.wr.smooth[0] = p.tables.k_smooth;
+            a.wr.smooth[1] = p.tables.v_smooth;
+            a.wr.clip[0] = p.tables.k_clip;
+            a.wr.clip[1] = p.tables.v_clip;
+            a.wr.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(p.layer.head_dim)));
+            a.wr.vec = writeLoadsVectorizable(p.k, p.v, p.k_token_stride, p.v_token_stride, p.tables) ? 1 : 0;
+        }
+        else
+        {
+            QuantizeKvParams w{};
+            w.layer = p.layer;
+            w.kv = p.kv;
+            w.tables = p.tables;
+            w.k = p.k;
+            w.v = p.v;
+            w.k_token_stride = p.k_token_stride;
+            w.v_token_stride = p.v_token_stride;
+            w.seq_lens = p.seq_lens;
+            w.batch = p.batch;
+            w.max_q_len = 1;
+            w.act = p.act;
+            cudaError_t const err = launchQuantizeKv(w, stream);
+            if (err != cudaSuccess)
+            {
+                return err;
+            }
+        }
+    }
     // with finish counters the split kernel's last CTA per row combines the partials (no reduce kernel)
     a.counters = p.finish_counters;
+    if (p.finish_counters != nullptr && p.clear_finish_counters != 0)
+    {
+        size_t const words = static_cast<size_t>(decodeFinishCounters(p.batch, p.num_q_heads, p.layer.num_kv_heads));
+        cudaError_t const err = cudaMemsetAsync(p.finish_counters, 0, words * sizeof(uint32_t), stream);
+        if (err != cudaSuccess)
+        {
+            return err;
+        }
+    }
     a.out = p.out;
     a.out_stride = p.out_token_stride;
     a.v_mean = p.tables.v_mean;

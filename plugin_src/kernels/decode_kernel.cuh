@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "quantize_row.cuh"
 #include "turboquant/codebooks.h"
 #include "turboquant/kernels.h"
 
@@ -48,6 +49,19 @@ constexpr int kMaxSplitKeys = 32768;         // int32 accumulators of O cannot o
 constexpr float kPBoundShrink = 64.F;   // a head's tile this far below its p * v_scale bound re-bounds
 constexpr float kPBoundHeadroom = 1.25F; // a new bound is the tile's largest p * v_scale times this
 
+// The fused write of DecodeAttentionParams::k, v (src[0] null: none): the new token of each
+// sequence, at position seq_lens[b] - 1, written by the CTA whose splits hold that position.
+struct DecWriteArgs
+{
+    void const* src[2];         // k, v: row b = sequence b's new token, [H][d] act
+    int64_t stride[2];          // elements between sequences of k, v
+    uint16_t const* mean[2];    // k_mean, v_mean [H][d] or null
+    uint16_t const* smooth[2];  // k_smooth, v_smooth [H][d] or null
+    uint16_t const* clip[2];    // k_clip, v_clip [H] or null
+    float sqrt_d;
+    int32_t vec;                // 8-byte (d = 128) / 4-byte (d = 64) row and table loads
+};
+
 struct DecodeArgs
 {
     KvLayerDesc layer;
@@ -76,6 +90,7 @@ struct DecodeArgs
     int32_t bf16;
     int32_t num_launch_heads;
     uint8_t heads[kMaxKvHeads];
+    DecWriteArgs wr;
 };
 
 // The n CTA partials of one (sequence, query head) row, combined by one warp (lane: channels
@@ -462,6 +477,24 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     int const wb = max(ns, seqLen - L.recent_tokens);
     int const keQ = max(kb, min(ke, wb)); // quantized keys of this split: [max(kb, ns), keQ)
 
+    // ---- the fused write (DecodeArgs::wr; the launcher fuses only when hsub == 1, so that one CTA
+    // makes every read of the new position): in the CTA whose splits hold position seqLen - 1, warp
+    // W - 2 writes the new K row and warp W - 1 the new V row (quantize_row.cuh, the write kernel's
+    // code) before the CTA barrier after the query prologue; every read of that position comes
+    // after the barrier, except a tile copy issued before it, which is copied again. The row's loads
+    // go out with the query's.
+    int const newest = seqLen - 1;
+    bool const writesHere
+        = a.wr.src[0] != nullptr && newest >= 0 && static_cast<int>(blockIdx.x) == newest / a.split_len / W;
+    int const wrWhich = warp - (W - 2); // 0: K, 1: V
+    bool const writer = writesHere && wrWhich >= 0;
+    NewRow<D> wrIn;
+    if (writer)
+    {
+        loadNewRow<D>(wrIn, static_cast<uint16_t const*>(a.wr.src[wrWhich]) + static_cast<int64_t>(b) * a.wr.stride[wrWhich],
+            a.wr.mean[wrWhich], a.wr.smooth[wrWhich], a.wr.clip[wrWhich], a.signs, head, a.wr.vec != 0, lane);
+    }
+
     // ---- the query's loads go first (behind the tile copies they would wait as long as the copies);
     // lane: channels PER*lane .. PER*lane + PER-1 of query heads warp + W j (< 4 NT), raw 16-bit values
     constexpr int PER = D / 32;
@@ -522,33 +555,37 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     uint32_t const stLane = static_cast<uint32_t>(__cvta_generic_to_shared(stageBase)) + 16 * lane;
     // rem: quantized keys of the split from the tile's first slot on (none left: no copy); stOff:
     // the byte offset of its stage
+    // copies tile `tile` of the block at blkLane (its address plus this lane's 16-byte piece) into the
+    // stage at stOff: the tile is a contiguous image, consecutive lanes copy consecutive pieces
+    auto copyTile = [&](uint8_t const* blkLane, int tile, uint32_t stOff) {
+        uint32_t const st = stLane + stOff;
+        uint8_t const* ksrc = blkLane + (kOff + tile * Stage::kTile);
+        uint8_t const* vsrc = blkLane + (vOff + tile * Stage::vTile);
+#pragma unroll
+        for (int p = 0; p < Stage::kTile / 16; p += 32)
+        {
+            if (Stage::kTile % 512 == 0 || p + lane < Stage::kTile / 16)
+            {
+                cpAsync16s(st + 16 * p, ksrc + 16 * p);
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < Stage::vTile / 16; p += 32)
+        {
+            if (Stage::vTile % 512 == 0 || p + lane < Stage::vTile / 16)
+            {
+                cpAsync16s(st + Stage::kTile + 16 * p, vsrc + 16 * p);
+            }
+        }
+        if (lane < 4)
+        {
+            cpAsync16s(st + Stage::kTile + Stage::vTile, blkLane + (metaOff + tile * 32 * kTurboMetaBytes));
+        }
+    };
     auto issue = [&](int rem, uint32_t stOff) {
         if (rem > 0)
         {
-            // the tile is a contiguous image: consecutive lanes copy consecutive 16-byte pieces
-            uint32_t const st = stLane + stOff;
-            uint8_t const* ksrc = blk + (kOff + tIn * Stage::kTile);
-            uint8_t const* vsrc = blk + (vOff + tIn * Stage::vTile);
-#pragma unroll
-            for (int p = 0; p < Stage::kTile / 16; p += 32)
-            {
-                if (Stage::kTile % 512 == 0 || p + lane < Stage::kTile / 16)
-                {
-                    cpAsync16s(st + 16 * p, ksrc + 16 * p);
-                }
-            }
-#pragma unroll
-            for (int p = 0; p < Stage::vTile / 16; p += 32)
-            {
-                if (Stage::vTile % 512 == 0 || p + lane < Stage::vTile / 16)
-                {
-                    cpAsync16s(st + Stage::kTile + 16 * p, vsrc + 16 * p);
-                }
-            }
-            if (lane < 4)
-            {
-                cpAsync16s(st + Stage::kTile + Stage::vTile, blk + (metaOff + tIn * 32 * kTurboMetaBytes));
-            }
+            copyTile(blk, tIn, stOff);
             if (++tIn == tilesPerBlock)
             {
                 tIn = 0;
@@ -608,6 +645,47 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
         prefetchRows(winBeg, ke, ringRowOf, ringRow);
     }
 
+    // ---- the fused write: transform, the sink and ring copies, codes and scale, as the write kernel
+    if (writer)
+    {
+        float x[PER];
+        transformNewRow<D>(wrIn, a.wr.mean[wrWhich] != nullptr, a.wr.smooth[wrWhich] != nullptr, bf16, a.rsqrt_d, x, lane);
+        int64_t const row = (static_cast<int64_t>(seqSlot) * L.num_kv_heads + head) * 2 + wrWhich;
+        if (newest < ns)
+        {
+            storeFp16(a.kv.sink_pool + (row * ns + newest) * D + PER * lane, x);
+        }
+        if (w > 0)
+        {
+            storeFp16(a.kv.recent_pool + (row * w + newest % w) * D + PER * lane, x);
+        }
+        uint8_t* const block
+            = a.kv.pool + a.kv.layer_offset + static_cast<int64_t>(__ldg(btab + (newest >> tShift))) * a.kv.block_stride;
+        SlotDest dst;
+        dst.codesOff = wrWhich == 0 ? kOff : vOff;
+        dst.metaOff = wrWhich == 0 ? kmOff : vmOff;
+        dst.r = newest & (T - 1);
+        dst.scaleExp = wrWhich == 0 ? kExp : vExp;
+        // scratch: this warp's O^T, first written after the barrier
+        static_assert(2 * D + D / 4 <= MT * NT * 2 * 32, "the write's scratch must fit in a warp's O^T");
+        float* const wb = reinterpret_cast<float*>(smem + decodeQueryBytes<D, W>()) + warp * MT * NT * 2 * 32;
+        uint32_t* const wcw = reinterpret_cast<uint32_t*>(wb + 2 * D);
+        bool const nc = L.norm_correction != 0;
+        if constexpr (KB == VB)
+        {
+            quantizeStore<D, KB>(block, a.wr.sqrt_d, nc, x, wrWhich != 0, wrIn.gamma, wb, wb + D, wcw, dst, lane);
+        }
+        else if (wrWhich == 0)
+        {
+            quantizeStore<D, KB>(block, a.wr.sqrt_d, nc, x, false, wrIn.gamma, wb, wb + D, wcw, dst, lane);
+        }
+        else
+        {
+            quantizeStore<D, VB>(block, a.wr.sqrt_d, nc, x, true, wrIn.gamma, wb, wb + D, wcw, dst, lane);
+        }
+        __syncwarp(); // the scratch is this warp's O^T after the barrier
+    }
+
     // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes); warp w: heads w + W j -
     // (the four-head kernel has no heads 4..7; heads from nh on are zeros)
     {
@@ -665,7 +743,17 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
         lutS[2] = VB == 8 ? 0u : lutWord<VB == 8 ? 2 : VB>(0);
         lutS[3] = VB == 8 ? 0u : lutWord<VB == 8 ? 2 : VB>(2);
     }
-    __syncthreads();
+    __syncthreads(); // also: the fused write's stores are visible to every warp of the CTA from here on
+    if (writesHere && newest >= kb && newest < keQ && ((newest - kb) >> 5) < STAGES - 1)
+    {
+        // no window (w = 0), so the new position is read from its tile, and that tile's copy was one
+        // of this warp's first, issued before the write: wait for every copy, copy it again
+        cpAsyncWait<0>();
+        copyTile(blockAddr(__ldg(btab + (newest >> tShift))), (newest & (T - 1)) >> 5, ((newest - kb) >> 5) * Stage::bytes);
+        cpAsyncCommit();
+        cpAsyncWait<0>();
+        __syncwarp();
+    }
     uint32_t const lutK[2] = {lutS[0], lutS[1]};
     uint32_t const lutV[2] = {lutS[KB == VB ? 0 : 2], lutS[KB == VB ? 1 : 3]}; // the same registers when KB == VB
 

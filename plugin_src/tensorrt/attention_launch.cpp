@@ -31,7 +31,7 @@ int32_t currentDeviceSms()
 namespace
 {
 // A decode step's scratch: the decode kernels' workspace, then its finish counters (16-byte aligned),
-// which the step's write kernel zeroes before the decode reads them
+// which the step clears before the decode reads them
 size_t decodeCountersOffset(core::AttentionConfig const& cfg, int32_t batch, int32_t numSms)
 {
     size_t const ws = decodeWorkspaceBytes(batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_seq_len, numSms);
@@ -116,30 +116,11 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
 
     if (step.decode_only)
     {
-        // the decode's finish counters sit in scratch that other layers reuse: the write kernel,
-        // which the decode waits for, zeroes them
+        // The decode writes the new tokens itself (DecodeAttentionParams::k, v: the split kernel's CTA
+        // that holds each sequence's new position, or a write kernel first when a KV head has more
+        // than 8 query heads). Its finish counters sit in scratch that other layers reuse: the
+        // launcher clears them first, on the stream.
         auto* counters = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(scratch) + countersOffset);
-        int32_t const countersPerSeq = decodeFinishCounters(1, cfg.num_q_heads, cfg.num_kv_heads);
-        QuantizeKvParams w{};
-        w.layer = layer;
-        w.kv = kv;
-        w.tables = tables;
-        w.k = k;
-        w.v = v;
-        w.k_token_stride = rowStride;
-        w.v_token_stride = rowStride;
-        w.cu_q_lens = nullptr; // row b is request b's one new token
-        w.seq_lens = buf.seq_lens;
-        w.batch = batch;
-        w.max_q_len = 1;
-        w.act = actType;
-        w.zero_words = counters;
-        w.zero_words_per_seq = countersPerSeq;
-        cudaError_t err = launchQuantizeKv(w, stream);
-        if (err != cudaSuccess)
-        {
-            return err;
-        }
         DecodeAttentionParams d{};
         d.layer = layer;
         d.kv = kv;
@@ -158,6 +139,11 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
         d.workspace = scratch;
         d.workspace_bytes = ws.scratch_bytes;
         d.finish_counters = counters;
+        d.clear_finish_counters = 1;
+        d.k = k;
+        d.v = v;
+        d.k_token_stride = rowStride;
+        d.v_token_stride = rowStride;
         return launchDecodeAttention(d, stream);
     }
 

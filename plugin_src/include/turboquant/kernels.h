@@ -73,8 +73,10 @@ cudaError_t launchDequantizeKv(DequantizeKvParams const& p, cudaStream_t stream)
 struct DecodeAttentionParams
 {
     KvLayerDesc layer;
-    PagedKvPool kv;             // read only; the current token must already be written
-    LayerTablesView tables;     // k_smooth (query side), v_mean, v_smooth, signs are read
+    PagedKvPool kv;             // read only, unless k and v are set; the current token must already be
+                                //   written, or be given in k and v
+    LayerTablesView tables;     // k_smooth (query side), v_mean, v_smooth, signs are read (every table
+                                //   when k and v are set)
     void const* q;              // [batch][Hq][d] fp16|bf16 post-RoPE, row stride q_token_stride
     int64_t q_token_stride;     // elements between sequences of q (Hq*d when dense)
     void* out;                  // [batch][Hq][d] fp16|bf16 (act), row stride out_token_stride
@@ -95,6 +97,14 @@ struct DecodeAttentionParams
                                 //   writes the output, and no reduce kernel is launched. Null: a reduce
                                 //   kernel follows the split kernel. Two launches in flight at once must
                                 //   not share counters (nor a workspace).
+    int32_t clear_finish_counters; // 1: the launcher first sets the counters to 0 on the stream
+                                //   (cudaMemsetAsync), for counters in scratch memory that others reuse
+    void const* k;              // optional, with v: each sequence's new token [batch][H][d] fp16|bf16 (act),
+    void const* v;              //   row stride k_token_stride / v_token_stride, written into the pool at
+    int64_t k_token_stride;     //   position seq_lens[b] - 1 before it is read, exactly as launchQuantizeKv
+    int64_t v_token_stride;     //   writes it (same bytes). With up to 8 query heads per KV head the split
+                                //   kernel writes it itself (no write kernel); with more, a write kernel
+                                //   runs first. kv.pool, sink_pool and recent_pool are then written.
 };
 // Words of DecodeAttentionParams::finish_counters for a shape: batch * H * ceil(g / 8).
 int32_t decodeFinishCounters(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads);
