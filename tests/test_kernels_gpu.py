@@ -491,7 +491,7 @@ def test_decode_writes_the_new_token(d, h, g, bits, t, ns, w, lens, num_sms, act
     equal the reference's bytes everywhere (so nothing else was touched), and the output the
     float64 reference. Each new key lies along its KV head's queries and is long, so a read of the
     slot before the write (as the same decode without k, v shows) is far off. The finish counters
-    start poisoned and the call clears them (clear_counters, as the plugin does)."""
+    must be left at 0, as the plugin keeps them across steps."""
     rng = _rng()
     fmt = _exps(LayerFormat(d, (bits[0],) * h, (bits[1],) * h, sink_tokens=ns, norm_correction=bool(rng.integers(0, 2)),
                             recent_tokens=w), rng)
@@ -510,8 +510,9 @@ def test_decode_writes_the_new_token(d, h, g, bits, t, ns, w, lens, num_sms, act
         for kh in range(h):
             along = q[b, kh * g:(kh + 1) * g].sum(0)
             k[-1, kh] = (along / np.linalg.norm(along) * 40).astype(np.float16)
-        ref.write(k[:-1].astype(np.float32), v[:-1].astype(np.float32), np.arange(n - 1), bt,
-                  np.full(n - 1, b), slots)
+        if n > 1:  # a sequence of length 1 has only its new token
+            ref.write(k[:-1].astype(np.float32), v[:-1].astype(np.float32), np.arange(n - 1), bt,
+                      np.full(n - 1, b), slots)
         new_k.append(k[-1])
         new_v.append(v[-1])
     layer = K.KernelLayer.allocate(fmt, num_blocks, t, len(lens), tables)
@@ -523,12 +524,12 @@ def test_decode_writes_the_new_token(d, h, g, bits, t, ns, w, lens, num_sms, act
     vd = _to_gpu(np.stack(new_v).astype(np.float32), dtype)
     stale = torch.full((len(lens), h * g, d), float("nan"), dtype=dtype, device="cuda")
     out = torch.full_like(stale, float("nan"))
-    counters = torch.full((K.library().tq_decode_finish_counters(len(lens), h * g, h),), 12345,
-                          dtype=torch.int32, device="cuda")
+    counters = torch.zeros((K.library().tq_decode_finish_counters(len(lens), h * g, h),), dtype=torch.int32,
+                           device="cuda")
     K.decode_attention(layer, q_g, bt_g, lens_g, max(lens), seq_slot=slot_g, out=stale, num_sms=num_sms,
                        finish="kernel")
     K.decode_attention(layer, q_g, bt_g, lens_g, max(lens), seq_slot=slot_g, out=out, num_sms=num_sms,
-                       finish_counters=counters, clear_counters=True, k=kd, v=vd)
+                       finish_counters=counters, k=kd, v=vd)
     torch.cuda.synchronize()
     assert int(counters.count_nonzero()) == 0
     for b, n in enumerate(lens):
@@ -539,7 +540,11 @@ def test_decode_writes_the_new_token(d, h, g, bits, t, ns, w, lens, num_sms, act
     ring_diff = int((layer.recent_pool.view(torch.int16).cpu().numpy() != ref.recent.view(np.int16)).sum())
     want = np.concatenate([
         reference_attention(quant, q[b:b + 1], *ref.read(bt[b], n, slots[b])) for b, n in enumerate(lens)])
-    err, err_stale = _rel(out, want), _rel(stale, want)
+    err = _rel(out, want)
+    # before the write the new slot holds random bits, and its sink row or ring entry may be NaN
+    stale_np = stale.double().cpu().numpy()
+    err_stale = (float(np.linalg.norm(stale_np - want) / np.linalg.norm(want)) if np.isfinite(stale_np).all()
+                 else float("inf"))
     splits = K.library().tq_decode_num_splits(len(lens), h * g, h, d, max(lens), num_sms)
     print(f"decode writes the new token d={d} H={h} g={g} bits={bits} T={t} ns={ns} w={w} {act} splits={splits}: "
           f"pool/sink/ring bytes differing {pool_diff}/{sink_diff}/{ring_diff}, rel err {err:.2e} "

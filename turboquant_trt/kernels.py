@@ -117,7 +117,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tq_decode_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32]),
         "tq_decode_finish_counters": (i32, [i32, i32, i32]),
         "tq_decode_attention": (i32, [lp, vp, i64, vp, i64, vp, i32, i32, i32, f32, i32, i32, vp, sz, vp,
-                                      i32, vp, i64, vp, i64, vp]),
+                                      vp, i64, vp, i64, vp]),
         "tq_context_workspace_bytes": (sz, [i32, i32, i32, i32, i32, i32, i32]),
         "tq_context_attention": (i32, [lp, vp, i64, vp, i64, vp, i64, vp, i64, vp, vp, i32, i32, i32,
                                        i32, i32, f32, i32, i32, vp, sz, vp]),
@@ -316,13 +316,12 @@ def _finish_counters(n: int, device):
 
 def decode_attention(layer: KernelLayer, q, block_table, seq_lens, max_seq_len: int, seq_slot=None,
                      softmax_scale: float = 0.0, out=None, num_sms: int = 0, finish: str = "counters",
-                     finish_counters=None, k=None, v=None, clear_counters: bool = False):
+                     finish_counters=None, k=None, v=None):
     """One query per sequence: q [batch, Hq, d] -> out [batch, Hq, d] (same dtype).
 
     finish: "counters" (the last CTA of each row combines the partials; finish_counters, an int32
     tensor of tq_decode_finish_counters() zeros, or a buffer kept by this module) or "kernel" (a
-    reduce kernel after the split kernel); clear_counters: set them to 0 first, on the stream (a
-    cudaMemsetAsync, as the plugin clears counters that live in reused scratch).
+    reduce kernel after the split kernel).
     k, v [batch, H, d] (both or neither): each sequence's new token, written into the pool at
     position seq_lens[b] - 1 before the attention reads it, with the bytes quantize_kv writes (with
     up to 8 query heads per KV head the decode kernel writes it itself, else a write kernel runs
@@ -358,8 +357,7 @@ def decode_attention(layer: KernelLayer, q, block_table, seq_lens, max_seq_len: 
     s = layer.c_struct(bt, slot)
     _check(lib.tq_decode_attention(ctypes.byref(s), _ptr(q), q.stride(0), _ptr(out), out.stride(0),
                                    _ptr(sl), b, hq, max_seq_len, softmax_scale, _act(q.dtype), num_sms,
-                                   _ptr(ws), 0 if ws is None else ws.numel(), _ptr(counters),
-                                   int(bool(clear_counters)), _ptr(k), 0 if k is None else k.stride(0), _ptr(v),
+                                   _ptr(ws), 0 if ws is None else ws.numel(), _ptr(counters), _ptr(k), 0 if k is None else k.stride(0), _ptr(v),
                                    0 if v is None else v.stride(0), _stream()),
            "decode_attention")
     return out

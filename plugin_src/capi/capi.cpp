@@ -261,8 +261,8 @@ int32_t tq_decode_finish_counters(int32_t batch, int32_t num_q_heads, int32_t nu
 int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_token_stride, void* out,
     int64_t out_token_stride, int32_t const* seq_lens, int32_t batch, int32_t num_q_heads, int32_t max_seq_len,
     float softmax_scale, int32_t act, int32_t num_sms, void* workspace, size_t workspace_bytes,
-    uint32_t* finish_counters, int32_t clear_finish_counters, void const* k, int64_t k_token_stride, void const* v,
-    int64_t v_token_stride, void* stream)
+    uint32_t* finish_counters, void const* k, int64_t k_token_stride, void const* v, int64_t v_token_stride,
+    void* stream)
 {
     turboquant::DecodeAttentionParams p;
     std::memset(&p, 0, sizeof(p));
@@ -288,7 +288,6 @@ int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_toke
     p.workspace = workspace;
     p.workspace_bytes = workspace_bytes;
     p.finish_counters = finish_counters;
-    p.clear_finish_counters = clear_finish_counters != 0 ? 1 : 0;
     p.k = k;
     p.v = v;
     p.k_token_stride = k_token_stride;

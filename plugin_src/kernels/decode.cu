@@ -1,6 +1,6 @@
 // Decode attention over the quantized paged KV pool (docs/format.md, version 4; the read side is that of version 3): host side.
 //
-// decodeSplitKernel<D, KB, VB, NT, W> (decode_kernel.cuh): one warp per (sequence, KV head, split
+// decodeSplitKernel<D, KB, VB, NT, W, WR> (decode_kernel.cuh): one warp per (sequence, KV head, split
 // of the key range), W = 4 or 16 splits per CTA sharing the query prologue (planDecodeShape).
 // Both products run on int8 tensor cores (mma.sync m16n8k32 s8.s8.s32) so that a code becomes its
 // codebook value with one PRMT per four codes and nothing else:
@@ -479,15 +479,6 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
     }
     // with finish counters the split kernel's last CTA per row combines the partials (no reduce kernel)
     a.counters = p.finish_counters;
-    if (p.finish_counters != nullptr && p.clear_finish_counters != 0)
-    {
-        size_t const words = static_cast<size_t>(decodeFinishCounters(p.batch, p.num_q_heads, p.layer.num_kv_heads));
-        cudaError_t const err = cudaMemsetAsync(p.finish_counters, 0, words * sizeof(uint32_t), stream);
-        if (err != cudaSuccess)
-        {
-            return err;
-        }
-    }
     a.out = p.out;
     a.out_stride = p.out_token_stride;
     a.v_mean = p.tables.v_mean;

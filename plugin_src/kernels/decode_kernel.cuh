@@ -413,7 +413,7 @@ __host__ __device__ constexpr int decodeSmemBytes()
 
 // One warp per (sequence, KV head, split); a CTA holds W consecutive splits of one (sequence,
 // KV head, query-head subset) and shares the query prologue. NT n-tiles of 4 query heads.
-template <int D, int KB, int VB, int NT, int W>
+template <int D, int KB, int VB, int NT, int W, bool WR>
 __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKernel(__grid_constant__ DecodeArgs const a)
 {
     constexpr int KCB = D * KB / 8; // bytes of one lane chunk (= one token row) of the K tile
@@ -477,22 +477,23 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     int const wb = max(ns, seqLen - L.recent_tokens);
     int const keQ = max(kb, min(ke, wb)); // quantized keys of this split: [max(kb, ns), keQ)
 
-    // ---- the fused write (DecodeArgs::wr; the launcher fuses only when hsub == 1, so that one CTA
-    // makes every read of the new position): in the CTA whose splits hold position seqLen - 1, warp
-    // W - 2 writes the new K row and warp W - 1 the new V row (quantize_row.cuh, the write kernel's
-    // code) before the CTA barrier after the query prologue; every read of that position comes
-    // after the barrier, except a tile copy issued before it, which is copied again. The row's loads
-    // go out with the query's.
+    // ---- the fused write (WR: DecodeArgs::wr is set; the launcher fuses only when hsub == 1, so that
+    // one CTA makes every read of the new position): in the CTA whose splits hold position
+    // seqLen - 1, warp W - 2 writes the new K row and warp W - 1 the new V row (quantize_row.cuh, the
+    // write kernel's code) before the CTA barrier after the query prologue; every read of that
+    // position comes after the barrier, except a tile copy issued before it, which is copied again.
+    // The row's loads and its block's id go out with the query's, ahead of the tile copies.
     int const newest = seqLen - 1;
-    bool const writesHere
-        = a.wr.src[0] != nullptr && newest >= 0 && static_cast<int>(blockIdx.x) == newest / a.split_len / W;
+    bool const writesHere = WR && newest >= 0 && static_cast<int>(blockIdx.x) == newest / a.split_len / W;
     int const wrWhich = warp - (W - 2); // 0: K, 1: V
     bool const writer = writesHere && wrWhich >= 0;
     NewRow<D> wrIn;
+    int wrBlk = 0;
     if (writer)
     {
         loadNewRow<D>(wrIn, static_cast<uint16_t const*>(a.wr.src[wrWhich]) + static_cast<int64_t>(b) * a.wr.stride[wrWhich],
             a.wr.mean[wrWhich], a.wr.smooth[wrWhich], a.wr.clip[wrWhich], a.signs, head, a.wr.vec != 0, lane);
+        wrBlk = __ldg(a.kv.block_table + static_cast<int64_t>(b) * a.kv.max_blocks_per_seq + (newest >> tShift));
     }
 
     // ---- the query's loads go first (behind the tile copies they would wait as long as the copies);
@@ -659,8 +660,7 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
         {
             storeFp16(a.kv.recent_pool + (row * w + newest % w) * D + PER * lane, x);
         }
-        uint8_t* const block
-            = a.kv.pool + a.kv.layer_offset + static_cast<int64_t>(__ldg(btab + (newest >> tShift))) * a.kv.block_stride;
+        uint8_t* const block = a.kv.pool + a.kv.layer_offset + static_cast<int64_t>(wrBlk) * a.kv.block_stride;
         SlotDest dst;
         dst.codesOff = wrWhich == 0 ? kOff : vOff;
         dst.metaOff = wrWhich == 0 ? kmOff : vmOff;
@@ -1347,10 +1347,10 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     }
 }
 
-template <int D, int KB, int VB, int NT, int W>
-cudaError_t launchDecodeSplitW(DecodeArgs const& a, cudaStream_t stream)
+template <int D, int KB, int VB, int NT, int W, bool WR>
+cudaError_t launchDecodeSplitWR(DecodeArgs const& a, cudaStream_t stream)
 {
-    auto kern = decodeSplitKernel<D, KB, VB, NT, W>;
+    auto kern = decodeSplitKernel<D, KB, VB, NT, W, WR>;
     constexpr int smemBytes = decodeSmemBytes<D, KB, VB, NT, W>();
     if (smemBytes > 48 * 1024)
     {
@@ -1369,8 +1369,16 @@ cudaError_t launchDecodeSplitW(DecodeArgs const& a, cudaStream_t stream)
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = pdlCapable<decodeSplitKernel<D, KB, VB, NT, W>>() ? 1 : 0;
+    cfg.numAttrs = pdlCapable<decodeSplitKernel<D, KB, VB, NT, W, WR>>() ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kern, a);
+}
+
+// The kernel with the fused write when DecodeArgs::wr is set, else the one without its code.
+template <int D, int KB, int VB, int NT, int W>
+cudaError_t launchDecodeSplitW(DecodeArgs const& a, cudaStream_t stream)
+{
+    return a.wr.src[0] != nullptr ? launchDecodeSplitWR<D, KB, VB, NT, W, true>(a, stream)
+                                  : launchDecodeSplitWR<D, KB, VB, NT, W, false>(a, stream);
 }
 
 // The CTA widths a kernel comes in (decode.cu plans with them): kDecWideWarps or 4 warps for the

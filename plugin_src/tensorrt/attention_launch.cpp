@@ -28,21 +28,54 @@ int32_t currentDeviceSms()
     return sms;
 }
 
-namespace
+DecodeCounters::~DecodeCounters()
 {
-// A decode step's scratch: the decode kernels' workspace, then its finish counters (16-byte aligned),
-// which the step clears before the decode reads them
-size_t decodeCountersOffset(core::AttentionConfig const& cfg, int32_t batch, int32_t numSms)
-{
-    size_t const ws = decodeWorkspaceBytes(batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_seq_len, numSms);
-    return (ws + 15) / 16 * 16;
+    if (mPtr != nullptr)
+    {
+        (void) cudaFree(mPtr); // at process exit the runtime may be gone already: nothing to report
+    }
 }
 
-size_t decodeStepScratchBytes(core::AttentionConfig const& cfg, int32_t batch, size_t countersOffset)
+uint32_t* DecodeCounters::ensure(size_t words)
 {
-    return countersOffset + sizeof(uint32_t) * static_cast<size_t>(decodeFinishCounters(batch, cfg.num_q_heads, cfg.num_kv_heads));
+    if (words <= mWords && mPtr != nullptr)
+    {
+        return mPtr;
+    }
+    words = std::max<size_t>(words, 1);
+    void* p = nullptr;
+    cudaError_t err = cudaMalloc(&p, words * sizeof(uint32_t));
+    if (err == cudaSuccess)
+    {
+        // zero before any stream may use it: the legacy stream's memset, waited for here
+        err = cudaMemset(p, 0, words * sizeof(uint32_t));
+        if (err == cudaSuccess)
+        {
+            err = cudaStreamSynchronize(cudaStreamLegacy);
+        }
+        if (err != cudaSuccess)
+        {
+            (void) cudaFree(p);
+        }
+    }
+    if (err != cudaSuccess)
+    {
+        throw std::runtime_error(std::string("cannot allocate the decode's finish counters: ") + cudaGetErrorString(err));
+    }
+    if (mPtr != nullptr)
+    {
+        (void) cudaFree(mPtr); // waits for the device, so no kernel in flight still uses them
+    }
+    mPtr = static_cast<uint32_t*>(p);
+    mWords = words;
+    return mPtr;
 }
-} // namespace
+
+size_t decodeStepCounters(core::AttentionConfig const& cfg, int64_t batch)
+{
+    return static_cast<size_t>(
+        decodeFinishCounters(static_cast<int32_t>(std::min<int64_t>(batch, INT32_MAX)), cfg.num_q_heads, cfg.num_kv_heads));
+}
 
 size_t stepWorkspaceBytes(core::AttentionConfig const& cfg, int64_t maxTokens, int64_t maxBatch, int32_t numSms)
 {
@@ -58,8 +91,8 @@ size_t stepWorkspaceBytes(core::AttentionConfig const& cfg, int64_t maxTokens, i
     int64_t const decodeMax = std::min(maxBatch, maxTokens);
     for (int64_t b = 1; b <= decodeMax; ++b)
     {
-        int32_t const bi = static_cast<int32_t>(b);
-        scratch = std::max(scratch, decodeStepScratchBytes(cfg, bi, decodeCountersOffset(cfg, bi, numSms)));
+        scratch = std::max(scratch,
+            decodeWorkspaceBytes(static_cast<int32_t>(b), cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_seq_len, numSms));
     }
     for (int64_t n = 2; n <= maxTokens; ++n)
     {
@@ -105,9 +138,8 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
     int64_t const outStride = core::outputInnerDim(cfg);
 
     // Exactly the scratch of the path taken; getWorkspaceSize reserved the maximum over the profile.
-    size_t const countersOffset = step.decode_only ? decodeCountersOffset(cfg, batch, numSms) : 0;
     size_t const scratchBytes = step.decode_only
-        ? decodeStepScratchBytes(cfg, batch, countersOffset)
+        ? decodeWorkspaceBytes(batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_seq_len, numSms)
         : contextWorkspaceBytes(
             batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, tokens, cfg.max_seq_len, cfg.recent_tokens);
     core::WorkspaceLayout const ws = core::workspaceLayout(batch, scratchBytes);
@@ -118,9 +150,12 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
     {
         // The decode writes the new tokens itself (DecodeAttentionParams::k, v: the split kernel's CTA
         // that holds each sequence's new position, or a write kernel first when a KV head has more
-        // than 8 query heads). Its finish counters sit in scratch that other layers reuse: the
-        // launcher clears them first, on the stream.
-        auto* counters = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(scratch) + countersOffset);
+        // than 8 query heads); its finish counters are the plugin's own (DecodeCounters), 0 between
+        // steps, so nothing runs before it in the step.
+        if (buf.finish_counters == nullptr)
+        {
+            return cudaErrorInvalidValue;
+        }
         DecodeAttentionParams d{};
         d.layer = layer;
         d.kv = kv;
@@ -138,8 +173,7 @@ cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc co
         d.num_sms = numSms;
         d.workspace = scratch;
         d.workspace_bytes = ws.scratch_bytes;
-        d.finish_counters = counters;
-        d.clear_finish_counters = 1;
+        d.finish_counters = buf.finish_counters;
         d.k = k;
         d.v = v;
         d.k_token_stride = rowStride;

@@ -35,7 +35,33 @@ struct StepBuffers
     void* recent_pool;            // [num_slots, H, 2, w, d] fp16, written in place
     void* out;                    // [N, Hq * d] type of qkv
     void* workspace;              // core::workspaceSize() bytes
+    uint32_t* finish_counters;    // decode steps: decodeFinishCounters(B, Hq, H) words, 0 between steps
+                                  //   (DecodeCounters)
 };
+
+// The decode's finish counters of one plugin instance (one per layer and execution context), kept
+// across enqueues: every decode leaves them 0, so a step clears nothing. Device memory, zeroed when
+// allocated; grown outside enqueue (onShapeChange), so never inside a CUDA graph capture that
+// follows TensorRT's rule of one enqueue after a shape change before capturing.
+class DecodeCounters
+{
+public:
+    DecodeCounters() = default;
+    DecodeCounters(DecodeCounters const&) = delete;
+    DecodeCounters& operator=(DecodeCounters const&) = delete;
+    ~DecodeCounters();
+    // At least `words` zeroed words (throws on a CUDA error); the pointer stays valid until a
+    // larger request or destruction.
+    uint32_t* ensure(size_t words);
+    uint32_t* get() const { return mPtr; }
+
+private:
+    uint32_t* mPtr{nullptr};
+    size_t mWords{0};
+};
+
+// Finish counters a decode step of `batch` requests needs.
+size_t decodeStepCounters(core::AttentionConfig const& cfg, int64_t batch);
 
 // Multiprocessors of the current device (cudaDevAttrMultiProcessorCount); throws on a CUDA error.
 int32_t currentDeviceSms();
@@ -44,7 +70,7 @@ int32_t currentDeviceSms();
 // decode and context kernels' scratch, behind the plugin's per-request metadata.
 size_t stepWorkspaceBytes(core::AttentionConfig const& cfg, int64_t maxTokens, int64_t maxBatch, int32_t numSms);
 
-// N == B (one new token per request): quantize-and-write, then split-K decode attention.
+// N == B (one new token per request): split-K decode attention that writes the new tokens itself.
 // N > B: context attention (writes the new K/V first; causal over the quantized prefix).
 cudaError_t launchAttentionStep(core::AttentionConfig const& cfg, KvLayerDesc const& layer,
     core::StepShape const& step, core::DataType act, int32_t numSms, StepBuffers const& buf, cudaStream_t stream);

@@ -115,11 +115,15 @@ IPluginCapability* TurboQuantAttentionPlugin::getCapabilityInterface(PluginCapab
 IPluginV3* TurboQuantAttentionPlugin::clone() noexcept
 {
     return guarded("clone", static_cast<IPluginV3*>(nullptr), [&]() -> IPluginV3* {
-        auto* p = new TurboQuantAttentionPlugin(mCfg);
+        std::unique_ptr<TurboQuantAttentionPlugin> p(new TurboQuantAttentionPlugin(mCfg));
         p->mStep = mStep;
         p->mStepValid = mStepValid;
         p->mActType = mActType;
-        return p;
+        if (mStepValid && mStep.decode_only)
+        {
+            p->mCounters.ensure(decodeStepCounters(mCfg, mStep.batch)); // its own, for an enqueue without a shape change
+        }
+        return p.release();
     });
 }
 
@@ -268,7 +272,12 @@ int32_t TurboQuantAttentionPlugin::onShapeChange(
                     + (pos < nbInputs ? std::string("input ") + core::inputName(pos) : std::string("the output")));
             }
         }
-        mStep = core::checkShapes(mCfg, inShapes, nbInputs, outShapes, nbOutputs, /*allowWildcards=*/false);
+        core::StepShape const step = core::checkShapes(mCfg, inShapes, nbInputs, outShapes, nbOutputs, /*allowWildcards=*/false);
+        if (step.decode_only)
+        {
+            mCounters.ensure(decodeStepCounters(mCfg, step.batch)); // here, not in enqueue (a graph capture)
+        }
+        mStep = step;
         mActType = types[core::kInQkv];
         mStepValid = true;
         return int32_t{0};
@@ -308,6 +317,7 @@ int32_t TurboQuantAttentionPlugin::enqueue(PluginTensorDesc const* /*inputDesc*/
         b.recent_pool = const_cast<void*>(inputs[core::kInRecentPool]);
         b.out = outputs[core::kOutContext];
         b.workspace = workspace;
+        b.finish_counters = mCounters.get();
         if (mCfg.num_sms == 0)
         {
             mCfg.num_sms = currentDeviceSms(); // plugin created without a build phase

@@ -3,6 +3,7 @@
 // calls launchAttentionStep() in enqueue.
 #pragma once
 
+#include "attention_launch.h"
 #include "turboquant/format.h"
 #include "turboquant_core/attention_core.h"
 
@@ -67,6 +68,7 @@ private:
     core::StepShape mStep{};
     bool mStepValid{false};
     core::DataType mActType{core::DataType::kHALF};
+    DecodeCounters mCounters; // this instance's decode finish counters (not shared with clones)
     // Storage behind getFieldsToSerialize(); valid until the next call or destruction.
     std::unique_ptr<core::SerializedFields> mSerialized;
     std::vector<nvinfer1::PluginField> mFields;

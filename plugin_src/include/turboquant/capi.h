@@ -71,14 +71,13 @@ size_t tq_decode_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t num
 /* finish_counters: NULL (a reduce kernel follows the split kernel) or tq_decode_finish_counters() words,
  * all 0 when the call starts; the call leaves them 0 (kernels.h, DecodeAttentionParams) */
 int32_t tq_decode_finish_counters(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads);
-/* clear_finish_counters: 1 = the call first sets finish_counters to 0 on the stream (counters in reused memory).
- * k, v (optional, both or neither): each sequence's new token [batch][H][d] act, written into the pool at
+/* k, v (optional, both or neither): each sequence's new token [batch][H][d] act, written into the pool at
  * position seq_lens[b] - 1 before it is read, with the bytes tq_quantize_kv writes (kernels.h) */
 int32_t tq_decode_attention(TqLayerC const* layer, void const* q, int64_t q_token_stride, void* out,
     int64_t out_token_stride, int32_t const* seq_lens, int32_t batch, int32_t num_q_heads, int32_t max_seq_len,
     float softmax_scale, int32_t act, int32_t num_sms, void* workspace, size_t workspace_bytes,
-    uint32_t* finish_counters, int32_t clear_finish_counters, void const* k, int64_t k_token_stride, void const* v,
-    int64_t v_token_stride, void* stream);
+    uint32_t* finish_counters, void const* k, int64_t k_token_stride, void const* v, int64_t v_token_stride,
+    void* stream);
 
 size_t tq_context_workspace_bytes(int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
     int32_t total_q_tokens, int32_t max_seq_len, int32_t recent_tokens);

@@ -97,8 +97,6 @@ struct DecodeAttentionParams
                                 //   writes the output, and no reduce kernel is launched. Null: a reduce
                                 //   kernel follows the split kernel. Two launches in flight at once must
                                 //   not share counters (nor a workspace).
-    int32_t clear_finish_counters; // 1: the launcher first sets the counters to 0 on the stream
-                                //   (cudaMemsetAsync), for counters in scratch memory that others reuse
     void const* k;              // optional, with v: each sequence's new token [batch][H][d] fp16|bf16 (act),
     void const* v;              //   row stride k_token_stride / v_token_stride, written into the pool at
     int64_t k_token_stride;     //   position seq_lens[b] - 1 before it is read, exactly as launchQuantizeKv
