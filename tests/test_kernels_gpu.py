@@ -417,8 +417,9 @@ def test_decode_right_behind_the_write_reads_the_new_token(w):
     before the write shows. What it checks is the step's result: on the H200 (2026-11-28) a scratch
     build whose split kernel never waited for the write passed too, because the write lands before
     the split kernel reaches the newest position, so a missing wait need not fail here.
-    As in the plugin, the write kernel also zeroes the decode's finish counters, here poisoned
-    first: with a counter left non-zero no CTA would finish its row and the output stays NaN."""
+    The write kernel also zeroes the decode's finish counters (as the plugin's decode step had it
+    before the decode wrote the new tokens itself), here poisoned first: with a counter left
+    non-zero no CTA would finish its row and the output stays NaN."""
     rng = _rng()
     d, h, g, t = 128, 8, 4, 64
     fmt = _exps(LayerFormat(d, (3,) * h, (3,) * h, sink_tokens=2, norm_correction=True, recent_tokens=w), rng)
