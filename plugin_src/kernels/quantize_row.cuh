@@ -268,7 +268,7 @@ __device__ __forceinline__ void quantizeStore(uint8_t* block, float sqrtD, bool 
             m = nanMax(m, __shfl_xor_sync(0xffffffffu, m, off));
         }
         float const scale = __fdiv_rn(m, 3.96875F);
-        uint32_t k = tqScale8Encode(scale, dst.scaleExp, kDevScale8Mid);
+        uint32_t k = tqScale8EncodeFixed(scale, dst.scaleExp);
         if (k > 0U && k < 255U && tqScale8Decode(k, dst.scaleExp, kDevScale8Frac) < scale)
         {
             ++k;
@@ -376,7 +376,7 @@ __device__ __forceinline__ void quantizeStore(uint8_t* block, float sqrtD, bool 
         {
             scale = __fdiv_rn(__fmul_rn(gamma, n), sqrtD);
         }
-        scale8 = tqScale8Encode(scale, dst.scaleExp, kDevScale8Mid);
+        scale8 = tqScale8EncodeFixed(scale, dst.scaleExp);
     }
     if (lane == 0)
     {

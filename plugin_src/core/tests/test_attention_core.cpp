@@ -470,11 +470,15 @@ TEST(scale8_encode_is_the_nearest_grid_step)
         {
             float const v = tqScale8Decode(k, e, F);
             CHECK_EQ(static_cast<int>(tqScale8Encode(v, e, M)), static_cast<int>(k));
+            CHECK_EQ(static_cast<int>(::turboquant::tqScale8EncodeFixed(v, e)), static_cast<int>(k));
             CHECK(std::fabs(std::log2(static_cast<double>(v)) - (e + (k - 1) / 16.0)) < 1e-6);
         }
         CHECK_EQ(static_cast<int>(tqScale8Encode(0.F, e, M)), 0);
         CHECK_EQ(static_cast<int>(tqScale8Encode(std::nanf(""), e, M)), 0);
         CHECK_EQ(static_cast<int>(tqScale8Encode(INFINITY, e, M)), 255);
+        CHECK_EQ(static_cast<int>(::turboquant::tqScale8EncodeFixed(0.F, e)), 0);
+        CHECK_EQ(static_cast<int>(::turboquant::tqScale8EncodeFixed(std::nanf(""), e)), 0);
+        CHECK_EQ(static_cast<int>(::turboquant::tqScale8EncodeFixed(INFINITY, e)), 255);
         CHECK_EQ(tqScale8Decode(0, e, F), 0.F);
         std::uniform_real_distribution<double> u(e - 3.0, e + 19.0);
         for (int i = 0; i < 2000; ++i)
@@ -483,6 +487,8 @@ TEST(scale8_encode_is_the_nearest_grid_step)
             double const q = (std::log2(static_cast<double>(s)) - e) * 16.0;
             int const want = 1 + std::min(254, std::max(0, static_cast<int>(std::floor(q + 0.5))));
             int const got = tqScale8Encode(s, e, M);
+            // the kernels' encoder (thresholds as constants) equals the table one everywhere
+            CHECK_EQ(static_cast<int>(::turboquant::tqScale8EncodeFixed(s, e)), got);
             // float64 log2 and the fp32 midpoints may disagree within 1e-6 of a midpoint
             if (std::fabs(q - std::floor(q) - 0.5) > 1e-6)
             {

@@ -28,8 +28,9 @@ TQ_HOST_DEVICE inline float tqPow2(int32_t p)
 }
 
 // enc(s, E): 0 for s <= 0 or NaN, 255 for +inf, else 1 + clamp(16 (e - E) + #{i : m >= M[i]}, 0, 254)
-// with s = m 2^e, 1 <= m < 2 (frexp is exact, subnormals included).
-TQ_HOST_DEVICE inline uint8_t tqScale8Encode(float s, int32_t exp, float const* mid)
+// with s = m 2^e, 1 <= m < 2 (frexp is exact, subnormals included). count(m) gives #{i : m >= M[i]}.
+template <class CountMid>
+TQ_HOST_DEVICE inline uint8_t tqScale8EncodeWith(float s, int32_t exp, CountMid count)
 {
     if (!(s > 0.F))
     {
@@ -41,14 +42,50 @@ TQ_HOST_DEVICE inline uint8_t tqScale8Encode(float s, int32_t exp, float const* 
     }
     int e = 0;
     float const m = 2.F * frexpf(s, &e); // s = (m / 2) 2^e with 0.5 <= m / 2 < 1
-    int c = 0;
-#pragma unroll
-    for (int i = 0; i < 16; ++i)
-    {
-        c += m >= mid[i] ? 1 : 0;
-    }
-    int const q = 16 * (e - 1 - exp) + c;
+    int const q = 16 * (e - 1 - exp) + count(m);
     return static_cast<uint8_t>(1 + (q < 0 ? 0 : q > 254 ? 254 : q));
+}
+
+// enc(s, E) against a table M (kScale8Mid on the host, its constant-memory copy on the device).
+TQ_HOST_DEVICE inline uint8_t tqScale8Encode(float s, int32_t exp, float const* mid)
+{
+    return tqScale8EncodeWith(s, exp, [mid](float m) {
+        int c = 0;
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+        {
+            c += m >= mid[i] ? 1 : 0;
+        }
+        return c;
+    });
+}
+
+// #{i >= I : m >= kScale8Mid[i]} with the thresholds as compile-time constants.
+template <int I>
+struct tqScale8MidAt
+{
+    static constexpr float value = kScale8Mid[I];
+};
+
+template <int I = 0>
+TQ_HOST_DEVICE inline int tqScale8MidCount(float m)
+{
+    if constexpr (I == 16)
+    {
+        return 0;
+    }
+    else
+    {
+        return (m >= tqScale8MidAt<I>::value ? 1 : 0) + tqScale8MidCount<I + 1>(m);
+    }
+}
+
+// enc(s, E) with kScale8Mid's thresholds as immediate operands: on the device a constant-memory
+// table is read through the constant cache, cold at a short kernel's start, and its miss would be
+// one more round trip at the end of the write's dependent chain.
+TQ_HOST_DEVICE inline uint8_t tqScale8EncodeFixed(float s, int32_t exp)
+{
+    return tqScale8EncodeWith(s, exp, [](float m) { return tqScale8MidCount<0>(m); });
 }
 
 // dec(k, E) = F[(k - 1) % 16] 2^(E + (k - 1) / 16), dec(0, E) = 0 (exact: -64 <= E <= 48).
