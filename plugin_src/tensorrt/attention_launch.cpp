@@ -47,8 +47,9 @@ uint32_t* DecodeCounters::ensure(size_t words)
     cudaError_t err = cudaMalloc(&p, words * sizeof(uint32_t));
     if (err == cudaSuccess)
     {
-        // zero before any stream may use it: the legacy stream's memset, waited for here
-        err = cudaMemset(p, 0, words * sizeof(uint32_t));
+        // zero before any stream may use it: a memset on the legacy stream, named explicitly (a library
+        // built for per-thread default streams would otherwise put it elsewhere), waited for here
+        err = cudaMemsetAsync(p, 0, words * sizeof(uint32_t), cudaStreamLegacy);
         if (err == cudaSuccess)
         {
             err = cudaStreamSynchronize(cudaStreamLegacy);
