@@ -428,20 +428,9 @@ cudaError_t launchContextAttention(ContextAttentionParams const& p, cudaStream_t
     }
     if (p.write_kv)
     {
-        QuantizeKvParams w;
-        std::memset(&w, 0, sizeof(w));
-        w.layer = p.layer;
-        w.kv = p.kv;
-        w.tables = p.tables;
-        w.k = p.k;
-        w.v = p.v;
-        w.k_token_stride = p.k_token_stride;
-        w.v_token_stride = p.v_token_stride;
+        QuantizeKvParams w = newTokensWrite(p);
         w.cu_q_lens = cu;
-        w.seq_lens = p.seq_lens;
-        w.batch = p.batch;
         w.max_q_len = p.max_q_len;
-        w.act = p.act;
         w.exact_out = exact; // with a window the ring is written after the attention (below)
         err = launchQuantizeKv(w, stream);
         if (err != cudaSuccess)

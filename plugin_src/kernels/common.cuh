@@ -2,6 +2,7 @@
 #pragma once
 
 #include "turboquant/format.h"
+#include "turboquant/kernels.h"
 #include "turboquant/scale8.h"
 
 #include <cuda_bf16.h>
@@ -31,6 +32,26 @@ inline bool writeLoadsVectorizable(void const* k, void const* v, int64_t kStride
     auto aligned8 = [](void const* q) { return q == nullptr || (reinterpret_cast<uintptr_t>(q) & 7u) == 0; };
     return aligned8(k) && aligned8(v) && kStride % 4 == 0 && vStride % 4 == 0 && aligned8(t.k_mean) && aligned8(t.k_smooth)
         && aligned8(t.v_mean) && aligned8(t.v_smooth) && aligned8(t.signs);
+}
+
+// The write of an attention call's new tokens (decode's fallback, context's write_kv): the fields
+// DecodeAttentionParams and ContextAttentionParams share; the caller sets cu_q_lens, max_q_len and
+// exact_out.
+template <class P>
+inline QuantizeKvParams newTokensWrite(P const& p)
+{
+    QuantizeKvParams w{};
+    w.layer = p.layer;
+    w.kv = p.kv;
+    w.tables = p.tables;
+    w.k = p.k;
+    w.v = p.v;
+    w.k_token_stride = p.k_token_stride;
+    w.v_token_stride = p.v_token_stride;
+    w.seq_lens = p.seq_lens;
+    w.batch = p.batch;
+    w.act = p.act;
+    return w;
 }
 
 // Split-K partial results and what the reduce kernels need to finish a query row:

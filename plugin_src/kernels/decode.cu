@@ -458,18 +458,8 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
         }
         else
         {
-            QuantizeKvParams w{};
-            w.layer = p.layer;
-            w.kv = p.kv;
-            w.tables = p.tables;
-            w.k = p.k;
-            w.v = p.v;
-            w.k_token_stride = p.k_token_stride;
-            w.v_token_stride = p.v_token_stride;
-            w.seq_lens = p.seq_lens;
-            w.batch = p.batch;
+            QuantizeKvParams w = newTokensWrite(p); // one new token per sequence: no cu_q_lens
             w.max_q_len = 1;
-            w.act = p.act;
             cudaError_t const err = launchQuantizeKv(w, stream);
             if (err != cudaSuccess)
             {
