@@ -167,8 +167,9 @@ def bench_shape(name, b, L, hq, h, d, k_bits=3, v_bits=3, t=64, iters=50, l2_byt
     out = torch.empty_like(q)
     state = {"i": 0}
 
-    # the decode's finish counters, zeroed by the write kernel in a step as the plugin has it
-    # (finish="kernel": no counters, the reduce kernel; the write then zeroes nothing)
+    # the decode's finish counters; the write + decode step below has the write kernel zero them, as
+    # the plugin's decode step did before the decode wrote the new tokens itself (finish="kernel":
+    # no counters, the reduce kernel; the write then zeroes nothing)
     counters = None
     if finish == "counters":
         counters = torch.zeros(K.library().tq_decode_finish_counters(b, hq, h), dtype=torch.int32, device=dev)
@@ -357,8 +358,8 @@ def bench() -> None:
 @click.option("--shape", "shape_names", multiple=True, type=click.Choice([s[0] for s in DEFAULT_SHAPES]),
               help="time only this decode shape (repeatable) [default: all of them]")
 @click.option("--finish", type=click.Choice(["counters", "kernel"]), default="counters", show_default=True,
-              help="how decode combines its splits: the last CTA of each row, with finish counters the write "
-                   "kernel zeroes (the plugin's way), or a separate reduce kernel")
+              help="how decode combines its splits: the last CTA of each row, counted by finish counters (the "
+                   "plugin's way), or a separate reduce kernel")
 @click.option("--read-bw", type=click.FloatRange(min=1.0, min_open=False), default=None,
               help="the card's HBM read bandwidth in GB/s for the '% of bandwidth' column "
                    "[default: the fastest read measured in the run: a 2 GiB torch reduction or fp16 SDPA]")

@@ -253,8 +253,8 @@ def quantize_kv(layer: KernelLayer, k, v, block_table, seq_lens, seq_slot=None, 
                 max_q_len: int = 1, zero_words=None) -> None:
     """Write new tokens: k, v [tokens, H, d] fp16/bf16 (rows packed per sequence by cu_q_lens;
     without it, one token per sequence). seq_lens: lengths after the write. zero_words (decode
-    writes only): an int32 tensor of batch * n words that the kernel sets to 0, as the plugin has it
-    clear the finish counters of the decode that follows."""
+    writes only): an int32 tensor of batch * n words that the kernel sets to 0, such as the finish
+    counters of a decode that follows, when they live in memory that other work reuses."""
     dev = k.device
     bt, sl = _i32(block_table, dev), _i32(seq_lens, dev)
     slot = _i32(seq_slot if seq_slot is not None else range(sl.shape[0]), dev)

@@ -42,9 +42,9 @@ struct QuantizeKvParams
                                 //   itself is not written (the context path writes it after its attention)
     uint32_t* zero_words;       // optional, decode writes only (cu_q_lens null): words
                                 //   [b * zero_words_per_seq, (b + 1) * zero_words_per_seq) are set to 0 for
-                                //   every sequence b. The plugin passes the finish counters of the decode
-                                //   launched next on the stream (DecodeAttentionParams::finish_counters),
-                                //   which lives in scratch memory that other layers reuse.
+                                //   every sequence b: the finish counters of a decode launched next on the
+                                //   stream (DecodeAttentionParams::finish_counters) when they live in memory
+                                //   that others reuse (the plugin keeps its own, DecodeCounters, instead).
     int32_t zero_words_per_seq;
 };
 // New token i of sequence b (row cu_q_lens[b] + i) is stored at position
