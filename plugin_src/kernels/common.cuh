@@ -255,6 +255,19 @@ __device__ __forceinline__ void gridDependencyWait()
 #endif
 }
 
+// Named barrier `id` (1..15; 0 is __syncthreads') of `threads` threads, a multiple of 32: arrive
+// without waiting, or arrive and wait. The memory accesses a thread made before it arrives are
+// performed, for every thread that waits at the barrier, when that wait completes.
+__device__ __forceinline__ void namedBarrierArrive(int id, int threads)
+{
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void namedBarrierSync(int id, int threads)
+{
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // 16 bytes global -> shared, asynchronously; smem is an address in the shared window
 __device__ __forceinline__ void cpAsync16s(uint32_t smem, void const* gmem)
 {

@@ -60,6 +60,7 @@ struct DecWriteArgs
     uint16_t const* clip[2];    // k_clip, v_clip [H] or null
     float sqrt_d;
     int32_t vec;                // 8-byte (d = 128) / 4-byte (d = 64) row and table loads
+    int32_t lag;                // tiles fewer for each writing warp (decodeSplitKernel)
 };
 
 struct DecodeArgs
@@ -470,21 +471,45 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
 
     int const lane = threadIdx.x & 31;
     int const warp = threadIdx.x >> 5;
-    int const split = blockIdx.x * W + warp;
-    int const kb = split * a.split_len;
-    int const ke = min(kb + a.split_len, seqLen);
+    // ---- the fused write (WR: DecodeArgs::wr is set; the launcher fuses only when hsub == 1, so that
+    // one CTA makes every read of the new position): the CTA whose splits hold position seqLen - 1
+    // writes it, warp W - 2 the new K row and warp W - 1 the new V row (quantize_row.cuh, the write
+    // kernel's code), after the CTA barrier that ends the query prologue, so that the other warps do
+    // not wait for it. That CTA shares its keys out by tiles, not by splits: warp W - 1 takes the
+    // last tiles, so it holds the new position, and reads it after its own write and after a named
+    // barrier with warp W - 2; the two writers take wr.lag tiles fewer than an even share each (the
+    // time of the write), the other warps the rest. Any partition is correct here: the CTA merges its
+    // warps' partials before it stores one.
+    int const newest = seqLen - 1;
+    bool const writesHere = WR && newest >= 0 && static_cast<int>(blockIdx.x) == newest / a.split_len / W;
+    int kb;
+    int ke;
+    if (writesHere)
+    {
+        int const cb = blockIdx.x * W * a.split_len;
+        int const n = (seqLen - cb + kDecTile - 1) / kDecTile; // tiles of the CTA, >= 1
+        bool const few = n < W;    // one tile each for the last n warps
+        int const lag = few ? 0 : min(a.wr.lag, n / W - 1);
+        int const nv = n + 2 * lag; // the share counts the writers' lag as tiles
+        int const q = nv / W;       // >= lag + 1 unless few, so warp W - 1 has a tile
+        int const r = nv % W;       // the first r warps take one tile more (few: the last r)
+        // first tile of warp i (i = W: n): the even share of nv, less the lag of the writers before i
+        auto first = [&](int i) {
+            return i * q + (few ? max(0, i - (W - r)) : min(i, r)) - lag * max(0, i - (W - 2));
+        };
+        kb = cb + kDecTile * first(warp);
+        ke = min(cb + kDecTile * first(warp + 1), seqLen);
+    }
+    else
+    {
+        kb = (blockIdx.x * W + warp) * a.split_len;
+        ke = min(kb + a.split_len, seqLen);
+    }
     // the recent-token window [wb, seqLen) is read from the fp16 ring, not from the tiles
     int const wb = max(ns, seqLen - L.recent_tokens);
     int const keQ = max(kb, min(ke, wb)); // quantized keys of this split: [max(kb, ns), keQ)
 
-    // ---- the fused write (WR: DecodeArgs::wr is set; the launcher fuses only when hsub == 1, so that
-    // one CTA makes every read of the new position): in the CTA whose splits hold position
-    // seqLen - 1, warp W - 2 writes the new K row and warp W - 1 the new V row (quantize_row.cuh, the
-    // write kernel's code) before the CTA barrier after the query prologue; every read of that
-    // position comes after the barrier, except a tile copy issued before it, which is copied again.
-    // The row's loads and its block's id go out with the query's, ahead of the tile copies.
-    int const newest = seqLen - 1;
-    bool const writesHere = WR && newest >= 0 && static_cast<int>(blockIdx.x) == newest / a.split_len / W;
+    // The new row's loads and its block's id go out with the query's, ahead of the tile copies.
     int const wrWhich = warp - (W - 2); // 0: K, 1: V
     bool const writer = writesHere && wrWhich >= 0;
     NewRow<D> wrIn;
@@ -646,46 +671,6 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
         prefetchRows(winBeg, ke, ringRowOf, ringRow);
     }
 
-    // ---- the fused write: transform, the sink and ring copies, codes and scale, as the write kernel
-    if (writer)
-    {
-        float x[PER];
-        transformNewRow<D>(wrIn, a.wr.mean[wrWhich] != nullptr, a.wr.smooth[wrWhich] != nullptr, bf16, a.rsqrt_d, x, lane);
-        int64_t const row = (static_cast<int64_t>(seqSlot) * L.num_kv_heads + head) * 2 + wrWhich;
-        if (newest < ns)
-        {
-            storeFp16(a.kv.sink_pool + (row * ns + newest) * D + PER * lane, x);
-        }
-        if (w > 0)
-        {
-            storeFp16(a.kv.recent_pool + (row * w + newest % w) * D + PER * lane, x);
-        }
-        uint8_t* const block = a.kv.pool + a.kv.layer_offset + static_cast<int64_t>(wrBlk) * a.kv.block_stride;
-        SlotDest dst;
-        dst.codesOff = wrWhich == 0 ? kOff : vOff;
-        dst.metaOff = wrWhich == 0 ? kmOff : vmOff;
-        dst.r = newest & (T - 1);
-        dst.scaleExp = wrWhich == 0 ? kExp : vExp;
-        // scratch: this warp's O^T, first written after the barrier
-        static_assert(2 * D + D / 4 <= MT * NT * 2 * 32, "the write's scratch must fit in a warp's O^T");
-        float* const wb = reinterpret_cast<float*>(smem + decodeQueryBytes<D, W>()) + warp * MT * NT * 2 * 32;
-        uint32_t* const wcw = reinterpret_cast<uint32_t*>(wb + 2 * D);
-        bool const nc = L.norm_correction != 0;
-        if constexpr (KB == VB)
-        {
-            quantizeStore<D, KB>(block, a.wr.sqrt_d, nc, x, wrWhich != 0, wrIn.gamma, wb, wb + D, wcw, dst, lane);
-        }
-        else if (wrWhich == 0)
-        {
-            quantizeStore<D, KB>(block, a.wr.sqrt_d, nc, x, false, wrIn.gamma, wb, wb + D, wcw, dst, lane);
-        }
-        else
-        {
-            quantizeStore<D, VB>(block, a.wr.sqrt_d, nc, x, true, wrIn.gamma, wb, wb + D, wcw, dst, lane);
-        }
-        __syncwarp(); // the scratch is this warp's O^T after the barrier
-    }
-
     // ---- prologue: q -> smoothing, rotation, 14-bit integers (hi, lo bytes); warp w: heads w + W j -
     // (the four-head kernel has no heads 4..7; heads from nh on are zeros)
     {
@@ -743,8 +728,58 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
         lutS[2] = VB == 8 ? 0u : lutWord<VB == 8 ? 2 : VB>(0);
         lutS[3] = VB == 8 ? 0u : lutWord<VB == 8 ? 2 : VB>(2);
     }
-    __syncthreads(); // also: the fused write's stores are visible to every warp of the CTA from here on
-    if (writesHere && newest >= kb && newest < keQ && ((newest - kb) >> 5) < STAGES - 1)
+    __syncthreads();
+    // ---- the fused write: transform, the sink and ring copies, codes and scale, as the write kernel
+    if (writer)
+    {
+        float x[PER];
+        transformNewRow<D>(wrIn, a.wr.mean[wrWhich] != nullptr, a.wr.smooth[wrWhich] != nullptr, bf16, a.rsqrt_d, x, lane);
+        int64_t const row = (static_cast<int64_t>(seqSlot) * L.num_kv_heads + head) * 2 + wrWhich;
+        if (newest < ns)
+        {
+            storeFp16(a.kv.sink_pool + (row * ns + newest) * D + PER * lane, x);
+        }
+        if (w > 0)
+        {
+            storeFp16(a.kv.recent_pool + (row * w + newest % w) * D + PER * lane, x);
+        }
+        uint8_t* const block = a.kv.pool + a.kv.layer_offset + static_cast<int64_t>(wrBlk) * a.kv.block_stride;
+        SlotDest dst;
+        dst.codesOff = wrWhich == 0 ? kOff : vOff;
+        dst.metaOff = wrWhich == 0 ? kmOff : vmOff;
+        dst.r = newest & (T - 1);
+        dst.scaleExp = wrWhich == 0 ? kExp : vExp;
+        // scratch: this warp's O^T, first written after the write
+        static_assert(2 * D + D / 4 <= MT * NT * 2 * 32, "the write's scratch must fit in a warp's O^T");
+        float* const wb = reinterpret_cast<float*>(smem + decodeQueryBytes<D, W>()) + warp * MT * NT * 2 * 32;
+        uint32_t* const wcw = reinterpret_cast<uint32_t*>(wb + 2 * D);
+        bool const nc = L.norm_correction != 0;
+        if constexpr (KB == VB)
+        {
+            quantizeStore<D, KB>(block, a.wr.sqrt_d, nc, x, wrWhich != 0, wrIn.gamma, wb, wb + D, wcw, dst, lane);
+        }
+        else if (wrWhich == 0)
+        {
+            quantizeStore<D, KB>(block, a.wr.sqrt_d, nc, x, false, wrIn.gamma, wb, wb + D, wcw, dst, lane);
+        }
+        else
+        {
+            quantizeStore<D, VB>(block, a.wr.sqrt_d, nc, x, true, wrIn.gamma, wb, wb + D, wcw, dst, lane);
+        }
+        // warp W - 1 reads the new position (its last key) from here on: after its own V row and,
+        // through named barrier 1, after warp W - 2's K row
+        if (wrWhich == 0)
+        {
+            namedBarrierArrive(1, 64);
+        }
+        else
+        {
+            namedBarrierSync(1, 64);
+        }
+        __syncwarp(); // the scratch is this warp's O^T from here on
+    }
+
+    if (writer && newest >= kb && newest < keQ && ((newest - kb) >> 5) < STAGES - 1)
     {
         // no window (w = 0), so the new position is read from its tile, and that tile's copy was one
         // of this warp's first, issued before the write: wait for every copy, copy it again
