@@ -40,7 +40,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 
 namespace turboquant
@@ -456,13 +455,10 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
             a.wr.clip[1] = p.tables.v_clip;
             a.wr.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(p.layer.head_dim)));
             a.wr.vec = writeLoadsVectorizable(p.k, p.v, p.k_token_stride, p.v_token_stride, p.tables) ? 1 : 0;
-            // the writers' lag in tiles: the other warps of the writing CTA take up to one tile more
-            // each, so a split may hold one tile more than split_len
+            // the writers' lag in tiles (measured on the H200, benchmarks/NOTES.md): the other warps of
+            // the writing CTA take up to one tile more each, so a warp may hold one tile more than
+            // split_len
             a.wr.lag = ks.warps == kDecWideWarps ? 2 : 1;
-            if (char const* env = std::getenv("TQ_DEC_WRITE_LAG"))
-            {
-                a.wr.lag = std::atoi(env);
-            }
             if (a.split_len + kDecTile > kMaxSplitKeys)
             {
                 a.wr.lag = 0;
