@@ -18,7 +18,7 @@
 //     resolution); its two bytes are the u8 hi/lo columns of P^T (through a small per-warp shared
 //     buffer), and O^T += V^T P^T accumulates in int32 (s8 x u8 MMA); the int32 accumulator is
 //     folded into fp32 whenever the running maximum or the bound moves, and at the end of the split
-//     (splits are at most 32K keys, so it cannot overflow); the fp32 O^T sits in shared memory, so
+//     (a warp holds at most 32K keys, so it cannot overflow); the fp32 O^T sits in shared memory, so
 //     the four-head d=128 kernel runs in 128 registers with 16 warps per SM;
 //   - each warp streams its tiles through 2-4 shared-memory stages filled by cp.async (consecutive
 //     lanes copy consecutive 16-byte pieces of the contiguous tile); the first copies are issued
