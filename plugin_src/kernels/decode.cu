@@ -456,10 +456,10 @@ cudaError_t launchDecodeAttention(DecodeAttentionParams const& p, cudaStream_t s
             a.wr.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(p.layer.head_dim)));
             a.wr.vec = writeLoadsVectorizable(p.k, p.v, p.k_token_stride, p.v_token_stride, p.tables) ? 1 : 0;
             // the writers' lag in tiles (measured on the H200, benchmarks/NOTES.md): the other warps of
-            // the writing CTA take up to one tile more each, so a warp may hold one tile more than
-            // split_len
+            // the writing CTA take up to ceil(2 lag / (W - 2)) tiles more each (one, with these lags)
+            // than split_len (tqDecodeWriterFirstTile)
             a.wr.lag = ks.warps == kDecWideWarps ? 2 : 1;
-            if (a.split_len + kDecTile > kMaxSplitKeys)
+            if (a.split_len + kDecTile * ((2 * a.wr.lag + ks.warps - 3) / (ks.warps - 2)) > kMaxSplitKeys)
             {
                 a.wr.lag = 0;
             }

@@ -5,6 +5,7 @@
 #include "common.cuh"
 #include "quantize_row.cuh"
 #include "turboquant/codebooks.h"
+#include "turboquant/kernel_support.h"
 #include "turboquant/kernels.h"
 
 #include <cstdint>
@@ -488,17 +489,8 @@ __global__ void __launch_bounds__(32 * W, kDecMinCtas<D, NT, W>) decodeSplitKern
     {
         int const cb = blockIdx.x * W * a.split_len;
         int const n = (seqLen - cb + kDecTile - 1) / kDecTile; // tiles of the CTA, >= 1
-        bool const few = n < W;    // one tile each for the last n warps
-        int const lag = few ? 0 : min(a.wr.lag, n / W - 1);
-        int const nv = n + 2 * lag; // the share counts the writers' lag as tiles
-        int const q = nv / W;       // >= lag + 1 unless few, so warp W - 1 has a tile
-        int const r = nv % W;       // the first r warps take one tile more (few: the last r)
-        // first tile of warp i (i = W: n): the even share of nv, less the lag of the writers before i
-        auto first = [&](int i) {
-            return i * q + (few ? max(0, i - (W - r)) : min(i, r)) - lag * max(0, i - (W - 2));
-        };
-        kb = cb + kDecTile * first(warp);
-        ke = min(cb + kDecTile * first(warp + 1), seqLen);
+        kb = cb + kDecTile * tqDecodeWriterFirstTile(warp, n, W, a.wr.lag);
+        ke = min(cb + kDecTile * tqDecodeWriterFirstTile(warp + 1, n, W, a.wr.lag), seqLen);
     }
     else
     {

@@ -1,6 +1,7 @@
 // Unit tests of the TensorRT-independent plugin core. No framework: each TEST registers a function;
 // main() runs them all and exits non-zero if any check failed.
 #include "turboquant_core/attention_core.h"
+#include "turboquant/kernel_support.h"
 #include "turboquant/scale8.h"
 
 #include <algorithm>
@@ -495,6 +496,51 @@ TEST(scale8_encode_is_the_nearest_grid_step)
                 CHECK_EQ(got, want);
             }
         }
+    }
+}
+
+TEST(decode_writer_shares_cover_the_tiles)
+{
+    // The fused write's partition of the writing CTA's tiles (decode_kernel.cuh): every tile once, in
+    // order; warp W - 1 holds the last one (the new position); the writers take the lag fewer than
+    // every other warp; no warp takes more than ceil(2 lag / (W - 2)) tiles over ceil(n / W) (the
+    // launcher's kMaxSplitKeys check counts on it).
+    using ::turboquant::tqDecodeWriterFirstTile;
+    for (int32_t W : {4, 16})
+    {
+        for (int32_t lag = 0; lag <= 7; ++lag)
+        {
+            for (int32_t n = 1; n <= 3000; ++n)
+            {
+                CHECK_EQ(tqDecodeWriterFirstTile(0, n, W, lag), 0);
+                CHECK_EQ(tqDecodeWriterFirstTile(W, n, W, lag), n);
+                int32_t const eff = n < W ? 0 : std::min(lag, n / W - 1); // the lag after clamping
+                std::vector<int32_t> c(W);
+                for (int32_t i = 0; i < W; ++i)
+                {
+                    c[i] = tqDecodeWriterFirstTile(i + 1, n, W, lag) - tqDecodeWriterFirstTile(i, n, W, lag);
+                    CHECK(c[i] >= 0);
+                    CHECK(c[i] <= (n + W - 1) / W + (2 * eff + W - 3) / (W - 2));
+                }
+                CHECK(c[W - 1] >= 1);
+                if (n >= W)
+                {
+                    int32_t const fewest = *std::min_element(c.begin(), c.end() - 2);
+                    CHECK(c[W - 2] <= fewest - eff && c[W - 1] <= fewest - eff);
+                }
+                else
+                {
+                    CHECK_EQ(c[W - n], 1); // the last n warps take one tile each
+                    CHECK_EQ(c[0], W == n ? 1 : 0);
+                }
+            }
+        }
+    }
+    // B=8, L=32K on the H200: 512 tiles in CTAs of 16 with a lag of 2
+    int32_t const b8[] = {0, 33, 66, 99, 132, 164, 196, 228, 260, 292, 324, 356, 388, 420, 452, 482, 512};
+    for (int32_t i = 0; i <= 16; ++i)
+    {
+        CHECK_EQ(tqDecodeWriterFirstTile(i, 512, 16, 2), b8[i]);
     }
 }
 

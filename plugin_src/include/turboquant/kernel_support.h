@@ -102,4 +102,22 @@ inline char const* tqCheckLayer(KvLayerDesc const& desc, int32_t num_q_heads)
     return nullptr;
 }
 
+// The decode's fused write (decode_kernel.cuh): the CTA that holds a sequence's new position shares
+// its n >= 1 tiles among its W warps by tiles. Warp W - 1 holds the last tile (the new position) and
+// the two writers, warps W - 2 and W - 1, take `lag` tiles fewer than an even share; the first warps
+// take the rest. The lag is clamped to n / W - 1, so that warp W - 1 keeps a tile; with fewer tiles
+// than warps there is none, and the last n warps take one tile each. No warp takes more than
+// ceil(2 lag / (W - 2)) tiles over ceil(n / W). Returns the first tile of warp i, 0 <= i <= W
+// (i = W: n).
+TQ_HOST_DEVICE inline int32_t tqDecodeWriterFirstTile(int32_t i, int32_t n, int32_t W, int32_t lagWanted)
+{
+    bool const few = n < W;
+    int32_t const lag = few ? 0 : (lagWanted < n / W - 1 ? lagWanted : n / W - 1);
+    int32_t const nv = n + 2 * lag; // the share counts the writers' lag as tiles
+    int32_t const q = nv / W;       // > lag unless few
+    int32_t const r = nv % W;       // the first r warps take one tile more (few: the last r)
+    int32_t const extra = few ? (i > W - r ? i - (W - r) : 0) : (i < r ? i : r);
+    return i * q + extra - lag * (i > W - 2 ? i - (W - 2) : 0);
+}
+
 } // namespace turboquant
